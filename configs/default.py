@@ -1,0 +1,75 @@
+"""Default: FGSM + GradAlign on Fashion-MNIST with the small CNN, on 2 CPU cores.
+
+Command (from the repo root; `bash scripts/train.sh` does the same after set-up):
+  .venv/bin/python -m fastadv_jax.main --config=configs/default.py --workdir=runs/default
+
+Expected: see README.md ("The default run") for the measured accuracy and run time.
+Every other config imports this one and overrides what differs.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Data. Pixels in [0, 1]; augmentation as the original (none for MNIST-like data).
+  c.dataset = "fashion_mnist"   # cifar10 | svhn_cropped | mnist | fashion_mnist
+  c.data_dir = ""               # TFDS data_dir; "" = TFDS default (~/tensorflow_datasets)
+  c.download = True             # let TFDS download if the dataset is not prepared
+  c.crop_padding = 0            # random crop with this zero padding (4 for CIFAR-10 / SVHN)
+  c.flip = False                # random horizontal flip (CIFAR-10 only)
+
+  # Model, chosen by name.
+  c.model = "small_cnn"         # preact_resnet18 | cnn | small_cnn
+  c.n_filters = 16              # cnn: filters per layer; small_cnn: width
+  c.n_layers = 1                # cnn only
+  c.use_batch_norm = True       # small_cnn only
+  c.half_precision = False      # bfloat16 compute, float32 parameters
+
+  # Training perturbation (SPEC §1). eps in pixel units ([0, 1]); step sizes are multiples of eps.
+  c.method = "fgsm"             # standard | fgsm | fgsm_rs | random_corner | free | pgd | pgd_corner
+  c.eps = 0.1
+  c.attack_init = ""            # "" = the method's default; zero | uniform | corner
+  c.fgsm_alpha = 1.25           # FGSM / FGSM-RS step = fgsm_alpha * eps
+  c.pgd_steps = 10              # training PGD iterations
+  c.pgd_alpha = 0.2             # training PGD step = pgd_alpha * eps (PGD-10: 1/5, PGD-2: 1/2)
+  c.free_replay = 8             # Free-AT minibatch replays m
+  c.free_alpha = 1.0            # Free-AT step = free_alpha * eps
+  c.eps_warmup_epochs = 0.0     # linear ramp of eps (and so of the FGSM step) over these epochs
+
+  # GradAlign (SPEC §2). 0 disables it.
+  c.grad_align_lambda = 0.2
+  c.grad_align_backprop_g1 = False  # True: differentiate through the clean gradient too
+
+  # Optimisation (SPEC §3); learning rate set per iteration.
+  c.optimizer = "sgd"           # sgd | adam
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.lr_schedule = "cyclic"      # cyclic | piecewise | constant
+  c.lr_max = 0.05
+  c.batch_size = 128            # global batch, split over all local devices
+  c.num_epochs = 3
+  c.seed = 0
+
+  # Logging, diagnostics, checkpoints. Durations in iterations (= optimiser steps).
+  c.log_every = 50
+  c.eval_every = 200
+  c.n_eval_points = 256         # fixed train / test subsets for the periodic diagnostics
+  c.eval_pgd_steps = 10
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2
+  c.progress_bar = True
+
+  # Catastrophic-overfitting flag: test PGD accuracy falls below `co_pgd_drop` x its best so far
+  # (best >= co_min_best_pgd) while the gradient alignment falls below `co_alignment_drop` x its
+  # value at that best point.
+  c.co_pgd_drop = 0.5
+  c.co_min_best_pgd = 0.1
+  c.co_alignment_drop = 0.7
+
+  # Final evaluation (SPEC §4): PGD-50-10, step eps/4, on the first n_final_eval test points.
+  c.n_final_eval = 1000         # -1 = the whole test set
+  c.final_pgd_steps = 50
+  c.final_pgd_restarts = 10
+  c.eval_batch_size = 500
+  c.eval_early_stopped_model = True
+  return c

@@ -1,0 +1,54 @@
+"""Up-front config checks, so a bad run fails in one line naming the field, not mid-training."""
+from __future__ import annotations
+
+import ml_collections
+
+DATASETS = ("cifar10", "svhn_cropped", "mnist", "fashion_mnist")
+METHODS = ("standard", "fgsm", "fgsm_rs", "random_corner", "free", "pgd", "pgd_corner")
+INITS = ("", "zero", "uniform", "corner")
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("cyclic", "piecewise", "constant")
+
+
+class ConfigError(ValueError):
+  """A config field has a value the library cannot run with."""
+
+
+def _check(cond: bool, field: str, msg: str) -> None:
+  if not cond:
+    raise ConfigError(f"config.{field}: {msg}")
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Raises ConfigError naming the first offending field."""
+  from fastadv_jax.models import MODEL_NAMES  # local import: keep this module light
+
+  c = config
+  _check(c.dataset in DATASETS, "dataset", f"unknown dataset {c.dataset!r}; choose from {DATASETS}")
+  _check(c.model in MODEL_NAMES, "model", f"unknown model {c.model!r}; choose from {MODEL_NAMES}")
+  _check(c.method in METHODS, "method", f"unknown method {c.method!r}; choose from {METHODS}")
+  _check(c.attack_init in INITS, "attack_init", f"unknown init {c.attack_init!r}; choose from {INITS}")
+  _check(c.optimizer in OPTIMIZERS, "optimizer", f"unknown optimizer {c.optimizer!r}; choose from {OPTIMIZERS}")
+  _check(c.lr_schedule in LR_SCHEDULES, "lr_schedule",
+         f"unknown schedule {c.lr_schedule!r}; choose from {LR_SCHEDULES}")
+  _check(0.0 <= c.eps <= 1.0, "eps", f"must be in [0, 1] (pixel units, e.g. 8/255), got {c.eps}")
+  _check(c.num_epochs >= 1, "num_epochs", f"must be >= 1, got {c.num_epochs}")
+  _check(c.batch_size >= 1, "batch_size", f"must be >= 1, got {c.batch_size}")
+  _check(c.batch_size % num_devices == 0, "batch_size",
+         f"{c.batch_size} is not divisible by the {num_devices} local devices")
+  _check(c.lr_max > 0, "lr_max", f"must be > 0, got {c.lr_max}")
+  _check(c.weight_decay >= 0, "weight_decay", f"must be >= 0, got {c.weight_decay}")
+  _check(c.fgsm_alpha > 0, "fgsm_alpha", f"must be > 0, got {c.fgsm_alpha}")
+  _check(c.pgd_alpha > 0, "pgd_alpha", f"must be > 0, got {c.pgd_alpha}")
+  _check(c.pgd_steps >= 1, "pgd_steps", f"must be >= 1, got {c.pgd_steps}")
+  _check(c.free_replay >= 1, "free_replay", f"must be >= 1, got {c.free_replay}")
+  _check(c.eps_warmup_epochs >= 0, "eps_warmup_epochs", f"must be >= 0, got {c.eps_warmup_epochs}")
+  _check(c.grad_align_lambda >= 0, "grad_align_lambda", f"must be >= 0, got {c.grad_align_lambda}")
+  _check(c.n_filters >= 1, "n_filters", f"must be >= 1, got {c.n_filters}")
+  _check(c.n_layers >= 1, "n_layers", f"must be >= 1, got {c.n_layers}")
+  _check(c.crop_padding >= 0, "crop_padding", f"must be >= 0, got {c.crop_padding}")
+  for field in ("log_every", "eval_every", "checkpoint_every", "n_eval_points", "eval_pgd_steps",
+                "final_pgd_steps", "final_pgd_restarts", "eval_batch_size", "keep_checkpoints"):
+    _check(c[field] >= 1, field, f"must be >= 1, got {c[field]}")
+  _check(c.n_final_eval == -1 or c.n_final_eval >= 1, "n_final_eval",
+         f"must be -1 (all) or >= 1, got {c.n_final_eval}")

@@ -1,0 +1,177 @@
+"""Datasets as in-memory arrays, with augmentation done in JAX inside the jitted step.
+
+The paper's datasets are small (<= 73k images), so each split is loaded once from TFDS into a
+uint8 NumPy array; batches are sliced on the host and augmented on the device. This keeps the
+input pipeline off the critical path without tf.data in the training process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastadv_jax import randomness
+
+DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+NUM_CLASSES = {"cifar10": 10, "svhn_cropped": 10, "mnist": 10, "fashion_mnist": 10}
+
+
+class DatasetUnavailableError(RuntimeError):
+  """The dataset is neither prepared in data_dir nor obtainable; the message says how to get it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  images: np.ndarray  # uint8, NHWC
+  labels: np.ndarray  # int32
+
+  def __len__(self) -> int:
+    return int(self.labels.shape[0])
+
+
+def _how_to_get(name: str, data_dir: str) -> str:
+  tips = {
+      "fashion_mnist": "install Debian's files with `apt-get install dataset-fashion-mnist` "
+                       "(scripts/setup.sh does this); they are prepared automatically",
+      "cifar10": f"on a machine with internet access run `tfds build cifar10 --data_dir={data_dir}` "
+                 "(or train with --config.download=True) and copy the folder here",
+      "svhn_cropped": f"on a machine with internet access run `tfds build svhn_cropped "
+                      f"--data_dir={data_dir}` and copy the folder here",
+      "mnist": f"on a machine with internet access run `tfds build mnist --data_dir={data_dir}`",
+  }
+  return tips.get(name, "prepare it with `tfds build`")
+
+
+def default_data_dir(data_dir: str = "") -> str:
+  return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+
+
+def prepare_fashion_mnist_offline(data_dir: str,
+                                  source_dir: str = DEBIAN_FASHION_MNIST_DIR) -> None:
+  """Prepares TFDS `fashion_mnist` in `data_dir` from Debian's IDX files, without network.
+
+  Debian's gzip headers differ from upstream's, so the stock builder rejects them by checksum
+  even with manual_dir. This subclass keeps the stock builder's name, version and features and
+  only points its split generators at the local files; afterwards the stock
+  `tfds.load('fashion_mnist', data_dir=...)` reads the result.
+  """
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.image_classification import mnist as tfds_mnist
+
+  files = {
+      "train_data": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
+      "test_data": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz",
+  }
+  missing = [f for f in files.values() if not os.path.exists(os.path.join(source_dir, f))]
+  if missing:
+    raise DatasetUnavailableError(
+        f"fashion_mnist: files {missing} not found in {source_dir}; "
+        + _how_to_get("fashion_mnist", data_dir))
+
+  class LocalFashionMNIST(tfds_mnist.FashionMNIST, skip_registration=True):
+    name = "fashion_mnist"
+
+    def _split_generators(self, dl_manager):
+      del dl_manager  # nothing is downloaded
+      tmp = tempfile.mkdtemp(prefix="fashion_mnist_idx_")
+      paths = {}
+      for key, fname in files.items():
+        paths[key] = os.path.join(tmp, fname[:-3])
+        with gzip.open(os.path.join(source_dir, fname), "rb") as src, open(paths[key], "wb") as dst:
+          shutil.copyfileobj(src, dst)
+      return [
+          tfds.core.SplitGenerator(name=tfds.Split.TRAIN, gen_kwargs=dict(
+              num_examples=60000, data_path=paths["train_data"], label_path=paths["train_labels"])),
+          tfds.core.SplitGenerator(name=tfds.Split.TEST, gen_kwargs=dict(
+              num_examples=10000, data_path=paths["test_data"], label_path=paths["test_labels"])),
+      ]
+
+  LocalFashionMNIST(data_dir=data_dir).download_and_prepare()
+
+
+def _tfds_arrays(name: str, split: str, data_dir: str, download: bool):
+  # Batched reads, not batch_size=-1: TF aborts on that for datasets of unknown cardinality
+  # (tfds.testing.mock_data's), and batches cost nothing more for real ones.
+  import tensorflow_datasets as tfds
+  ds = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True, download=download)
+  images, labels = [], []
+  for x, y in tfds.as_numpy(ds.batch(8192)):
+    images.append(x)
+    labels.append(y)
+  return np.concatenate(images), np.concatenate(labels)
+
+
+def load_split(name: str, split: str, data_dir: str = "", download: bool = True) -> Split:
+  """Loads a whole TFDS split as uint8 images (NHWC) and int32 labels."""
+  if name not in NUM_CLASSES:
+    raise ValueError(f"unknown dataset {name!r}; choose from {tuple(NUM_CLASSES)}")
+  data_dir = default_data_dir(data_dir)
+  arrays = None
+  if name == "fashion_mnist" and os.path.isdir(DEBIAN_FASHION_MNIST_DIR):
+    try:  # already prepared (or mocked)?
+      arrays = _tfds_arrays(name, split, data_dir, download=False)
+    except Exception:  # pylint: disable=broad-except
+      prepare_fashion_mnist_offline(data_dir)
+  try:
+    images, labels = arrays if arrays is not None else _tfds_arrays(name, split, data_dir,
+                                                                     download)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DatasetUnavailableError(
+        f"dataset {name!r} (split {split!r}) is not prepared in {data_dir} and could not be "
+        f"downloaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). To get it: "
+        + _how_to_get(name, data_dir)) from e
+  images = np.asarray(images, np.uint8)
+  if images.ndim == 3:
+    images = images[..., None]
+  return Split(images=images, labels=np.asarray(labels, np.int32))
+
+
+def to_float(images: jax.Array) -> jax.Array:
+  """uint8 [0, 255] -> float32 [0, 1]."""
+  return images.astype(jnp.float32) / 255.0
+
+
+def augment(keys: jax.Array, images: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
+  """Random crop with zero padding and/or random horizontal flip, one key per example."""
+  if crop_padding <= 0 and not flip:
+    return images
+  crop_keys, flip_keys = randomness.split_keys(keys, 2)
+
+  def one(img, ck, fk):
+    if crop_padding > 0:
+      p = crop_padding
+      padded = jnp.pad(img, ((p, p), (p, p), (0, 0)))
+      dy, dx = jax.random.randint(ck, (2,), 0, 2 * p + 1)
+      img = jax.lax.dynamic_slice(padded, (dy, dx, 0), img.shape)
+    if flip:
+      img = jnp.where(jax.random.bernoulli(fk), img[:, ::-1, :], img)
+    return img
+
+  return jax.vmap(one)(images, crop_keys, flip_keys)
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The shuffling order of one data epoch; a pure function of (seed, epoch) so resumes agree."""
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class TrainBatches:
+  """Batch `b` of the run (b = 0, 1, ...) as host arrays, a pure function of (seed, b)."""
+
+  def __init__(self, split: Split, batch_size: int, seed: int):
+    self.split, self.batch_size, self.seed = split, batch_size, seed
+    self.batches_per_epoch = len(split) // batch_size
+    self._perm_epoch, self._perm = -1, None
+
+  def get(self, b: int) -> dict[str, np.ndarray]:
+    epoch, i = divmod(b, self.batches_per_epoch)
+    if epoch != self._perm_epoch:
+      self._perm_epoch, self._perm = epoch, epoch_permutation(self.seed, epoch, len(self.split))
+    idx = np.sort(self._perm[i * self.batch_size:(i + 1) * self.batch_size])
+    return {"image": self.split.images[idx], "label": self.split.labels[idx]}

@@ -1,0 +1,126 @@
+"""Robust evaluation and catastrophic-overfitting diagnostics (SPEC §4).
+
+Always float32 with BatchNorm running statistics. Each chunk of examples is padded to a
+multiple of the device count and spread over devices with pmap; randomness is per example
+(keyed by the example's position in the evaluated set), so results do not depend on the number
+of devices or on the chunk size.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastadv_jax import attacks, data, gradalign, losses, randomness
+
+Variables = dict[str, Any]
+
+
+class Evaluator:
+  """Jitted, device-parallel evaluation of a model's variables on uint8 image arrays."""
+
+  def __init__(self, model: nn.Module, batch_size: int = 500, devices: list | None = None):
+    if jnp.dtype(getattr(model, "dtype", jnp.float32)) != jnp.float32:
+      raise ValueError(f"evaluation runs in float32, got a {jnp.dtype(model.dtype)} model: build "
+                       "it with models.create_model(..., half_precision=False)")
+    self.model = model
+    self.devices = devices or jax.local_devices()
+    self.n_dev = len(self.devices)
+    self.batch_size = max(self.n_dev, batch_size - batch_size % self.n_dev)
+    pm = functools.partial(jax.pmap, devices=self.devices)
+    # (variables, carry, x, y, idx, rng, eps, restart, steps): only `steps` is static.
+    self._restart = pm(self._restart_chunk, in_axes=(None, 0, 0, 0, 0, None, None, None),
+                       static_broadcasted_argnums=(8,))
+    self._diag = pm(self._diag_chunk, in_axes=(None, 0, 0, 0, None, None),
+                    static_broadcasted_argnums=(6,))
+
+  # Per-device functions: x uint8 (b, H, W, C), y (b,), idx (b,) positions in the evaluated set.
+  def _fns(self, variables):
+    def logits_fn(x):
+      return self.model.apply(variables, x, train=False)
+
+    def loss_and_logits(x, y):
+      logits = logits_fn(x)
+      return losses.cross_entropy(logits, y), logits
+
+    return logits_fn, loss_and_logits
+
+  def _restart_chunk(self, variables, carry, x, y, idx, rng, eps, restart, steps):
+    _, loss_and_logits = self._fns(variables)
+    keys = attacks.restart_keys(randomness.example_keys(rng, idx), restart)
+    return attacks.pgd_restart(lambda z: loss_and_logits(z, y), carry, data.to_float(x), y, keys,
+                               eps, eps / 4, steps)
+
+  def _diag_chunk(self, variables, x, y, idx, rng, eps, pgd_steps):
+    logits_fn, loss_and_logits = self._fns(variables)
+    x = data.to_float(x)
+    keys = randomness.example_keys(rng, idx)
+    pgd_keys, noise_keys = randomness.split_keys(keys, 2)
+    loss_fn = lambda z: loss_and_logits(z, y)[0]  # noqa: E731
+    logits = logits_fn(x)
+    # FGSM from zero init with step eps: its gradient is also the clean gradient g1.
+    d_fgsm, g1 = attacks.fgsm(loss_fn, x, eps, eps, jnp.zeros_like(x))
+    robust_pgd, d_pgd = attacks.pgd_with_restarts(lambda z: loss_and_logits(z, y), x, y, pgd_keys,
+                                                  eps, eps / 4, pgd_steps, 1)
+    _, g2 = gradalign.input_gradients(loss_fn, x, noise_keys, eps, g1=g1)
+    cos_g, mask_g = gradalign.masked_cosine(g1, g2)
+    cos_d, mask_d = gradalign.masked_cosine(d_fgsm, d_pgd)
+    return {
+        "loss": losses.cross_entropy(logits, y),
+        "clean": jnp.argmax(logits, -1) == y,
+        "fgsm": jnp.argmax(logits_fn(x + d_fgsm), -1) == y,
+        "pgd": robust_pgd,
+        "alignment": cos_g, "alignment_mask": mask_g,
+        "cos_fgsm_pgd": cos_d, "cos_fgsm_pgd_mask": mask_d,
+    }
+
+  def _chunks(self, images: np.ndarray, labels: np.ndarray):
+    """Yields (m, x, y, pos): chunks padded to a multiple of the device count, split per device."""
+    n = len(labels)
+    for start in range(0, n, self.batch_size):
+      stop = min(start + self.batch_size, n)
+      m = stop - start
+      idx = np.arange(start, stop + (-m) % self.n_dev)
+      split = lambda a: a.reshape((self.n_dev, -1) + a.shape[1:])  # noqa: E731
+      yield m, split(images[idx % n]), split(labels[idx % n]), split(idx.astype(np.int32))
+
+  @staticmethod
+  def _unsplit(tree, m: int):
+    return jax.tree.map(lambda v: np.asarray(v).reshape((-1,) + v.shape[2:])[:m], tree)
+
+  def robust_accuracy(self, variables: Variables, images: np.ndarray, labels: np.ndarray,
+                      eps: float, steps: int, restarts: int, rng: jax.Array) -> float:
+    """PGD-`steps`-`restarts` accuracy (step eps/4, uniform start, worst case over restarts)."""
+    robust = []
+    for m, x, y, pos in self._chunks(images, labels):
+      carry = attacks.restarts_init(jnp.zeros(x.shape, jnp.float32), jnp.asarray(y))
+      for r in range(restarts):  # host loop: one small compiled program reused per restart
+        carry = self._restart(variables, carry, x, y, pos, rng, jnp.float32(eps),
+                               jnp.int32(r), steps)
+      robust.append(self._unsplit(carry[2], m))
+    return float(np.mean(np.concatenate(robust)))
+
+  def diagnostics(self, variables: Variables, images: np.ndarray, labels: np.ndarray,
+                  eps: float, rng: jax.Array, pgd_steps: int = 10) -> dict[str, float]:
+    """Clean / FGSM / PGD accuracy, loss, gradient alignment and cos(delta_FGSM, delta_PGD)."""
+    outs = [self._unsplit(self._diag(variables, x, y, pos, rng, jnp.float32(eps), pgd_steps), m)
+            for m, x, y, pos in self._chunks(images, labels)]
+    out = jax.tree.map(lambda *v: np.concatenate(v), *outs)
+
+    def masked_mean(v, mask):
+      return float(np.sum(v * mask) / max(np.sum(mask), 1))
+
+    return {
+        "loss": float(np.mean(out["loss"])), "clean_acc": float(np.mean(out["clean"])),
+        "fgsm_acc": float(np.mean(out["fgsm"])), "pgd_acc": float(np.mean(out["pgd"])),
+        "alignment": masked_mean(out["alignment"], out["alignment_mask"]),
+        "cos_fgsm_pgd": masked_mean(out["cos_fgsm_pgd"], out["cos_fgsm_pgd_mask"]),
+    }
+
+  def clean_accuracy(self, variables: Variables, images: np.ndarray, labels: np.ndarray
+                     ) -> float:
+    return self.robust_accuracy(variables, images, labels, 0.0, 1, 1, jax.random.key(0))

@@ -1,0 +1,74 @@
+"""GradAlign (Andriushchenko & Flammarion, NeurIPS 2020): the gradient-alignment regulariser.
+
+    Omega = E_(x,y) E_(eta ~ U[-eps, eps]^d) [1 - cos(grad_x l(x, y), grad_x l(x + eta, y))]
+
+g1 is the input gradient at the clean point (by default its gradient is stopped, as in the
+original code, which reuses FGSM's gradient); g2, at x + eta, is differentiated end-to-end
+(double backpropagation). The cosine is per example, in float32, over the flattened input.
+Examples where either gradient is exactly zero have no defined cosine: they are masked out of
+the mean, through a double-`where` so that neither the value nor its gradient is ever NaN.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fastadv_jax import attacks, losses, randomness
+
+
+def masked_cosine(g1: jax.Array, g2: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-example cosine of two gradient batches, and the mask of examples where it is defined."""
+  a = losses.at_least_f32(g1.reshape(g1.shape[0], -1))
+  b = losses.at_least_f32(g2.reshape(g2.shape[0], -1))
+  na, nb = jnp.sum(a * a, -1), jnp.sum(b * b, -1)
+  mask = (na > 0) & (nb > 0)
+  # Safe denominators where masked: the discarded branch must have a finite gradient too.
+  denom = jnp.sqrt(jnp.where(mask, na, 1.0)) * jnp.sqrt(jnp.where(mask, nb, 1.0))
+  cos = jnp.where(mask, jnp.sum(a * b, -1) / denom, 0.0)
+  return cos, mask
+
+
+def input_gradients(loss_fn: attacks.LossFn, x: jax.Array, keys: jax.Array, eps,
+                    g1: jax.Array | None = None, backprop_g1: bool = False
+                    ) -> tuple[jax.Array, jax.Array]:
+  """(g1, g2): input gradients at x and at x + eta, eta ~ U[-eps, eps] (not clipped to [0, 1]).
+
+  Pass `g1` to reuse a gradient already computed at the clean point (FGSM from zero init).
+  """
+  if g1 is None or backprop_g1:
+    g1 = attacks.input_grad(loss_fn, x)
+  if not backprop_g1:
+    g1 = jax.lax.stop_gradient(g1)
+  eta = randomness.uniform_like(keys, x, -eps, eps)
+  g2 = attacks.input_grad(loss_fn, x + eta)
+  return g1, g2
+
+
+def gradalign_regularizer(cos: jax.Array, mask: jax.Array, lam, axis_name: str | None = None
+                          ) -> tuple[jax.Array, jax.Array]:
+  """lambda * (1 - masked mean cosine) over the global batch.
+
+  Returns (local_loss, reg): `local_loss` is this device's share, scaled so that averaging the
+  devices' parameter gradients (pmean) gives the gradient of the global `reg` exactly, even
+  when devices mask out different numbers of examples; `reg` is the global value to log.
+  """
+  cos_sum = jnp.sum(jnp.where(mask, cos, 0.0))
+  count = jax.lax.stop_gradient(jnp.sum(mask.astype(jnp.float32)))
+  n_devices = 1
+  global_count = count
+  if axis_name is not None:
+    global_count = jax.lax.psum(count, axis_name)
+    n_devices = jax.lax.psum(1, axis_name)
+  safe_count = jnp.maximum(global_count, 1.0)
+  local_share = lam * (count - cos_sum) / safe_count  # sums to lam * (1 - mean cos) over devices
+  reg = local_share if axis_name is None else jax.lax.psum(jax.lax.stop_gradient(local_share),
+                                                            axis_name)
+  return n_devices * local_share, reg
+
+
+def gradient_alignment(loss_fn: attacks.LossFn, x: jax.Array, keys: jax.Array, eps
+                       ) -> jax.Array:
+  """Diagnostic: masked mean of cos(grad l(x), grad l(x + eta)) over the batch."""
+  g1, g2 = input_gradients(loss_fn, x, keys, eps)
+  cos, mask = masked_cosine(g1, g2)
+  return jnp.sum(jnp.where(mask, cos, 0.0)) / jnp.maximum(jnp.sum(mask), 1)

@@ -1,0 +1,29 @@
+"""Command line: python -m fastadv_jax.main --config=configs/default.py --workdir=runs/x
+[--config.<field>=<value> ...]. Rerunning the same command resumes from the latest checkpoint."""
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and results.")
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from fastadv_jax import checkpointing, cli_logging, config_validation, data, train
+
+  cli_logging.setup()
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (config_validation.ConfigError, checkpointing.CheckpointError,
+          data.DatasetUnavailableError, train.NonFiniteError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,43 @@
+"""Metrics to `<workdir>/metrics.jsonl` (one JSON object per logged step) and TensorBoard."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+
+class MetricWriter:
+  """Appends records; on resume, drops records past the restored step so no step appears twice."""
+
+  def __init__(self, workdir: str, resume_step: int = 0):
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(self.path):
+      kept = [line for line in open(self.path) if line.strip()
+              and json.loads(line).get("step", 0) <= resume_step]
+      with open(self.path, "w") as f:
+        f.writelines(kept)
+    from tensorboardX import SummaryWriter  # local: keep import time of the package low
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, epoch: float, metrics: dict[str, Any]) -> None:
+    record = {"step": int(step), "epoch": round(float(epoch), 4)}
+    for k, v in metrics.items():
+      record[k] = float(v)
+      if math.isfinite(float(v)):
+        self.tb.add_scalar(k, float(v), int(step))
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+  def flush(self) -> None:
+    self.tb.flush()
+
+  def close(self) -> None:
+    self.tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """All records of metrics.jsonl (for plots and tests)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,29 @@
+"""Per-example randomness that does not depend on how a batch is split over devices.
+
+Each example draws from `fold_in(rng, global_index)`, so the noise an example sees is the same on
+1 device or N: this is what lets the N-device step equal the 1-device step exactly.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def example_keys(rng: jax.Array, global_index: jax.Array) -> jax.Array:
+  """One key per example: fold the example's index in the global batch into `rng`."""
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(global_index)
+
+
+def uniform_like(keys: jax.Array, x: jax.Array, low, high) -> jax.Array:
+  """Per-example U(low, high) of the shape of each x[i] (low/high scalars or per-example)."""
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  u = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:], dtype))(keys)
+  low = jnp.asarray(low, dtype)
+  high = jnp.asarray(high, dtype)
+  return low + (high - low) * u
+
+
+def split_keys(keys: jax.Array, n: int) -> list[jax.Array]:
+  """Splits every per-example key into n independent per-example keys."""
+  split = jax.vmap(lambda k: jax.random.split(k, n))(keys)
+  return [split[:, i] for i in range(n)]

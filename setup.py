@@ -1,0 +1,33 @@
+"""fastadv-jax: fast adversarial training (FGSM, FGSM-RS, Free-AT, PGD, GradAlign) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="fastadv_jax",
+    version="0.1.0",
+    description="Fast adversarial training and GradAlign in JAX/Flax",
+    packages=find_packages(include=["fastadv_jax", "fastadv_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10",
+        "jaxlib>=0.10",
+        "flax>=0.11",
+        "optax>=0.2.4",
+        "chex>=0.1.88",
+        "ml_collections>=1.0",
+        "orbax-checkpoint>=0.11",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "tensorflow-datasets>=4.9.7",
+        "importlib_resources>=6.0",  # tfds 4.9.10 imports it without declaring it
+        "tensorflow-cpu>=2.16",  # tfds needs TensorFlow to prepare and read image datasets
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0"],
+        "gpu": ["jax[cuda12]>=0.10"],
+        "tpu": ["jax[tpu]>=0.10"],
+        "bench": ["torch>=2.2", "psutil>=5.9"],
+    },
+)

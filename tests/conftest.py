@@ -1,0 +1,50 @@
+"""Test set-up: 8 simulated CPU devices (multi-device tests), quiet TensorFlow, shared helpers."""
+import os
+
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str = "default", arg: str | None = None):
+  """get_config() of configs/<name>.py (optionally with its string argument)."""
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config() if arg is None else mod.get_config(arg)
+
+
+def tiny_config(**overrides):
+  """The default config shrunk to run in seconds on mock data."""
+  c = load_config()
+  c.n_filters = 4
+  c.batch_size = 16
+  c.num_epochs = 2
+  c.log_every = 2
+  c.eval_every = 4
+  c.checkpoint_every = 4
+  c.n_eval_points = 16
+  c.eval_pgd_steps = 2
+  c.n_final_eval = 16
+  c.final_pgd_steps = 3
+  c.final_pgd_restarts = 2
+  c.eval_batch_size = 16
+  c.progress_bar = False
+  c.data_dir = "/nonexistent-use-mock"
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+@pytest.fixture
+def mock_fashion_mnist():
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=48):
+    yield

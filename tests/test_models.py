@@ -1,0 +1,79 @@
+"""Models: shapes, parameter counts, initialisation, dtypes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import load_config
+from fastadv_jax import models
+
+
+def _params(model, shape):
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_preact_resnet18_parameter_count():
+  variables = _params(models.PreActResNet18(num_classes=10), (1, 32, 32, 3))
+  # Counted by hand: stem conv, 8 blocks (2 BN + 2 convs, 1x1 shortcut when the shape changes),
+  # final BN, linear head.
+  expected = 3 * 3 * 3 * 64
+  c_in = 64
+  for width in (64, 128, 256, 512):
+    for block in range(2):
+      expected += 2 * c_in + 9 * c_in * width + 2 * width + 9 * width * width
+      if c_in != width:
+        expected += c_in * width
+      c_in = width
+  expected += 2 * 512 + 512 * 10 + 10
+  assert _count(variables["params"]) == expected
+  assert abs(expected - 11.17e6) < 0.01e6  # "~11.17M" of the original
+
+
+@pytest.mark.parametrize("name,shape", [("preact_resnet18", (2, 32, 32, 3)),
+                                        ("cnn", (2, 32, 32, 3)), ("small_cnn", (2, 28, 28, 1))])
+def test_output_shapes_and_dtypes(name, shape):
+  c = load_config()
+  c.model = name
+  c.n_filters = 4
+  if name == "preact_resnet18":
+    c.resnet_widths = (8, 8, 8, 8)  # shrunk: same topology, fast on CPU
+  for half in (False, True):
+    model = models.create_model(c, 10, half_precision=half)
+    variables = model.init(jax.random.key(0), jnp.zeros(shape), train=False)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables["params"]))
+    logits = model.apply(variables, jax.random.uniform(jax.random.key(1), shape), train=False)
+    assert logits.shape == (shape[0], 10) and logits.dtype == jnp.float32
+
+
+def test_paper_cnn_parameter_count():
+  c = load_config()
+  c.model, c.n_filters, c.n_layers = "cnn", 4, 1
+  variables = _params(models.create_model(c, 10), (1, 32, 32, 3))
+  assert _count(variables["params"]) == (27 * 4 + 4) + (32 * 32 * 4 * 10 + 10)
+
+
+def test_resnet_init_matches_the_original():
+  variables = models.PreActResNet18().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  k = variables["params"]["layer4_1"]["conv2"]["kernel"]  # 3x3x512x512
+  assert np.std(np.asarray(k)) == pytest.approx(np.sqrt(2.0 / (9 * 512)), rel=0.02)
+  lin = variables["params"]["linear"]
+  assert np.std(np.asarray(lin["kernel"])) == pytest.approx(np.sqrt(2.0 / 512), rel=0.1)
+  assert not np.any(np.asarray(lin["bias"]))
+  assert np.all(np.asarray(variables["params"]["bn"]["scale"]) == 1.0)
+
+
+def test_unknown_model():
+  c = load_config()
+  c.model = "vgg"
+  with pytest.raises(ValueError, match="config.model"):
+    models.create_model(c, 10)
+
+
+def test_max_pool_matches_flax():
+  import flax.linen as nn
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+  np.testing.assert_allclose(models.max_pool_2x2(x), nn.max_pool(x, (2, 2), (2, 2)))

@@ -1,0 +1,112 @@
+"""train_and_evaluate end to end on mock data: outputs, resume, bad checkpoints, NaN."""
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from fastadv_jax import checkpointing, metric_writers, train
+from fastadv_jax.evaluate import load_run
+
+
+def _final_params(workdir):
+  _, variables, step = load_run(str(workdir))
+  return variables, step
+
+
+def test_run_writes_metrics_events_checkpoint_and_results(tmp_path, mock_fashion_mnist):
+  results = train.train_and_evaluate(tiny_config(), str(tmp_path))
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["clean_acc"] == results["clean_acc"]
+  for key in ("clean_acc", "pgd_acc", "n_eval", "config", "wall_time_s", "eps", "pgd_steps",
+              "pgd_restarts", "best", "catastrophic_overfitting"):
+    assert key in saved, key
+  assert saved["n_eval"] == 16 and saved["pgd_steps"] == 3 and saved["pgd_restarts"] == 2
+  assert 0.0 <= saved["pgd_acc"] <= saved["clean_acc"] <= 1.0
+  assert saved["config"]["method"] == "fgsm"
+  records = metric_writers.read_metrics(str(tmp_path))
+  assert all("step" in r and "epoch" in r for r in records)
+  train_recs = [r for r in records if "train_loss" in r]
+  eval_recs = [r for r in records if "test_alignment" in r]
+  assert [r["step"] for r in train_recs] == [2, 4, 6]
+  assert [r["step"] for r in eval_recs] == [4, 6]  # 3 iterations/epoch x 2 epochs
+  for r in eval_recs:
+    assert -1.0 <= r["test_alignment"] <= 1.0 and -1.0 <= r["test_cos_fgsm_pgd"] <= 1.0
+    assert {"test_clean_acc", "test_fgsm_acc", "test_pgd_acc", "train_eval_pgd_acc",
+            "train_eval_reg"} <= r.keys()
+  assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
+  assert checkpointing.Checkpointer(str(tmp_path)).latest_step() == 6
+
+
+def test_interrupted_run_resumes_to_identical_results(tmp_path, mock_fashion_mnist):
+  config = tiny_config(method="free", free_replay=2, grad_align_lambda=0.3)
+  full = tmp_path / "full"
+  interrupted = tmp_path / "interrupted"
+  r_full = train.train_and_evaluate(config, str(full))
+  # Killed after iteration 5: the checkpoint of iteration 4 survives, 5 is lost and replayed.
+  assert train.train_and_evaluate(config, str(interrupted), stop_at_step=5) is None
+  assert checkpointing.Checkpointer(str(interrupted)).latest_step() == 4
+  r_resumed = train.train_and_evaluate(config, str(interrupted))
+  for key in ("clean_acc", "pgd_acc"):
+    assert r_resumed[key] == r_full[key]
+  assert r_resumed["best"] == r_full["best"]
+  (v_full, s_full), (v_res, s_res) = _final_params(full), _final_params(interrupted)
+  assert s_full == s_res == 6
+  for a, b in zip(jax.tree.leaves(v_full), jax.tree.leaves(v_res)):
+    np.testing.assert_array_equal(a, b)
+  steps = [r["step"] for r in metric_writers.read_metrics(str(interrupted)) if "train_loss" in r]
+  assert steps == [2, 4, 6]  # no record logged twice
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tmp_path, mock_fashion_mnist):
+  config = tiny_config(num_epochs=1)
+  train.train_and_evaluate(config, str(tmp_path))
+  ckpt_dir = pathlib.Path(tmp_path) / "checkpoints" / "3" / "state"
+  files = [p for p in ckpt_dir.rglob("*") if p.is_file()]
+  assert files
+  for p in files:
+    p.write_bytes(b"\x00garbage")
+  with pytest.raises(checkpointing.CheckpointError, match="could not be restored") as err:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert str(ckpt_dir.parent) in str(err.value) and "--workdir" in str(err.value)
+
+
+def test_incompatible_config_gives_a_clear_error(tmp_path, mock_fashion_mnist):
+  train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+  with pytest.raises(checkpointing.CheckpointError, match="does not match this config"):
+    train.train_and_evaluate(tiny_config(num_epochs=1, n_filters=8), str(tmp_path))
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mock_fashion_mnist):
+  config = tiny_config(lr_max=1e30, lr_schedule="constant", log_every=1, checkpoint_every=1,
+                       grad_align_lambda=0.0)
+  with pytest.raises(train.NonFiniteError, match="non-finite loss or gradient at iteration"):
+    train.train_and_evaluate(config, str(tmp_path))
+  # Iteration 1's loss is finite (its update is what explodes), so it was checkpointed; the
+  # first non-finite iteration never is.
+  step = checkpointing.Checkpointer(str(tmp_path)).latest_step()
+  assert step is not None and step >= 1
+  _, variables, _ = load_run(str(tmp_path))
+  assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(variables))
+
+
+def test_evaluate_command_on_a_finished_run(tmp_path, mock_fashion_mnist, capsys):
+  from absl import flags
+  from fastadv_jax import evaluate
+  results = train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+  argv = ["evaluate", f"--workdir={tmp_path}", "--weights=last", "--n_eval=16", "--pgd_steps=3",
+          "--pgd_restarts=2"]
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(argv)
+  try:
+    evaluate.main(argv)
+  finally:
+    flags.FLAGS.unparse_flags()
+  out = json.loads(capsys.readouterr().out)
+  assert out["clean_acc"] == results["clean_acc"]  # the same weights, the same points
+  assert out["iteration"] == 3 and out["n_eval"] == 16 and out["eps"] == pytest.approx(0.1)
+  assert 0.0 <= out["pgd_acc"] <= out["clean_acc"]
+  assert (tmp_path / "eval_last_eps0.1000_n16_pgd3x2.json").exists()

@@ -1,0 +1,90 @@
+"""The pmapped train step: N devices == 1 device, bfloat16 close to float32, Free-AT carry."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from fastadv_jax import models, train_step
+from fastadv_jax import train_state as ts
+
+N_DEV = 8
+
+
+def _batch(n=16, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"image": rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
+          "label": rng.integers(0, 10, (n,)).astype(np.int32)}
+
+
+def _run(config, n_dev, steps=2, half=None):
+  model = models.create_model(config, 10, bn_axis_name=train_step.AXIS, half_precision=half)
+  state = train_step.create_train_state(config, model, jax.random.key(0), (28, 28, 1), 10)
+  fn = train_step.pmap_train_step(train_step.make_train_step(config, model, 10),
+                                  devices=jax.local_devices()[:n_dev])
+  rstate = ts.replicate(state, n_dev)
+  metrics = []
+  for i in range(steps):
+    batch = {k: v.reshape((n_dev, -1) + v.shape[1:]) for k, v in _batch(seed=i).items()}
+    rstate, m = fn(rstate, batch, jax.random.key(42))
+    metrics.append(jax.tree.map(lambda v: float(v[0]), m))
+  return ts.unreplicate(rstate), metrics, state
+
+
+def _max_rel_err(a, b):
+  return max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))) / (np.max(np.abs(u)) + 1e-12))
+             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("method,lam,extra", [
+    ("fgsm", 0.5, {}),
+    ("fgsm_rs", 0.5, {"grad_align_backprop_g1": True}),
+    ("pgd", 0.0, {"pgd_steps": 2}),
+    ("free", 0.0, {"free_replay": 2}),
+    ("standard", 0.0, {}),
+])
+def test_pmapped_step_equals_single_device_step(method, lam, extra):
+  assert jax.local_device_count() >= N_DEV, "conftest sets JAX_NUM_CPU_DEVICES=8"
+  c = tiny_config(method=method, grad_align_lambda=lam, crop_padding=2, flip=True,
+                  batch_size=16, **extra)
+  one, m1, _ = _run(c, 1)
+  many, m8, init = _run(c, N_DEV)
+  # Parameters and BatchNorm statistics agree, and they did move.
+  assert _max_rel_err((one.params, one.batch_stats), (many.params, many.batch_stats)) < 1e-5
+  assert _max_rel_err(one.params, init.params) > 1e-4
+  for a, b in zip(m1, m8):
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    assert a["train_reg"] == pytest.approx(b["train_reg"], rel=1e-5, abs=1e-7)
+  if lam > 0:
+    assert m1[0]["train_reg"] > 0
+  if method == "free":
+    np.testing.assert_allclose(one.free_delta, many.free_delta, atol=1e-6)
+
+
+def test_bfloat16_step_runs_and_stays_close_to_float32():
+  c = tiny_config(method="fgsm", grad_align_lambda=0.5)
+  f32, m32, init = _run(c, 1, steps=1, half=False)
+  b16, m16, _ = _run(c, 1, steps=1, half=True)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(b16.params))
+  assert m16[0]["train_loss"] == pytest.approx(m32[0]["train_loss"], rel=0.05)
+  u32 = np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(f32.params),
+                                                        jax.tree.leaves(init.params))])
+  u16 = np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(b16.params),
+                                                        jax.tree.leaves(init.params))])
+  cos = u32 @ u16 / (np.linalg.norm(u32) * np.linalg.norm(u16))
+  assert cos > 0.95, cos  # the bf16 update points where the f32 update does
+
+
+def test_free_at_carries_the_perturbation_inside_the_ball():
+  c = tiny_config(method="free", free_replay=4, eps=0.1, free_alpha=1.0)
+  state, _, _ = _run(c, 2, steps=3)
+  d = np.asarray(state.free_delta)
+  assert d.shape == (16, 28, 28, 1)
+  assert np.abs(d).max() <= 0.1 + 1e-6 and np.abs(d).max() > 0.09  # moved to the ball's edge
+
+
+def test_gradalign_off_means_no_regulariser():
+  c = tiny_config(method="fgsm", grad_align_lambda=0.0)
+  _, m, _ = _run(c, 1, steps=1)
+  assert m[0]["train_reg"] == 0.0 and m[0]["finite"] == 1.0
+  assert m[0]["train_loss"] == pytest.approx(m[0]["train_ce"])
