@@ -3,7 +3,8 @@
 Command (from the repo root; `bash scripts/train.sh` does the same after set-up):
   .venv/bin/python -m fastadv_jax.main --config=configs/default.py --workdir=runs/default
 
-Expected: see README.md ("The default run") for the measured accuracy and run time.
+Expected (measured 2026-11-21 on a 2-core CPU, jax 0.12.0.1): clean 82.6 %, PGD-50-10 65.0 % at
+eps = 0.1 on the first 1000 test points; 162 s of training, about 5 minutes wall in all.
 Every other config imports this one and overrides what differs.
 """
 import ml_collections

@@ -1,0 +1,33 @@
+"""Fashion-MNIST, small CNN: the CPU-sized study of catastrophic overfitting (EXPERIMENTS.md).
+
+Command (eps in 1/255; methods as configs/cifar10.py):
+  python -m fastadv_jax.main --config=configs/fashion_mnist.py:fgsm,eps=64,seed=0 \
+      --workdir=runs/fmnist/fgsm_64_s0
+Expected results and run times: EXPERIMENTS.md (measured on this project's 2-core CPU machine).
+GradAlign's lambda here is `ga_lambda` (default 1.0); the paper gives no Fashion-MNIST schedule.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402
+import default  # noqa: E402
+
+
+def get_config(arg: str = "gradalign,eps=64"):
+  method, kv = common.parse_arg(arg)
+  c = default.get_config()
+  c.n_filters = 8               # small_cnn width: CPU-sized
+  c.num_epochs = 1
+  c.lr_max = 0.05
+  c.eps = 64 / 255
+  c.n_final_eval = 500
+  c.progress_bar = False
+  common.apply_method(c, method)
+  ga_lambda = float(kv.pop("ga_lambda", 1.0))
+  if method == "gradalign":
+    c.grad_align_lambda = ga_lambda
+  if method == "free":
+    c.free_replay = 4
+  common.apply_overrides(c, kv)
+  return c

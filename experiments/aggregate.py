@@ -1,0 +1,85 @@
+"""Aggregate a sweep's results.json files into a table (mean +- std over seeds).
+
+  python experiments/aggregate.py --root=runs/fmnist [--out=runs/fmnist/summary]
+
+Run folders are named <method>_eps<e>_s<seed> (experiments/sweep.py). Prints a Markdown table
+(clean and PGD-50-10 accuracy of the last and of the early-stopped model, how many seeds
+overfit catastrophically, train time) and writes <out>.json and <out>.md.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import re
+
+import numpy as np
+
+NAME = re.compile(r"^(?P<method>.+)_eps(?P<eps>[0-9.]+)_s(?P<seed>\d+)$")
+
+
+def collect(root: str) -> dict[tuple[str, float], list[dict]]:
+  groups = collections.defaultdict(list)
+  for path in sorted(glob.glob(os.path.join(root, "*", "results.json"))):
+    m = NAME.match(os.path.basename(os.path.dirname(path)))
+    if not m:
+      continue
+    with open(path) as f:
+      r = json.load(f)
+    r["seed"] = int(m["seed"])
+    groups[(m["method"], float(m["eps"]))].append(r)
+  return dict(groups)
+
+
+def summarize(groups: dict[tuple[str, float], list[dict]]) -> list[dict]:
+  rows = []
+  for (method, eps), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    def stat(get):
+      v = np.array([get(r) for r in runs], float) * 100
+      return float(v.mean()), float(v.std())
+    row = {"method": method, "eps": eps, "seeds": len(runs),
+           "clean": stat(lambda r: r["clean_acc"]), "pgd": stat(lambda r: r["pgd_acc"]),
+           "co": sum(bool(r.get("catastrophic_overfitting")) for r in runs),
+           "train_time_s": float(np.mean([r["train_time_s"] for r in runs])),
+           "n_eval": runs[0]["n_eval"], "pgd_steps": runs[0]["pgd_steps"],
+           "pgd_restarts": runs[0]["pgd_restarts"]}
+    if all("best" in r for r in runs):
+      row["best_clean"] = stat(lambda r: r["best"]["clean_acc"])
+      row["best_pgd"] = stat(lambda r: r["best"]["pgd_acc"])
+    rows.append(row)
+  return rows
+
+
+def markdown(rows: list[dict]) -> str:
+  fmt = lambda ms: f"{ms[0]:.1f} ± {ms[1]:.1f}"  # noqa: E731
+  lines = ["| method | eps (/255) | seeds | clean | PGD | early-stopped clean | early-stopped PGD "
+           "| CO runs | train time (s) |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['method']} | {r['eps']:g} | {r['seeds']} | {fmt(r['clean'])} | "
+                 f"{fmt(r['pgd'])} | {fmt(r['best_clean']) if 'best_clean' in r else '-'} | "
+                 f"{fmt(r['best_pgd']) if 'best_pgd' in r else '-'} | {r['co']}/{r['seeds']} | "
+                 f"{r['train_time_s']:.0f} |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument("--root", required=True)
+  p.add_argument("--out", default="")
+  args = p.parse_args(argv)
+  rows = summarize(collect(args.root))
+  if not rows:
+    raise SystemExit(f"no <method>_eps<e>_s<seed>/results.json under {args.root}")
+  table = markdown(rows)
+  print(table)
+  out = args.out or os.path.join(args.root, "summary")
+  with open(out + ".json", "w") as f:
+    json.dump(rows, f, indent=2)
+  with open(out + ".md", "w") as f:
+    f.write(table + "\n")
+
+
+if __name__ == "__main__":
+  main()

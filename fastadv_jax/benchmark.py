@@ -1,0 +1,242 @@
+"""Training-step and evaluation throughput, on CPU, GPU or TPU, beside a PyTorch baseline.
+
+  python -m fastadv_jax.benchmark --models=small_cnn,cnn --methods=all --batches=128,512 \
+      --dtypes=float32,bfloat16 --out=bench.json [--torch_python=.venv-torch/bin/python]
+
+For every (model, method, batch, dtype) row: compile time (first call minus a steady step),
+steady-state images/s (median over `--windows` timed windows of `--steps` steps, each window
+closed by block_until_ready), memory (peak device bytes on GPU/TPU; process RSS on CPU), the
+step's FLOPs from XLA's cost analysis, and the cost relative to FGSM. The batch is already on
+the device (the input pipeline is measured by the training loop, not here). With
+`--torch_python`, experiments/torch_baseline.py times the same rows in that interpreter,
+minutes apart on the same machine, and each row gets its JAX/PyTorch speed ratio.
+`--eval_points N` also times PGD-50-10 evaluation of N points per model.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastadv_jax import evaluation, models, train_step
+from fastadv_jax import train_state as ts
+
+METHODS = ("standard", "fgsm", "fgsm_rs", "pgd2", "pgd10", "gradalign", "gradalign_full")
+INPUT_SHAPE = {"small_cnn": (28, 28, 1), "cnn": (32, 32, 3), "preact_resnet18": (32, 32, 3)}
+
+
+def row_config(model: str, method: str, batch: int, dtype: str, width: int = 16):
+  """A default config set up for one benchmark row (eps 8/255, lambda 0.2 as CIFAR-10)."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+  import default  # pylint: disable=import-outside-toplevel
+  c = default.get_config()
+  c.model, c.batch_size, c.half_precision = model, batch, dtype == "bfloat16"
+  c.n_filters = width if model == "small_cnn" else 4
+  c.eps, c.grad_align_lambda, c.attack_init = 8 / 255, 0.0, ""
+  if method in ("pgd2", "pgd10"):
+    c.method, c.pgd_steps, c.pgd_alpha = "pgd", (2 if method == "pgd2" else 10), (
+        0.5 if method == "pgd2" else 0.2)
+  elif method.startswith("gradalign"):
+    c.method, c.grad_align_lambda = "fgsm", 0.2
+    c.grad_align_backprop_g1 = method == "gradalign_full"
+  else:
+    c.method = method
+  return c
+
+
+def _memory(device) -> dict:
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and "peak_bytes_in_use" in stats:
+    return {"peak_device_mb": stats["peak_bytes_in_use"] / 2**20}
+  try:
+    import psutil
+    return {"rss_mb": psutil.Process().memory_info().rss / 2**20}
+  except ImportError:
+    import resource
+    return {"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _flops(c, model_name: str) -> float | None:
+  """FLOPs of one step (single-device program) from XLA's cost analysis."""
+  try:
+    model = models.create_model(c, 10)
+    state = train_step.create_train_state(c, model, jax.random.key(0), INPUT_SHAPE[model_name],
+                                          1000)
+    fn = jax.jit(train_step.make_train_step(c, model, 1000, axis_name=None))
+    batch = {"image": jnp.zeros((c.batch_size,) + INPUT_SHAPE[model_name], jnp.uint8),
+             "label": jnp.zeros((c.batch_size,), jnp.int32)}
+    cost = fn.lower(state, batch, jax.random.key(0)).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops")) if cost and cost.get("flops") else None
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def bench_train_step(model_name: str, method: str, batch: int, dtype: str, windows: int,
+                     steps: int, width: int = 16) -> dict:
+  c = row_config(model_name, method, batch, dtype, width)
+  devices = jax.local_devices()
+  n = len(devices)
+  model = models.create_model(c, 10, bn_axis_name=train_step.AXIS)
+  state = train_step.create_train_state(c, model, jax.random.key(0), INPUT_SHAPE[model_name],
+                                        1000)
+  step = train_step.pmap_train_step(train_step.make_train_step(c, model, 1000))
+  rstate = ts.replicate(state, n)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (n, batch // n) + INPUT_SHAPE[model_name], dtype=np.uint8)
+  labels = rng.integers(0, 10, (n, batch // n)).astype(np.int32)
+  batch_dev = {"image": jax.device_put(images), "label": jax.device_put(labels)}
+  key = jax.random.key(1)
+  t0 = time.perf_counter()
+  rstate, _ = step(rstate, batch_dev, key)
+  jax.block_until_ready(rstate)
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(windows):
+    t = time.perf_counter()
+    for _ in range(steps):
+      rstate, metrics = step(rstate, batch_dev, key)
+    jax.block_until_ready((rstate, metrics))
+    times.append((time.perf_counter() - t) / steps)
+  step_s = statistics.median(times)
+  return {"model": model_name, "method": method, "batch": batch, "dtype": dtype,
+          "framework": "jax", "step_s": step_s, "images_per_s": batch / step_s,
+          "compile_s": max(first - step_s, 0.0), "windows": windows, "steps": steps,
+          "flops_per_step": _flops(c, model_name), **_memory(devices[0])}
+
+
+def bench_eval(model_name: str, n_points: int, width: int = 16) -> dict:
+  c = row_config(model_name, "standard", 128, "float32", width)
+  model = models.create_model(c, 10, half_precision=False)
+  variables = model.init(jax.random.key(0), jnp.zeros((1,) + INPUT_SHAPE[model_name]),
+                         train=False)
+  ev = evaluation.Evaluator(model, batch_size=min(500, n_points))
+  x = np.random.default_rng(0).integers(0, 256, (n_points,) + INPUT_SHAPE[model_name],
+                                        dtype=np.uint8)
+  y = np.zeros(n_points, np.int32)
+  ev.robust_accuracy(variables, x[: ev.batch_size], y[: ev.batch_size], 8 / 255, 50, 1,
+                     jax.random.key(0))  # compile
+  t = time.perf_counter()
+  ev.robust_accuracy(variables, x, y, 8 / 255, 50, 10, jax.random.key(0))
+  dt = time.perf_counter() - t
+  return {"model": model_name, "eval": "pgd50x10", "points": n_points, "seconds": dt,
+          "points_per_s": n_points / dt}
+
+
+def run_torch(torch_python: str, rows: list[dict], windows: int, steps: int) -> list[dict]:
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "experiments", "torch_baseline.py")
+  proc = subprocess.run([torch_python, script, "--rows", json.dumps(rows),
+                         f"--windows={windows}", f"--steps={steps}"], capture_output=True,
+                        text=True, check=False)
+  for line in proc.stdout.splitlines():
+    if line.startswith("RESULTS_JSON "):
+      return json.loads(line[len("RESULTS_JSON "):])
+  raise RuntimeError(f"PyTorch baseline failed ({proc.returncode}): {proc.stderr[-2000:]}")
+
+
+def add_ratios(rows: list[dict]) -> None:
+  """cost relative to FGSM (same model/batch/dtype/framework) and JAX/PyTorch speed ratio."""
+  key = lambda r: (r["model"], r["batch"], r["dtype"], r["framework"])  # noqa: E731
+  fgsm = {key(r): r["step_s"] for r in rows if r["method"] == "fgsm"}
+  torch_rows = {(r["model"], r["batch"], r["dtype"], r["method"]): r for r in rows
+                if r["framework"] == "torch"}
+  for r in rows:
+    if key(r) in fgsm:
+      r["cost_vs_fgsm"] = r["step_s"] / fgsm[key(r)]
+    t = torch_rows.get((r["model"], r["batch"], r["dtype"], r["method"]))
+    if r["framework"] == "jax" and t is not None:
+      r["jax_over_torch"] = r["images_per_s"] / t["images_per_s"]
+
+
+def table(rows: list[dict]) -> str:
+  lines = ["| model | method | batch | dtype | JAX img/s | JAX vs FGSM | compile s | PyTorch img/s "
+           "| PyTorch vs FGSM | JAX/PyTorch |", "|---|---|---|---|---|---|---|---|---|---|"]
+  torch_rows = {(r["model"], r["batch"], r["dtype"], r["method"]): r for r in rows
+                if r["framework"] == "torch"}
+  for r in rows:
+    if r["framework"] != "jax":
+      continue
+    t = torch_rows.get((r["model"], r["batch"], r["dtype"], r["method"]))
+    lines.append(
+        f"| {r['model']} | {r['method']} | {r['batch']} | {r['dtype']} | "
+        f"{r['images_per_s']:.0f} | {r.get('cost_vs_fgsm', float('nan')):.2f}x | "
+        f"{r['compile_s']:.1f} | {t['images_per_s']:.0f} | "
+        f"{t.get('cost_vs_fgsm', float('nan')):.2f}x | {r['jax_over_torch']:.2f} |"
+        if t else
+        f"| {r['model']} | {r['method']} | {r['batch']} | {r['dtype']} | "
+        f"{r['images_per_s']:.0f} | {r.get('cost_vs_fgsm', float('nan')):.2f}x | "
+        f"{r['compile_s']:.1f} | - | - | - |")
+  return "\n".join(lines)
+
+
+def environment() -> dict:
+  d = jax.local_devices()[0]
+  return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "jax": jax.__version__, "backend": jax.default_backend(), "device": d.device_kind,
+          "n_devices": jax.local_device_count(), "python": platform.python_version(),
+          "cpu_count": os.cpu_count(), "machine": platform.machine()}
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--models", default="small_cnn,cnn")
+  p.add_argument("--methods", default="all")
+  p.add_argument("--batches", default="128")
+  p.add_argument("--dtypes", default="float32")
+  p.add_argument("--windows", type=int, default=5)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--width", type=int, default=16, help="small_cnn width")
+  p.add_argument("--eval_points", type=int, default=0)
+  p.add_argument("--torch_python", default="")
+  p.add_argument("--out", default="bench.json")
+  args = p.parse_args(argv)
+  methods = METHODS if args.methods == "all" else tuple(args.methods.split(","))
+  unknown = set(methods) - set(METHODS)
+  if unknown:
+    raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+  specs = [{"model": m, "method": meth, "batch": int(b), "dtype": dt}
+           for m in args.models.split(",") for b in args.batches.split(",")
+           for dt in args.dtypes.split(",") for meth in methods]
+  rows = []
+  for s in specs:
+    if s["batch"] % jax.local_device_count():
+      raise SystemExit(f"batch {s['batch']} is not divisible by {jax.local_device_count()} devices")
+    r = bench_train_step(s["model"], s["method"], s["batch"], s["dtype"], args.windows,
+                         args.steps, args.width)
+    print(f"jax   {s['model']:16s} {s['method']:15s} b={s['batch']:<5d} {s['dtype']:9s} "
+          f"{r['images_per_s']:9.1f} img/s  compile {r['compile_s']:.1f}s", flush=True)
+    rows.append(r)
+  if args.torch_python:
+    for s, t in zip(specs, run_torch(args.torch_python, [dict(s, width=args.width) for s in specs],
+                                     args.windows, args.steps)):
+      print(f"torch {s['model']:16s} {s['method']:15s} b={s['batch']:<5d} {s['dtype']:9s} "
+            f"{t['images_per_s']:9.1f} img/s", flush=True)
+      t.pop("width", None)
+      rows.append(t)
+  add_ratios(rows)
+  evals = [bench_eval(m, args.eval_points, args.width) for m in args.models.split(",")
+           ] if args.eval_points else []
+  result = {"environment": environment(), "rows": rows, "eval": evals,
+            "command": " ".join(["python -m fastadv_jax.benchmark"] + (argv or sys.argv[1:]))}
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=2)
+  print(table(rows))
+  for e in evals:
+    print(f"eval {e['model']}: PGD-50-10 on {e['points']} points in {e['seconds']:.1f}s "
+          f"({e['points_per_s']:.1f} points/s)")
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Optional: a separate environment for the PyTorch baseline of the benchmark (.venv-torch).
+# On these machines `pip install torch==2.13.0` under Python 3.11 takes a local CPU build; elsewhere
+# set TORCH_SPEC (e.g. "torch" for the registry's CUDA build on a GPU machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ ! -x .venv-torch/bin/python ]; then
+  PY=""
+  for c in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.11*/bin/python3 python3.11 python3; do
+    if "$c" -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 9) else 1)' 2>/dev/null; then
+      PY=$c; break
+    fi
+  done
+  [ -n "$PY" ] || { echo "[setup_bench] no Python found" >&2; exit 1; }
+  "$PY" -m venv .venv-torch
+fi
+.venv-torch/bin/python -c 'import torch, numpy' 2>/dev/null || \
+  .venv-torch/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" numpy
+.venv/bin/python -m pip install -q psutil

@@ -1,0 +1,100 @@
+"""Sweep planning, aggregation into tables, plots, and a benchmark smoke run."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "experiments"))
+import aggregate  # noqa: E402
+import plots  # noqa: E402
+import sweep  # noqa: E402
+
+
+def _fake_run(root, method, eps, seed, clean, pgd, co=False, steps=(200, 400)):
+  d = root / f"{method}_eps{eps}_s{seed}"
+  d.mkdir(parents=True)
+  (d / "results.json").write_text(json.dumps({
+      "clean_acc": clean, "pgd_acc": pgd, "n_eval": 500, "pgd_steps": 50, "pgd_restarts": 10,
+      "train_time_s": 10.0, "catastrophic_overfitting": co,
+      "catastrophic_overfitting_step": 400 if co else None,
+      "best": {"clean_acc": clean, "pgd_acc": pgd + 0.1, "iteration": 200}}))
+  with open(d / "metrics.jsonl", "w") as f:
+    for i, s in enumerate(steps):
+      f.write(json.dumps({"step": s, "epoch": s / 468, "test_clean_acc": 0.8,
+                          "test_fgsm_acc": 0.5 + 0.2 * i, "test_pgd_acc": 0.4 - 0.35 * i * co,
+                          "train_eval_pgd_acc": 0.4, "test_alignment": 0.9 - 0.7 * i * co,
+                          "test_cos_fgsm_pgd": 0.8}) + "\n")
+  return d
+
+
+def test_aggregate_mean_std_over_seeds(tmp_path):
+  _fake_run(tmp_path, "fgsm", 64, 0, 0.80, 0.10, co=True)
+  _fake_run(tmp_path, "fgsm", 64, 1, 0.70, 0.30)
+  _fake_run(tmp_path, "gradalign", 64, 0, 0.75, 0.50)
+  (tmp_path / "not_a_run").mkdir()
+  rows = aggregate.summarize(aggregate.collect(str(tmp_path)))
+  fgsm = next(r for r in rows if r["method"] == "fgsm")
+  assert fgsm["seeds"] == 2 and fgsm["co"] == 1 and fgsm["eps"] == 64
+  assert fgsm["clean"] == pytest.approx((75.0, 5.0)) and fgsm["pgd"] == pytest.approx((20.0, 10.0))
+  assert fgsm["best_pgd"] == pytest.approx((30.0, 10.0))
+  table = aggregate.markdown(rows)
+  assert "| fgsm | 64 | 2 | 75.0 ± 5.0 | 20.0 ± 10.0 |" in table
+  aggregate.main([f"--root={tmp_path}"])
+  assert (tmp_path / "summary.md").read_text().startswith("| method")
+
+
+def test_plots_are_written(tmp_path):
+  for eps, pgd in ((16, 0.6), (64, 0.1)):
+    _fake_run(tmp_path, "fgsm", eps, 0, 0.8, pgd, co=eps == 64)
+    _fake_run(tmp_path, "gradalign", eps, 0, 0.8, pgd + 0.3)
+  plots.main(["eps", f"--root={tmp_path}", f"--out={tmp_path}/eps.png"])
+  plots.main(["dynamics", f"--workdir={tmp_path}/fgsm_eps64_s0", f"--out={tmp_path}/dyn.png"])
+  for name in ("eps.png", "dyn.png"):
+    data = (tmp_path / name).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_sweep_plans_the_grid_and_skips_finished_runs(tmp_path, capsys):
+  _fake_run(tmp_path, "fgsm", 8, 0, 0.8, 0.4)  # finished
+  args = ["--config=configs/cifar10.py", "--methods=fgsm,gradalign", "--eps=8,16",
+          "--seeds=0,1", f"--root={tmp_path}", "--dry_run"]
+  assert sweep.main(args) == 0
+  out = capsys.readouterr().out
+  assert out.startswith("7 run(s) to do")
+  assert "--config=configs/cifar10.py:gradalign,eps=16,seed=1" in out
+  assert f"--workdir={tmp_path}/fgsm_eps8_s0" not in out
+  assert sweep.main(args + ["--shard=1/2"]) == 0
+  assert capsys.readouterr().out.startswith("4 run(s) to do")
+
+
+def test_benchmark_smoke(tmp_path):
+  from fastadv_jax import benchmark
+  out = tmp_path / "bench.json"
+  benchmark.main(["--models=small_cnn", "--methods=fgsm,gradalign", "--batches=8",
+                  "--windows=1", "--steps=1", "--width=2", f"--out={out}", "--eval_points=8"])
+  result = json.loads(out.read_text())
+  rows = {r["method"]: r for r in result["rows"]}
+  assert rows["fgsm"]["cost_vs_fgsm"] == 1.0
+  assert rows["gradalign"]["images_per_s"] > 0 and rows["gradalign"]["cost_vs_fgsm"] > 0
+  assert result["eval"][0]["points"] == 8 and result["environment"]["jax"]
+
+
+@pytest.mark.skipif(not os.path.exists(ROOT / ".venv-torch" / "bin" / "python"),
+                    reason="no PyTorch baseline environment (scripts/setup_bench.sh)")
+def test_torch_baseline_smoke():
+  rows = [{"model": "small_cnn", "method": m, "batch": 4, "dtype": "float32", "width": 2}
+          for m in ("pgd2", "gradalign_full")]
+  proc = subprocess.run([str(ROOT / ".venv-torch" / "bin" / "python"),
+                         str(ROOT / "experiments" / "torch_baseline.py"), "--rows",
+                         json.dumps(rows), "--windows=1", "--steps=1"], capture_output=True,
+                        text=True, timeout=300)
+  line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS_JSON ")]
+  assert line, proc.stderr[-2000:]
+  out = json.loads(line[0][len("RESULTS_JSON "):])
+  assert [r["method"] for r in out] == ["pgd2", "gradalign_full"]
+  assert all(np.isfinite(r["images_per_s"]) and r["images_per_s"] > 0 for r in out)

@@ -1,0 +1,77 @@
+"""Every experiment config: its docstring command parses, validates, and trains a step on mock data."""
+import re
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from conftest import ROOT, load_config
+from fastadv_jax import config_validation, data, models, train_step
+from fastadv_jax import train_state as ts
+
+CONFIGS = ["cifar10", "svhn", "cifar10_cnn", "fashion_mnist"]
+METHODS = ["fgsm", "fgsm_rs", "free", "pgd2", "pgd10", "gradalign", "random_corner", "pgd_corner"]
+
+
+def _docstring_arg(name):
+  doc = (ROOT / "configs" / f"{name}.py").read_text()
+  m = re.search(rf"--config=configs/{name}\.py:(\S+)", doc)
+  assert m, f"configs/{name}.py docstring has no command"
+  return m.group(1)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_docstring_command_parses_and_validates(name):
+  c = load_config(name, _docstring_arg(name))
+  config_validation.validate_config(c, num_devices=8)
+
+
+def test_paper_settings():
+  ga8 = load_config("cifar10", "gradalign,eps=8")
+  assert ga8.eps == pytest.approx(8 / 255) and ga8.grad_align_lambda == pytest.approx(0.2)
+  assert ga8.lr_max == 0.3 and ga8.num_epochs == 30 and ga8.method == "fgsm"
+  ga16 = load_config("cifar10", "gradalign,eps=16")
+  assert ga16.grad_align_lambda == pytest.approx(2.0)
+  pgd2 = load_config("cifar10", "pgd2,eps=8,seed=3")
+  assert (pgd2.method, pgd2.pgd_steps, pgd2.pgd_alpha, pgd2.seed) == ("pgd", 2, 0.5, 3)
+  assert pgd2.grad_align_lambda == 0.0 and pgd2.lr_max == 0.2
+  free = load_config("cifar10", "free,eps=8")
+  assert (free.num_epochs, free.lr_max, free.free_replay) == (96, 0.04, 8)
+  svhn = load_config("svhn", "gradalign,eps=12")
+  assert svhn.grad_align_lambda == pytest.approx(3.162, rel=1e-3)
+  assert (svhn.flip, svhn.crop_padding, svhn.eps_warmup_epochs, svhn.lr_max) == (False, 4, 5.0,
+                                                                                 0.05)
+  cnn = load_config("cifar10_cnn", "fgsm,eps=10")
+  assert (cnn.model, cnn.n_filters, cnn.n_layers, cnn.optimizer, cnn.lr_max) == (
+      "cnn", 4, 1, "adam", 0.003)
+  with pytest.raises(ValueError, match="unknown method"):
+    load_config("cifar10", "trades,eps=8")
+  with pytest.raises(ValueError, match="unknown field"):
+    load_config("cifar10", "fgsm,epochs=3")
+
+
+@pytest.mark.parametrize("name,method", [("cifar10", m) for m in METHODS]
+                         + [("svhn", "gradalign"), ("svhn", "free"), ("cifar10_cnn", "fgsm"),
+                            ("fashion_mnist", "gradalign")])
+def test_one_step_on_mock_data(name, method):
+  c = load_config(name, f"{method},eps=8")
+  c.batch_size = 8
+  c.resnet_widths = (4, 4, 4, 4)  # shrunken PreAct ResNet-18 (same topology)
+  config_validation.validate_config(c, num_devices=1)
+  with tfds.testing.mock_data(num_examples=8):
+    split = data.load_split(c.dataset, "train", "/nonexistent-use-mock")
+  model = models.create_model(c, data.NUM_CLASSES[c.dataset], bn_axis_name=train_step.AXIS)
+  state = train_step.create_train_state(c, model, jax.random.key(0), split.images.shape[1:], 1)
+  step = train_step.pmap_train_step(train_step.make_train_step(c, model, 1),
+                                    devices=jax.local_devices()[:1])
+  before = jax.tree.map(np.asarray, state.params)
+  rstate, metrics = step(ts.replicate(state, 1), {"image": split.images[None],
+                                                  "label": split.labels[None]},
+                         jax.random.key(1))
+  assert bool(metrics["finite"][0])
+  after = ts.unreplicate(rstate).params
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(before),
+                                                   jax.tree.leaves(after)))
+  if c.grad_align_lambda > 0:
+    assert float(metrics["train_reg"][0]) > 0
