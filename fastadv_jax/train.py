@@ -145,12 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if tr["pgd_acc"] > meta["best_train_pgd"]:  # early stopping on train PGD accuracy (Wong et al.)
       meta["best_train_pgd"], meta["best_step"] = tr["pgd_acc"], s
       best = jax.device_get(variables)
-    if te["pgd_acc"] > meta["best_test_pgd"]:
-      meta["best_test_pgd"], meta["alignment_at_best"] = te["pgd_acc"], te["alignment"]
-    elif (meta["co_step"] < 0 and meta["best_test_pgd"] >= config.co_min_best_pgd
-          and te["pgd_acc"] < config.co_pgd_drop * meta["best_test_pgd"]
-          and te["alignment"] < config.co_alignment_drop * meta["alignment_at_best"]):
-      meta["co_step"] = s
+    if track_catastrophic_overfitting(meta, config, s, te["pgd_acc"], te["alignment"]):
       logging.warning("Catastrophic overfitting at iteration %d (epoch %.2f): test PGD accuracy "
                       "%.3f (best %.3f), gradient alignment %.3f (was %.3f)", s, s / spe,
                       te["pgd_acc"], meta["best_test_pgd"], te["alignment"],
@@ -226,6 +221,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                results["clean_acc"], results["pgd_steps"], results["pgd_restarts"],
                results["pgd_acc"], results["n_eval"], os.path.join(workdir, "results.json"))
   return results
+
+
+def track_catastrophic_overfitting(meta: dict, config: ml_collections.ConfigDict, step: int,
+                                   pgd_acc: float, alignment: float) -> bool:
+  """Updates `meta` with one diagnostic; True when catastrophic overfitting is first detected.
+
+  Detected when test PGD accuracy falls below `co_pgd_drop` x its best so far (itself at least
+  `co_min_best_pgd`) while the gradient alignment falls below `co_alignment_drop` x its value at
+  that best point: the signature of SPEC §4 (PGD collapses, alignment drops).
+  """
+  if pgd_acc > meta["best_test_pgd"]:
+    meta["best_test_pgd"], meta["alignment_at_best"] = pgd_acc, alignment
+    return False
+  if (meta["co_step"] < 0 and meta["best_test_pgd"] >= config.co_min_best_pgd
+      and pgd_acc < config.co_pgd_drop * meta["best_test_pgd"]
+      and alignment < config.co_alignment_drop * meta["alignment_at_best"]):
+    meta["co_step"] = step
+    return True
+  return False
 
 
 def final_evaluation(config: ml_collections.ConfigDict, evaluator: evaluation.Evaluator,

@@ -110,3 +110,40 @@ def test_evaluate_command_on_a_finished_run(tmp_path, mock_fashion_mnist, capsys
   assert out["iteration"] == 3 and out["n_eval"] == 16 and out["eps"] == pytest.approx(0.1)
   assert 0.0 <= out["pgd_acc"] <= out["clean_acc"]
   assert (tmp_path / "eval_last_eps0.1000_n16_pgd3x2.json").exists()
+
+
+def test_catastrophic_overfitting_is_flagged_once_at_the_collapse():
+  config = tiny_config()
+  meta = {"best_test_pgd": -1.0, "alignment_at_best": 0.0, "co_step": -1}
+  series = [(200, 0.30, 0.95), (400, 0.35, 0.96), (600, 0.30, 0.90),  # healthy
+            (800, 0.15, 0.90),   # PGD drops but alignment holds: not the signature
+            (1000, 0.02, 0.10),  # collapse with alignment falling
+            (1200, 0.01, 0.05)]
+  flags_ = [train.track_catastrophic_overfitting(meta, config, s, p, a) for s, p, a in series]
+  assert flags_ == [False, False, False, False, True, False]
+  assert meta["co_step"] == 1000 and meta["best_test_pgd"] == 0.35
+  calm = {"best_test_pgd": -1.0, "alignment_at_best": 0.0, "co_step": -1}
+  assert not any(train.track_catastrophic_overfitting(calm, config, s, p, 0.9)
+                 for s, p in ((1, 0.05), (2, 0.01)))  # never robust: nothing to collapse from
+
+
+def test_ctrl_c_saves_a_checkpoint_and_loses_nothing(tmp_path, mock_fashion_mnist, monkeypatch):
+  from fastadv_jax import data
+  config = tiny_config(checkpoint_every=100)  # no periodic checkpoint before the interruption
+  r_full = train.train_and_evaluate(config, str(tmp_path / "full"))
+  original = data.TrainBatches.get
+
+  def interrupted_get(self, b):
+    if b == 5:
+      raise KeyboardInterrupt  # what SIGTERM is turned into, too
+    return original(self, b)
+
+  monkeypatch.setattr(data.TrainBatches, "get", interrupted_get)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / "cut"))
+  assert checkpointing.Checkpointer(str(tmp_path / "cut")).latest_step() == 5
+  monkeypatch.setattr(data.TrainBatches, "get", original)
+  r_cut = train.train_and_evaluate(config, str(tmp_path / "cut"))
+  assert (r_cut["clean_acc"], r_cut["pgd_acc"]) == (r_full["clean_acc"], r_full["pgd_acc"])
+  with pytest.raises(KeyboardInterrupt):
+    train._raise_keyboard_interrupt(15, None)  # the SIGTERM handler
