@@ -135,13 +135,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def diagnostics(s: int) -> dict[str, float]:
     nonlocal best
     variables = _variables(rstate)
-    eps = float(schedules.eps_schedule(config, spe)(s - 1))
+    # Always the full eps, also during an eps warm-up: early stopping and the overfitting flag
+    # compare robustness across iterations, which needs one radius.
+    eps = float(config.eps)
     rng = jax.random.fold_in(eval_rng, s)
     te = evaluator.diagnostics(variables, *test_eval, eps, rng, config.eval_pgd_steps)
     tr = evaluator.diagnostics(variables, *train_eval, eps, rng, config.eval_pgd_steps)
     rec = {f"test_{k}": v for k, v in te.items()}
     rec.update({f"train_eval_{k}": v for k, v in tr.items()})
     rec["train_eval_reg"] = config.grad_align_lambda * (1.0 - tr["alignment"])
+    rec["eval_eps"] = eps
     if tr["pgd_acc"] > meta["best_train_pgd"]:  # early stopping on train PGD accuracy (Wong et al.)
       meta["best_train_pgd"], meta["best_step"] = tr["pgd_acc"], s
       best = jax.device_get(variables)

@@ -147,3 +147,11 @@ def test_ctrl_c_saves_a_checkpoint_and_loses_nothing(tmp_path, mock_fashion_mnis
   assert (r_cut["clean_acc"], r_cut["pgd_acc"]) == (r_full["clean_acc"], r_full["pgd_acc"])
   with pytest.raises(KeyboardInterrupt):
     train._raise_keyboard_interrupt(15, None)  # the SIGTERM handler
+
+
+def test_diagnostics_use_the_full_eps_during_warmup(tmp_path, mock_fashion_mnist):
+  train.train_and_evaluate(tiny_config(eps_warmup_epochs=2.0, eval_every=2), str(tmp_path))
+  records = metric_writers.read_metrics(str(tmp_path))
+  train_eps = [r["eps"] for r in records if "eps" in r]
+  assert train_eps[0] < 0.1 * 0.5  # still warming up at the first log
+  assert [r["eval_eps"] for r in records if "eval_eps" in r] == pytest.approx([0.1] * 3)
