@@ -38,19 +38,16 @@ INPUT_SHAPE = {"small_cnn": (28, 28, 1), "cnn": (32, 32, 3), "preact_resnet18": 
 def row_config(model: str, method: str, batch: int, dtype: str, width: int = 16):
   """A default config set up for one benchmark row (eps 8/255, lambda 0.2 as CIFAR-10)."""
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+  import common  # pylint: disable=import-outside-toplevel
   import default  # pylint: disable=import-outside-toplevel
   c = default.get_config()
   c.model, c.batch_size, c.half_precision = model, batch, dtype == "bfloat16"
   c.n_filters = width if model == "small_cnn" else 4
-  c.eps, c.grad_align_lambda, c.attack_init = 8 / 255, 0.0, ""
-  if method in ("pgd2", "pgd10"):
-    c.method, c.pgd_steps, c.pgd_alpha = "pgd", (2 if method == "pgd2" else 10), (
-        0.5 if method == "pgd2" else 0.2)
-  elif method.startswith("gradalign"):
-    c.method, c.grad_align_lambda = "fgsm", 0.2
+  c.eps = 8 / 255
+  common.apply_method(c, "gradalign" if method == "gradalign_full" else method)
+  if method.startswith("gradalign"):
+    c.grad_align_lambda = 0.2
     c.grad_align_backprop_g1 = method == "gradalign_full"
-  else:
-    c.method = method
   return c
 
 
@@ -168,15 +165,12 @@ def table(rows: list[dict]) -> str:
     if r["framework"] != "jax":
       continue
     t = torch_rows.get((r["model"], r["batch"], r["dtype"], r["method"]))
+    torch_cells = (f"{t['images_per_s']:.0f} | {t.get('cost_vs_fgsm', float('nan')):.2f}x | "
+                   f"{r['jax_over_torch']:.2f}") if t else "- | - | -"
     lines.append(
         f"| {r['model']} | {r['method']} | {r['batch']} | {r['dtype']} | "
         f"{r['images_per_s']:.0f} | {r.get('cost_vs_fgsm', float('nan')):.2f}x | "
-        f"{r['compile_s']:.1f} | {t['images_per_s']:.0f} | "
-        f"{t.get('cost_vs_fgsm', float('nan')):.2f}x | {r['jax_over_torch']:.2f} |"
-        if t else
-        f"| {r['model']} | {r['method']} | {r['batch']} | {r['dtype']} | "
-        f"{r['images_per_s']:.0f} | {r.get('cost_vs_fgsm', float('nan')):.2f}x | "
-        f"{r['compile_s']:.1f} | - | - | - |")
+        f"{r['compile_s']:.1f} | {torch_cells} |")
   return "\n".join(lines)
 
 
