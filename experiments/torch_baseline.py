@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 
@@ -139,32 +140,58 @@ def train_step(model, opt, x, y, method, eps, lam, autocast):
   return loss
 
 
-def bench(row: dict, windows: int, steps: int, device: str) -> dict:
-  cls, shape = MODELS[row["model"]]
-  model = (cls(width=row.get("width", 16)) if row["model"] == "small_cnn" else cls()).to(device)
-  model.train()
-  opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-  x = torch.rand((row["batch"],) + shape, device=device)
-  y = torch.randint(0, 10, (row["batch"],), device=device)
-  dtype = torch.bfloat16 if row["dtype"] == "bfloat16" else None
-  autocast = ((lambda: torch.autocast(device.split(":")[0], dtype=dtype)) if dtype
-              else (lambda: torch.autocast(device.split(":")[0], enabled=False)))
-  sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-  t0 = time.perf_counter()
-  train_step(model, opt, x, y, row["method"], 8 / 255, 0.2, autocast)
-  sync()
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(windows):
+class StepTimer:
+  """One row, warmed up; `window(steps)` times that many steps (synchronised on GPU)."""
+
+  def __init__(self, row: dict, device: str):
+    cls, shape = MODELS[row["model"]]
+    self.row, self.device = row, device
+    self.model = (cls(width=row.get("width", 16)) if row["model"] == "small_cnn"
+                  else cls()).to(device)
+    self.model.train()
+    self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    self.x = torch.rand((row["batch"],) + shape, device=device)
+    self.y = torch.randint(0, 10, (row["batch"],), device=device)
+    dtype = torch.bfloat16 if row["dtype"] == "bfloat16" else None
+    kind = device.split(":")[0]
+    self.autocast = ((lambda: torch.autocast(kind, dtype=dtype)) if dtype
+                     else (lambda: torch.autocast(kind, enabled=False)))
+    self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    self.first_step_s = self.window(1)
+    self.one_step_s = self.window(1)
+
+  def window(self, steps: int) -> float:
     t = time.perf_counter()
     for _ in range(steps):
-      train_step(model, opt, x, y, row["method"], 8 / 255, 0.2, autocast)
-    sync()
-    times.append((time.perf_counter() - t) / steps)
-  step_s = statistics.median(times)
-  return {**row, "framework": "torch", "torch": torch.__version__, "device": device,
-          "step_s": step_s, "images_per_s": row["batch"] / step_s, "first_step_s": first,
-          "threads": torch.get_num_threads()}
+      train_step(self.model, self.opt, self.x, self.y, self.row["method"], 8 / 255, 0.2,
+                 self.autocast)
+    self.sync()
+    return (time.perf_counter() - t) / steps
+
+
+def bench(rows: list[dict], windows: int, steps: int, device: str,
+          min_window_s: float = 0.0) -> list[dict]:
+  """As the JAX side: rows of one (model, batch, dtype) have their windows interleaved."""
+  out = []
+  groups: dict[tuple, list[int]] = {}
+  for i, row in enumerate(rows):
+    groups.setdefault((row["model"], row["batch"], row["dtype"]), []).append(i)
+  results: dict[int, dict] = {}
+  for idx in groups.values():
+    timers = [StepTimer(rows[i], device) for i in idx]
+    n_steps = [max(steps, math.ceil(min_window_s / max(t.one_step_s, 1e-9))) for t in timers]
+    times = [[] for _ in timers]
+    for _ in range(windows):
+      for t, k, ts in zip(timers, n_steps, times):
+        ts.append(t.window(k))
+    for i, t, k, ts in zip(idx, timers, n_steps, times):
+      step_s = statistics.median(ts)
+      results[i] = {**rows[i], "framework": "torch", "torch": torch.__version__, "device": device,
+                    "step_s": step_s, "images_per_s": rows[i]["batch"] / step_s,
+                    "first_step_s": t.first_step_s, "threads": torch.get_num_threads(),
+                    "steps": k, "windows": windows, "window_step_s": ts}
+  out = [results[i] for i in range(len(rows))]
+  return out
 
 
 def main() -> None:
@@ -172,16 +199,13 @@ def main() -> None:
   p.add_argument("--rows", required=True, help="JSON list of {model, method, batch, dtype}")
   p.add_argument("--windows", type=int, default=5)
   p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--min_window_s", type=float, default=0.0)
   args = p.parse_args()
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
   np.random.seed(0)
   rows = json.loads(args.rows)
-  out = []
-  for row in rows:
-    steps = row.get("steps", args.steps)
-    windows = row.get("windows", args.windows)
-    out.append(bench(row, windows, steps, device))
+  out = bench(rows, args.windows, args.steps, device, args.min_window_s)
   print("RESULTS_JSON " + json.dumps(out))
 
 

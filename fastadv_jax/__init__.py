@@ -7,6 +7,8 @@ Where things live (one concept per module):
   train_step.py  the jitted, pmapped step (gradient and BatchNorm averaging across devices)
   evaluation.py  float32 robust evaluation and catastrophic-overfitting diagnostics
   train.py       train_and_evaluate(config, workdir): loop, logging, checkpoints
+  randomness.py  per-example noise, independent of the device split (fast on CPU)
+  xla_cpu_flags.py  the XLA:CPU flags the command lines set (oneDNN convolutions)
 """
 
 __version__ = "0.1.0"

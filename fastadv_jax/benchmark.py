@@ -4,10 +4,12 @@
       --dtypes=float32,bfloat16 --out=bench.json [--torch_python=.venv-torch/bin/python]
 
 For every (model, method, batch, dtype) row: compile time (first call minus a steady step),
-steady-state images/s (median over `--windows` timed windows of `--steps` steps, each window
-closed by block_until_ready), memory (peak device bytes on GPU/TPU; process RSS on CPU), the
-step's FLOPs from XLA's cost analysis, and the cost relative to FGSM. The batch is already on
-the device (the input pipeline is measured by the training loop, not here). With
+steady-state images/s (median over `--windows` timed windows of at least `--steps` steps and
+`--min_window_s` seconds, each closed by block_until_ready; the windows of rows of one model,
+batch and dtype are interleaved), the step's FLOPs and memory from XLA's analyses of the compiled
+step, the process's memory so far (peak device bytes on GPU/TPU, RSS on CPU), and the cost
+relative to FGSM. The batch is already on the device (the input pipeline is measured by the
+training loop, not here). With
 `--torch_python`, experiments/torch_baseline.py times the same rows in that interpreter,
 minutes apart on the same machine, and each row gets its JAX/PyTorch speed ratio.
 `--eval_points N` also times PGD-50-10 evaluation of N points per model.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -28,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastadv_jax import evaluation, models, train_step
+from fastadv_jax import evaluation, models, train_step, xla_cpu_flags
 from fastadv_jax import train_state as ts
 
 METHODS = ("standard", "fgsm", "fgsm_rs", "pgd2", "pgd10", "gradalign", "gradalign_full")
@@ -63,8 +66,12 @@ def _memory(device) -> dict:
     return {"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _flops(c, model_name: str) -> float | None:
-  """FLOPs of one step (single-device program) from XLA's cost analysis."""
+def _compiled_costs(c, model_name: str) -> dict:
+  """FLOPs and memory of one step's single-device program, from XLA's own analyses.
+
+  Unlike the process-wide peak memory, these belong to this row alone: the step's temporary
+  buffers plus its arguments and outputs (train state and batch)."""
+  out = {"flops_per_step": None}
   try:
     model = models.create_model(c, 10)
     state = train_step.create_train_state(c, model, jax.random.key(0), INPUT_SHAPE[model_name],
@@ -72,44 +79,76 @@ def _flops(c, model_name: str) -> float | None:
     fn = jax.jit(train_step.make_train_step(c, model, 1000, axis_name=None))
     batch = {"image": jnp.zeros((c.batch_size,) + INPUT_SHAPE[model_name], jnp.uint8),
              "label": jnp.zeros((c.batch_size,), jnp.int32)}
-    cost = fn.lower(state, batch, jax.random.key(0)).compile().cost_analysis()
+    compiled = fn.lower(state, batch, jax.random.key(0)).compile()
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops")) if cost and cost.get("flops") else None
+    if cost and cost.get("flops"):
+      out["flops_per_step"] = float(cost["flops"])
+    mem = compiled.memory_analysis()
+    if mem is not None:
+      out["xla_temp_mb"] = mem.temp_size_in_bytes / 2**20
+      out["xla_args_outputs_mb"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                    - mem.alias_size_in_bytes) / 2**20
   except Exception:  # pylint: disable=broad-except
-    return None
+    pass
+  return out
 
 
-def bench_train_step(model_name: str, method: str, batch: int, dtype: str, windows: int,
-                     steps: int, width: int = 16) -> dict:
-  c = row_config(model_name, method, batch, dtype, width)
-  devices = jax.local_devices()
-  n = len(devices)
-  model = models.create_model(c, 10, bn_axis_name=train_step.AXIS)
-  state = train_step.create_train_state(c, model, jax.random.key(0), INPUT_SHAPE[model_name],
-                                        1000)
-  step = train_step.pmap_train_step(train_step.make_train_step(c, model, 1000))
-  rstate = ts.replicate(state, n)
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (n, batch // n) + INPUT_SHAPE[model_name], dtype=np.uint8)
-  labels = rng.integers(0, 10, (n, batch // n)).astype(np.int32)
-  batch_dev = {"image": jax.device_put(images), "label": jax.device_put(labels)}
-  key = jax.random.key(1)
-  t0 = time.perf_counter()
-  rstate, _ = step(rstate, batch_dev, key)
-  jax.block_until_ready(rstate)
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(windows):
+def window_steps(steps: int, one_step_s: float, min_window_s: float) -> int:
+  """At least `steps` steps per timed window, and enough to fill `min_window_s` seconds."""
+  return max(steps, math.ceil(min_window_s / max(one_step_s, 1e-9)))
+
+
+class StepTimer:
+  """One benchmark row, compiled and warmed up; `window()` times `steps` steps, synchronised."""
+
+  def __init__(self, model_name: str, method: str, batch: int, dtype: str, width: int = 16):
+    c = row_config(model_name, method, batch, dtype, width)
+    devices = jax.local_devices()
+    n = len(devices)
+    model = models.create_model(c, 10, bn_axis_name=train_step.AXIS)
+    state = train_step.create_train_state(c, model, jax.random.key(0), INPUT_SHAPE[model_name],
+                                          1000)
+    self.step = train_step.pmap_train_step(train_step.make_train_step(c, model, 1000))
+    self.state = ts.replicate(state, n)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, batch // n) + INPUT_SHAPE[model_name], dtype=np.uint8)
+    labels = rng.integers(0, 10, (n, batch // n)).astype(np.int32)
+    self.batch_dev = {"image": jax.device_put(images), "label": jax.device_put(labels)}
+    self.key = jax.random.key(1)
+    self.row = {"model": model_name, "method": method, "batch": batch, "dtype": dtype,
+                "framework": "jax"}
+    first = self.window(1)
+    self.one_step_s = self.window(1)
+    self.row.update(compile_s=max(first - self.one_step_s, 0.0),
+                    **_compiled_costs(c, model_name), **_memory(devices[0]))
+
+  def window(self, steps: int) -> float:
+    """Seconds per step over `steps` steps, closed by block_until_ready."""
     t = time.perf_counter()
     for _ in range(steps):
-      rstate, metrics = step(rstate, batch_dev, key)
-    jax.block_until_ready((rstate, metrics))
-    times.append((time.perf_counter() - t) / steps)
-  step_s = statistics.median(times)
-  return {"model": model_name, "method": method, "batch": batch, "dtype": dtype,
-          "framework": "jax", "step_s": step_s, "images_per_s": batch / step_s,
-          "compile_s": max(first - step_s, 0.0), "windows": windows, "steps": steps,
-          "flops_per_step": _flops(c, model_name), **_memory(devices[0])}
+      self.state, metrics = self.step(self.state, self.batch_dev, self.key)
+    jax.block_until_ready((self.state, metrics))
+    return (time.perf_counter() - t) / steps
+
+
+def bench_group(specs: list[dict], windows: int, steps: int, width: int = 16,
+                min_window_s: float = 0.0) -> list[dict]:
+  """Times rows that will be compared with each other (e.g. every method of one model and
+  batch) with their windows interleaved, so that a slow spell of a shared machine hits all of
+  them alike instead of skewing one row's cost relative to FGSM."""
+  timers = [StepTimer(s["model"], s["method"], s["batch"], s["dtype"], width) for s in specs]
+  n_steps = [window_steps(steps, t.one_step_s, min_window_s) for t in timers]
+  times = [[] for _ in timers]
+  for _ in range(windows):
+    for t, k, out in zip(timers, n_steps, times):
+      out.append(t.window(k))
+  rows = []
+  for t, k, out in zip(timers, n_steps, times):
+    step_s = statistics.median(out)
+    rows.append({**t.row, "step_s": step_s, "images_per_s": t.row["batch"] / step_s,
+                 "windows": windows, "steps": k, "window_step_s": out})
+  return rows
 
 
 def bench_eval(model_name: str, n_points: int, width: int = 16) -> dict:
@@ -130,11 +169,13 @@ def bench_eval(model_name: str, n_points: int, width: int = 16) -> dict:
           "points_per_s": n_points / dt}
 
 
-def run_torch(torch_python: str, rows: list[dict], windows: int, steps: int) -> list[dict]:
+def run_torch(torch_python: str, rows: list[dict], windows: int, steps: int,
+              min_window_s: float = 0.0) -> list[dict]:
   script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "experiments", "torch_baseline.py")
   proc = subprocess.run([torch_python, script, "--rows", json.dumps(rows),
-                         f"--windows={windows}", f"--steps={steps}"], capture_output=True,
+                         f"--windows={windows}", f"--steps={steps}",
+                         f"--min_window_s={min_window_s}"], capture_output=True,
                         text=True, check=False)
   for line in proc.stdout.splitlines():
     if line.startswith("RESULTS_JSON "):
@@ -179,7 +220,8 @@ def environment() -> dict:
   return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "jax": jax.__version__, "backend": jax.default_backend(), "device": d.device_kind,
           "n_devices": jax.local_device_count(), "python": platform.python_version(),
-          "cpu_count": os.cpu_count(), "machine": platform.machine()}
+          "cpu_count": os.cpu_count(), "machine": platform.machine(),
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def main(argv=None) -> None:
@@ -189,12 +231,15 @@ def main(argv=None) -> None:
   p.add_argument("--batches", default="128")
   p.add_argument("--dtypes", default="float32")
   p.add_argument("--windows", type=int, default=5)
-  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--steps", type=int, default=10, help="minimum steps per timed window")
+  p.add_argument("--min_window_s", type=float, default=0.5,
+                 help="more steps per window for fast rows, so that a window lasts this long")
   p.add_argument("--width", type=int, default=16, help="small_cnn width")
   p.add_argument("--eval_points", type=int, default=0)
   p.add_argument("--torch_python", default="")
   p.add_argument("--out", default="bench.json")
   args = p.parse_args(argv)
+  xla_cpu_flags.apply()  # before the first JAX computation starts the backend
   methods = METHODS if args.methods == "all" else tuple(args.methods.split(","))
   unknown = set(methods) - set(METHODS)
   if unknown:
@@ -202,18 +247,21 @@ def main(argv=None) -> None:
   specs = [{"model": m, "method": meth, "batch": int(b), "dtype": dt}
            for m in args.models.split(",") for b in args.batches.split(",")
            for dt in args.dtypes.split(",") for meth in methods]
-  rows = []
   for s in specs:
     if s["batch"] % jax.local_device_count():
       raise SystemExit(f"batch {s['batch']} is not divisible by {jax.local_device_count()} devices")
-    r = bench_train_step(s["model"], s["method"], s["batch"], s["dtype"], args.windows,
-                         args.steps, args.width)
-    print(f"jax   {s['model']:16s} {s['method']:15s} b={s['batch']:<5d} {s['dtype']:9s} "
-          f"{r['images_per_s']:9.1f} img/s  compile {r['compile_s']:.1f}s", flush=True)
-    rows.append(r)
+  groups: dict[tuple, list[dict]] = {}
+  for s in specs:
+    groups.setdefault((s["model"], s["batch"], s["dtype"]), []).append(s)
+  rows = []
+  for group in groups.values():
+    for r in bench_group(group, args.windows, args.steps, args.width, args.min_window_s):
+      print(f"jax   {r['model']:16s} {r['method']:15s} b={r['batch']:<5d} {r['dtype']:9s} "
+            f"{r['images_per_s']:9.1f} img/s  compile {r['compile_s']:.1f}s", flush=True)
+      rows.append(r)
   if args.torch_python:
     for s, t in zip(specs, run_torch(args.torch_python, [dict(s, width=args.width) for s in specs],
-                                     args.windows, args.steps)):
+                                     args.windows, args.steps, args.min_window_s)):
       print(f"torch {s['model']:16s} {s['method']:15s} b={s['batch']:<5d} {s['dtype']:9s} "
             f"{t['images_per_s']:9.1f} img/s", flush=True)
       t.pop("width", None)

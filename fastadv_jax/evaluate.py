@@ -14,7 +14,8 @@ import jax
 import ml_collections
 from absl import app, flags
 
-from fastadv_jax import checkpointing, cli_logging, data, evaluation, models, train_step
+from fastadv_jax import (checkpointing, cli_logging, data, evaluation, models, train_step,
+                         xla_cpu_flags)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -52,6 +53,7 @@ def load_run(workdir: str, weights: str = "last"
 
 def main(argv):
   del argv
+  xla_cpu_flags.apply()  # before the first JAX computation starts the backend
   cli_logging.setup()
   try:
     config, variables, step = load_run(FLAGS.workdir, FLAGS.weights)

@@ -14,6 +14,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from fastadv_jax import xla_cpu_flags
+  xla_cpu_flags.apply()  # before the first JAX computation starts the backend
   from fastadv_jax import checkpointing, cli_logging, config_validation, data, train
 
   cli_logging.setup()

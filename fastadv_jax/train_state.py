@@ -17,14 +17,29 @@ class TrainState(train_state.TrainState):
   free_delta: Any = None
 
 
-def replicate(state: TrainState, n_devices: int) -> TrainState:
-  """Host state -> stacked per-device copies (leading axis n_devices) for pmap."""
+def pmap_sharding(devices: int | list, axis_name: str = "batch") -> jax.sharding.NamedSharding:
+  """The sharding pmap gives its outputs: leading axis split over `devices` (a list, or n for
+  the first n local devices).
+
+  Carried inputs (train state, attack carries) placed this way match the pmapped function's own
+  outputs, so its second call hits the compilation cache; host or single-device inputs made
+  JAX trace and compile it a second time (measured: about 0.8 s more for the paper CNN's step).
+  """
+  if isinstance(devices, int):
+    devices = jax.local_devices()[:devices]
+  mesh = jax.sharding.Mesh(np.array(devices), (axis_name,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
+
+
+def replicate(state: TrainState, n_devices: int, axis_name: str = "batch") -> TrainState:
+  """Host state -> stacked per-device copies (leading axis n_devices), placed as pmap places
+  its outputs (`axis_name` must be the pmapped step's)."""
   free = state.free_delta
   rest = state.replace(free_delta=None)
-  rest = jax.tree.map(lambda x: jnp.broadcast_to(x, (n_devices,) + jnp.shape(x)), rest)
+  rest = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n_devices,) + np.shape(x)), rest)
   if free is not None:
-    free = jnp.reshape(free, (n_devices, -1) + free.shape[1:])
-  return rest.replace(free_delta=free)
+    free = np.reshape(np.asarray(free), (n_devices, -1) + free.shape[1:])
+  return jax.device_put(rest.replace(free_delta=free), pmap_sharding(n_devices, axis_name))
 
 
 def unreplicate(state: TrainState) -> TrainState:

@@ -5,6 +5,10 @@ os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from fastadv_jax import xla_cpu_flags  # noqa: E402
+
+xla_cpu_flags.apply()  # tests run with the XLA flags users run with
+
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 

@@ -76,12 +76,21 @@ def test_benchmark_smoke(tmp_path):
   from fastadv_jax import benchmark
   out = tmp_path / "bench.json"
   benchmark.main(["--models=small_cnn", "--methods=fgsm,gradalign", "--batches=8",
-                  "--windows=1", "--steps=1", "--width=2", f"--out={out}", "--eval_points=8"])
+                  "--windows=1", "--steps=1", "--min_window_s=0", "--width=2", f"--out={out}",
+                  "--eval_points=8"])
   result = json.loads(out.read_text())
   rows = {r["method"]: r for r in result["rows"]}
   assert rows["fgsm"]["cost_vs_fgsm"] == 1.0
   assert rows["gradalign"]["images_per_s"] > 0 and rows["gradalign"]["cost_vs_fgsm"] > 0
   assert result["eval"][0]["points"] == 8 and result["environment"]["jax"]
+  assert "xla_cpu_experimental_onednn_custom_call" in result["environment"]["xla_flags"]
+
+
+def test_benchmark_window_fills_min_window_s():
+  from fastadv_jax import benchmark
+  assert benchmark.window_steps(5, one_step_s=0.01, min_window_s=0.5) == 50
+  assert benchmark.window_steps(5, one_step_s=1.0, min_window_s=0.5) == 5
+  assert benchmark.window_steps(3, one_step_s=0.2, min_window_s=0.0) == 3
 
 
 @pytest.mark.skipif(not os.path.exists(ROOT / ".venv-torch" / "bin" / "python"),

@@ -88,3 +88,33 @@ def test_gradalign_off_means_no_regulariser():
   _, m, _ = _run(c, 1, steps=1)
   assert m[0]["train_reg"] == 0.0 and m[0]["finite"] == 1.0
   assert m[0]["train_loss"] == pytest.approx(m[0]["train_ce"])
+
+
+def test_pmapped_step_compiles_once():
+  """The replicated state sits where the step puts its outputs, so call 2 reuses call 1's
+  program (with a host-placed state, pmap traced and compiled the step a second time)."""
+  c = tiny_config()
+  model = models.create_model(c, 10, bn_axis_name=train_step.AXIS)
+  state = train_step.create_train_state(c, model, jax.random.key(0), (28, 28, 1), 10)
+  fn = train_step.pmap_train_step(train_step.make_train_step(c, model, 10),
+                                  devices=jax.local_devices()[:2])
+  rstate = ts.replicate(state, 2)
+  compiles = []
+
+  def listener(event, duration_secs, **kwargs):
+    del duration_secs, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    counts = []
+    for i in range(3):
+      batch = {k: v.reshape((2, -1) + v.shape[1:]) for k, v in _batch(seed=i).items()}
+      rstate, m = fn(rstate, batch, jax.random.key(0))
+      jax.block_until_ready(m)
+      counts.append(len(compiles))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert counts[0] >= 1, "the first call compiles (the listener must see it)"
+  assert counts[1] == counts[0] and counts[2] == counts[0], counts
