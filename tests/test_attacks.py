@@ -96,6 +96,19 @@ def test_evaluator_matches_the_pure_attack_and_is_device_count_independent():
   assert acc1 == acc8 == pytest.approx(float(jnp.mean(robust)))
 
 
+def test_clean_accuracy_is_the_models_accuracy_on_any_device_count():
+  model, v, x, y, _ = _model_and_loss()
+  xu = np.asarray(x * 255, np.uint8)[:13]  # 13: chunks padded to the device count
+  yy = np.asarray(y)[:13]
+  want = float(np.mean(np.argmax(model.apply(v, xu.astype(np.float32) / 255, train=False), -1)
+                       == yy))
+  for n_dev, bs in ((1, 16), (8, 8)):
+    ev = evaluation.Evaluator(model, batch_size=bs, devices=jax.local_devices()[:n_dev])
+    assert ev.clean_accuracy(v, xu, yy) == pytest.approx(want)
+    assert ev.clean_accuracy(v, xu, yy) == pytest.approx(
+        ev.robust_accuracy(v, xu, yy, 0.0, 1, 1, jax.random.key(0)))
+
+
 def test_evaluation_refuses_a_bfloat16_model():
   with pytest.raises(ValueError, match="float32"):
     evaluation.Evaluator(models.SmallCNN(dtype=jnp.bfloat16))
