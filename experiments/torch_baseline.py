@@ -145,7 +145,7 @@ class StepTimer:
 
   def __init__(self, row: dict, device: str):
     cls, shape = MODELS[row["model"]]
-    self.row, self.device = row, device
+    self.row = row
     self.model = (cls(width=row.get("width", 16)) if row["model"] == "small_cnn"
                   else cls()).to(device)
     self.model.train()
@@ -172,11 +172,10 @@ class StepTimer:
 def bench(rows: list[dict], windows: int, steps: int, device: str,
           min_window_s: float = 0.0) -> list[dict]:
   """As the JAX side: rows of one (model, batch, dtype) have their windows interleaved."""
-  out = []
   groups: dict[tuple, list[int]] = {}
   for i, row in enumerate(rows):
     groups.setdefault((row["model"], row["batch"], row["dtype"]), []).append(i)
-  results: dict[int, dict] = {}
+  results: list[dict] = [{} for _ in rows]
   for idx in groups.values():
     timers = [StepTimer(rows[i], device) for i in idx]
     n_steps = [max(steps, math.ceil(min_window_s / max(t.one_step_s, 1e-9))) for t in timers]
@@ -190,8 +189,7 @@ def bench(rows: list[dict], windows: int, steps: int, device: str,
                     "step_s": step_s, "images_per_s": rows[i]["batch"] / step_s,
                     "first_step_s": t.first_step_s, "threads": torch.get_num_threads(),
                     "steps": k, "windows": windows, "window_step_s": ts}
-  out = [results[i] for i in range(len(rows))]
-  return out
+  return results
 
 
 def main() -> None:

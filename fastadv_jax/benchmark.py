@@ -40,7 +40,9 @@ INPUT_SHAPE = {"small_cnn": (28, 28, 1), "cnn": (32, 32, 3), "preact_resnet18": 
 
 def row_config(model: str, method: str, batch: int, dtype: str, width: int = 16):
   """A default config set up for one benchmark row (eps 8/255, lambda 0.2 as CIFAR-10)."""
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+  configs_dir = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+  if configs_dir not in sys.path:  # once, not once per row
+    sys.path.insert(0, configs_dir)
   import common  # pylint: disable=import-outside-toplevel
   import default  # pylint: disable=import-outside-toplevel
   c = default.get_config()

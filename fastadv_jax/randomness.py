@@ -5,8 +5,8 @@ Each example draws from `fold_in(rng, global_index)`, so the noise an example se
 
 `uniform_like` draws the same bits as `jax.random.uniform` (tested bit for bit), but through an
 unrolled Threefry-2x32. JAX lowers its Threefry primitive on CPU to a rolled 5-iteration loop,
-which XLA:CPU runs about 14x slower than the straight-line version (0.40 vs 5.7 ms for the noise
-of a 128 x 32x32x3 batch on this project's 2-core machine; BENCHMARKS.md). On GPU/TPU JAX's own
+which XLA:CPU runs about 15x slower than the straight-line version (5.13 vs 0.34 ms for the noise
+of a 128 x 32x32x3 batch on this project's 2-core machine; experiments/noise_bench.py). On GPU/TPU JAX's own
 lowering is already unrolled, so the two paths compile to the same work there.
 """
 from __future__ import annotations

@@ -5,7 +5,6 @@ from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax.training import train_state
 
@@ -17,21 +16,22 @@ class TrainState(train_state.TrainState):
   free_delta: Any = None
 
 
-def pmap_sharding(devices: int | list, axis_name: str = "batch") -> jax.sharding.NamedSharding:
-  """The sharding pmap gives its outputs: leading axis split over `devices` (a list, or n for
-  the first n local devices).
+# The name of the pmapped device axis (train_step.AXIS): collectives and shardings refer to it.
+AXIS = "batch"
 
-  Carried inputs (train state, attack carries) placed this way match the pmapped function's own
-  outputs, so its second call hits the compilation cache; host or single-device inputs made
-  JAX trace and compile it a second time (measured: about 0.8 s more for the paper CNN's step).
+
+def pmap_sharding(n_devices: int, axis_name: str = AXIS) -> jax.sharding.NamedSharding:
+  """The sharding pmap gives its outputs: leading axis split over the first n local devices.
+
+  A train state placed this way matches the pmapped step's own outputs, so the step's second
+  call hits the compilation cache; a host-placed state made JAX trace and compile it a second
+  time (0.69 s for the paper CNN's FGSM step at batch 128; BENCHMARKS.md).
   """
-  if isinstance(devices, int):
-    devices = jax.local_devices()[:devices]
-  mesh = jax.sharding.Mesh(np.array(devices), (axis_name,))
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:n_devices]), (axis_name,))
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
 
 
-def replicate(state: TrainState, n_devices: int, axis_name: str = "batch") -> TrainState:
+def replicate(state: TrainState, n_devices: int, axis_name: str = AXIS) -> TrainState:
   """Host state -> stacked per-device copies (leading axis n_devices), placed as pmap places
   its outputs (`axis_name` must be the pmapped step's)."""
   free = state.free_delta

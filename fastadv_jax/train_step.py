@@ -23,9 +23,7 @@ import ml_collections
 import optax
 
 from fastadv_jax import attacks, data, gradalign, losses, perturbations, randomness, schedules
-from fastadv_jax.train_state import TrainState
-
-AXIS = "batch"
+from fastadv_jax.train_state import AXIS, TrainState
 Metrics = dict[str, jax.Array]
 
 
