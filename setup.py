@@ -5,7 +5,10 @@ setup(
     name="fastadv_jax",
     version="0.1.0",
     description="Fast adversarial training and GradAlign in JAX/Flax",
-    packages=find_packages(include=["fastadv_jax", "fastadv_jax.*"]),
+    # The repository's configs/ is installed as fastadv_jax.configs, so config files import each
+    # other (and the benchmark imports them) as a package, from any directory.
+    packages=find_packages(include=["fastadv_jax", "fastadv_jax.*"]) + ["fastadv_jax.configs"],
+    package_dir={"fastadv_jax.configs": "configs"},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",

@@ -2,7 +2,7 @@
 
 Command (argument: method, then optional eps in 1/255 and other fields):
   python -m fastadv_jax.main --config=configs/cifar10.py:gradalign,eps=8 --workdir=runs/c10/ga_8_s0
-  methods: fgsm | fgsm_rs | free | pgd2 | pgd10 | gradalign | standard | random_corner | pgd_corner
+  methods: any name in fastadv_jax.methods.PRESETS (README, "Methods"), e.g. fgsm_rs, pgd10
   e.g. configs/cifar10.py:fgsm_rs,eps=16,seed=1
 
 Expected (paper, mean of 5 seeds, PGD-50-10 on the first 1000 test points, last epoch):
@@ -14,18 +14,12 @@ Run time on one modern GPU: not measured in this project yet (no GPU was availab
 gives the measured step times from which it follows).
 Needs the CIFAR-10 TFDS files (README: "GPUs, TPUs, CIFAR-10 and SVHN").
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import common  # noqa: E402
-import default  # noqa: E402
-
-from fastadv_jax import schedules  # noqa: E402
+from fastadv_jax import schedules
+from fastadv_jax.configs import common, default
 
 
 def get_config(arg: str = "gradalign,eps=8"):
-  method, kv = common.parse_arg(arg)
+  preset, kv = common.parse_arg(arg)
   c = default.get_config()
   c.dataset, c.crop_padding, c.flip = "cifar10", 4, True
   c.model = "preact_resnet18"
@@ -34,13 +28,9 @@ def get_config(arg: str = "gradalign,eps=8"):
   c.batch_size = 128
   c.num_epochs = 30
   c.eps = 8 / 255
-  common.apply_method(c, method)
-  common.apply_overrides(c, {k: v for k, v in kv.items() if k == "eps"})
-  c.lr_max = 0.30 if method == "gradalign" else 0.2
-  if method == "free":
-    c.num_epochs, c.lr_max, c.free_replay = 96, 0.04, 8
-  if method == "gradalign":
-    c.grad_align_lambda = schedules.grad_align_lambda(c.eps, "cifar10")
   c.n_final_eval = 1000
-  common.apply_overrides(c, {k: v for k, v in kv.items() if k != "eps"})
-  return c
+  common.apply_preset(c, preset)
+  c.lr_max = 0.30 if preset == "gradalign" else 0.2
+  if preset == "free":
+    c.num_epochs, c.lr_max, c.free_replay = 96, 0.04, 8
+  return common.finish(c, preset, kv, lambda eps: schedules.grad_align_lambda(eps, "cifar10"))

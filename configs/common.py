@@ -1,43 +1,40 @@
-"""Shared parsing of config arguments: `--config=configs/<file>.py:<method>[,eps=E][,seed=S]...`.
+"""The config argument shared by the paper configs: `<method>[,eps=E][,seed=S][,<field>=<v>]...`.
 
-Keys after the method override plain fields; `eps` is given in units of 1/255 as in the paper.
-Methods are the paper's names; each maps to config fields in `apply_method`.
+`<method>` is a paper name from the method registry (fastadv_jax.methods.PRESETS: fgsm,
+fgsm_rs, free, pgd2, pgd10, gradalign, ...). Keys after it override config fields; `eps` is in
+units of 1/255 as in the paper. A config file builds its config in this order, so that each
+value is set once and derived values see every override:
+  1. dataset and model settings; 2. `apply_preset` (the method's fields) and the file's
+  per-method settings; 3. `finish`: the overrides, exactly once, then the derived values
+  (GradAlign's lambda(eps), a method's lambda(eps)) unless an override set them.
 """
+from __future__ import annotations
+
+from typing import Callable
+
 import ml_collections
 
-PAPER_METHODS = ("standard", "fgsm", "fgsm_rs", "free", "pgd2", "pgd10", "gradalign",
-                 "random_corner", "pgd_corner")
+from fastadv_jax import methods
+
+apply_preset = methods.apply_preset
 
 
 def parse_arg(arg: str) -> tuple[str, dict[str, str]]:
+  """'pgd10,eps=8,seed=1' -> ('pgd10', {'eps': '8', 'seed': '1'})."""
   parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  names = tuple(methods.PRESETS)
   if not parts or "=" in parts[0]:
     raise ValueError(f"config argument {arg!r}: expected '<method>[,key=value...]' with method in "
-                     f"{PAPER_METHODS}")
-  method, kv = parts[0], {}
+                     f"{names}")
+  preset, kv = parts[0], {}
   for p in parts[1:]:
     if "=" not in p:
       raise ValueError(f"config argument {arg!r}: {p!r} is not key=value")
     k, v = p.split("=", 1)
     kv[k.strip()] = v.strip()
-  if method not in PAPER_METHODS:
-    raise ValueError(f"config argument {arg!r}: unknown method {method!r}; choose from "
-                     f"{PAPER_METHODS}")
-  return method, kv
-
-
-def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
-  """The paper's method names as config fields (GradAlign = FGSM from zero + the regulariser)."""
-  c.grad_align_lambda = 0.0
-  if method in ("pgd2", "pgd10"):
-    c.method = "pgd"
-    c.pgd_steps = 2 if method == "pgd2" else 10
-    c.pgd_alpha = 0.5 if method == "pgd2" else 0.2
-    c.attack_init = "zero"
-  elif method == "gradalign":
-    c.method = "fgsm"
-  else:
-    c.method = method
+  if preset not in names:
+    raise ValueError(f"config argument {arg!r}: unknown method {preset!r}; choose from {names}")
+  return preset, kv
 
 
 def apply_overrides(c: ml_collections.ConfigDict, kv: dict[str, str]) -> None:
@@ -50,3 +47,16 @@ def apply_overrides(c: ml_collections.ConfigDict, kv: dict[str, str]) -> None:
     else:
       current = c[k]
       c[k] = (v.lower() in ("1", "true", "yes")) if isinstance(current, bool) else type(current)(v)
+
+
+def finish(c: ml_collections.ConfigDict, preset: str, kv: dict[str, str],
+           gradalign_lambda: Callable[[float], float]) -> ml_collections.ConfigDict:
+  """Applies the overrides once, then the derived values that no override set."""
+  apply_overrides(c, kv)
+  derived = dict(methods.get(c.method).derived(c))
+  if preset == "gradalign":
+    derived["grad_align_lambda"] = gradalign_lambda(c.eps)
+  for k, v in derived.items():
+    if k not in kv:
+      c[k] = v
+  return c

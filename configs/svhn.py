@@ -10,18 +10,12 @@ without flip, eps (and so the FGSM step) ramped linearly over the first 5 epochs
 Expected (paper, eps 8/255, clean / PGD-50-10): GradAlign ~92.4 / ~42.2, PGD-10 ~91.8 / ~52.2.
 Run time on one modern GPU: not measured in this project yet (no GPU was available).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import common  # noqa: E402
-import default  # noqa: E402
-
-from fastadv_jax import schedules  # noqa: E402
+from fastadv_jax import schedules
+from fastadv_jax.configs import common, default
 
 
 def get_config(arg: str = "gradalign,eps=8"):
-  method, kv = common.parse_arg(arg)
+  preset, kv = common.parse_arg(arg)
   c = default.get_config()
   c.dataset, c.crop_padding, c.flip = "svhn_cropped", 4, False
   c.model = "preact_resnet18"
@@ -30,12 +24,9 @@ def get_config(arg: str = "gradalign,eps=8"):
   c.num_epochs, c.lr_max = 15, 0.05
   c.eps_warmup_epochs = 5.0
   c.eps = 8 / 255
-  common.apply_method(c, method)
-  common.apply_overrides(c, {k: v for k, v in kv.items() if k == "eps"})
-  if method == "free":
-    c.num_epochs, c.lr_max, c.free_replay, c.eps_warmup_epochs = 45, 0.01, 8, 15.0
-  if method == "gradalign":
-    c.grad_align_lambda = schedules.grad_align_lambda(c.eps, "svhn_cropped")
   c.n_final_eval = 1000
-  common.apply_overrides(c, {k: v for k, v in kv.items() if k != "eps"})
-  return c
+  common.apply_preset(c, preset)
+  if preset == "free":
+    c.num_epochs, c.lr_max, c.free_replay, c.eps_warmup_epochs = 45, 0.01, 8, 15.0
+  return common.finish(c, preset, kv,
+                       lambda eps: schedules.grad_align_lambda(eps, "svhn_cropped"))

@@ -12,19 +12,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from fastadv_jax import randomness
+from fastadv_jax import randomness, xla_cpu
 
 LossFn = Callable[[jax.Array], jax.Array]
-
-
-def default_unroll() -> bool | int:
-  """Loop unrolling for attack loops: full on CPU, none elsewhere.
-
-  XLA:CPU runs convolutions inside a while-loop body several times slower than the same ops in
-  straight-line code (jax-ml/jax#12868); measured here, PGD-50 on the small CNN took 229 ms/step
-  rolled vs 48 ms/step fully unrolled, for 1.4 s of compile time. GPUs/TPUs keep rolled loops.
-  """
-  return True if jax.default_backend() == "cpu" else 1
 
 
 def input_grad(loss_fn: LossFn, x: jax.Array) -> jax.Array:
@@ -32,10 +22,14 @@ def input_grad(loss_fn: LossFn, x: jax.Array) -> jax.Array:
   return jax.grad(lambda z: jnp.sum(loss_fn(z)))(x)
 
 
+def clip_to_box(delta: jax.Array, x: jax.Array) -> jax.Array:
+  """So that x + delta stays in [0, 1] (no eps-ball)."""
+  return jnp.clip(x + delta, 0.0, 1.0) - x
+
+
 def project(delta: jax.Array, x: jax.Array, eps) -> jax.Array:
   """Onto the eps-ball and so that x + delta stays in [0, 1]."""
-  delta = jnp.clip(delta, -eps, eps)
-  return jnp.clip(x + delta, 0.0, 1.0) - x
+  return clip_to_box(jnp.clip(delta, -eps, eps), x)
 
 
 def init_delta(kind: str, keys: jax.Array | None, x: jax.Array, eps) -> jax.Array:
@@ -75,7 +69,7 @@ def pgd(loss_fn: LossFn, x: jax.Array, eps, step_size, steps: int, delta0: jax.A
     g = input_grad(loss_fn, x + delta)
     return project(sign_step(delta, g, step_size), x, eps)
 
-  unroll = default_unroll() if unroll is None else unroll
+  unroll = xla_cpu.attack_loop_unroll() if unroll is None else unroll
   return jax.lax.stop_gradient(jax.lax.fori_loop(0, steps, body, delta0, unroll=unroll))
 
 

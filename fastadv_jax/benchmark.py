@@ -31,25 +31,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastadv_jax import evaluation, models, train_step, xla_cpu_flags
+from fastadv_jax import evaluation, methods, models, parallel, train_step, xla_cpu
 from fastadv_jax import train_state as ts
+from fastadv_jax.configs import default
 
-METHODS = ("standard", "fgsm", "fgsm_rs", "pgd2", "pgd10", "gradalign", "gradalign_full")
+# Every preset of the method registry, plus GradAlign differentiating through both gradients.
+METHODS = tuple(methods.PRESETS) + ("gradalign_full",)
 INPUT_SHAPE = {"small_cnn": (28, 28, 1), "cnn": (32, 32, 3), "preact_resnet18": (32, 32, 3)}
 
 
 def row_config(model: str, method: str, batch: int, dtype: str, width: int = 16):
   """A default config set up for one benchmark row (eps 8/255, lambda 0.2 as CIFAR-10)."""
-  configs_dir = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
-  if configs_dir not in sys.path:  # once, not once per row
-    sys.path.insert(0, configs_dir)
-  import common  # pylint: disable=import-outside-toplevel
-  import default  # pylint: disable=import-outside-toplevel
   c = default.get_config()
   c.model, c.batch_size, c.half_precision = model, batch, dtype == "bfloat16"
   c.n_filters = width if model == "small_cnn" else 4
   c.eps = 8 / 255
-  common.apply_method(c, "gradalign" if method == "gradalign_full" else method)
+  methods.apply_preset(c, "gradalign" if method == "gradalign_full" else method)
+  for k, v in methods.get(c.method).derived(c).items():
+    c[k] = v
   if method.startswith("gradalign"):
     c.grad_align_lambda = 0.2
     c.grad_align_backprop_g1 = method == "gradalign_full"
@@ -76,8 +75,7 @@ def _compiled_costs(c, model_name: str) -> dict:
   out = {"flops_per_step": None}
   try:
     model = models.create_model(c, 10)
-    state = train_step.create_train_state(c, model, jax.random.key(0), INPUT_SHAPE[model_name],
-                                          1000)
+    state = ts.create_train_state(c, model, jax.random.key(0), INPUT_SHAPE[model_name], 1000)
     fn = jax.jit(train_step.make_train_step(c, model, 1000, axis_name=None))
     batch = {"image": jnp.zeros((c.batch_size,) + INPUT_SHAPE[model_name], jnp.uint8),
              "label": jnp.zeros((c.batch_size,), jnp.int32)}
@@ -108,11 +106,10 @@ class StepTimer:
     c = row_config(model_name, method, batch, dtype, width)
     devices = jax.local_devices()
     n = len(devices)
-    model = models.create_model(c, 10, bn_axis_name=train_step.AXIS)
-    state = train_step.create_train_state(c, model, jax.random.key(0), INPUT_SHAPE[model_name],
-                                          1000)
-    self.step = train_step.pmap_train_step(train_step.make_train_step(c, model, 1000))
-    self.state = ts.replicate(state, n)
+    model = models.create_model(c, 10, bn_axis_name=parallel.AXIS)
+    state = ts.create_train_state(c, model, jax.random.key(0), INPUT_SHAPE[model_name], 1000)
+    self.step = parallel.pmap_train_step(train_step.make_train_step(c, model, 1000))
+    self.state = parallel.replicate(state, n)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, batch // n) + INPUT_SHAPE[model_name], dtype=np.uint8)
     labels = rng.integers(0, 10, (n, batch // n)).astype(np.int32)
@@ -241,7 +238,7 @@ def main(argv=None) -> None:
   p.add_argument("--torch_python", default="")
   p.add_argument("--out", default="bench.json")
   args = p.parse_args(argv)
-  xla_cpu_flags.apply()  # before the first JAX computation starts the backend
+  xla_cpu.apply()  # before the first JAX computation starts the backend
   methods = METHODS if args.methods == "all" else tuple(args.methods.split(","))
   unknown = set(methods) - set(METHODS)
   if unknown:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import ml_collections
 
 DATASETS = ("cifar10", "svhn_cropped", "mnist", "fashion_mnist")
-METHODS = ("standard", "fgsm", "fgsm_rs", "random_corner", "free", "pgd", "pgd_corner")
 INITS = ("", "zero", "uniform", "corner")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("cyclic", "piecewise", "constant")
@@ -21,12 +20,14 @@ def _check(cond: bool, field: str, msg: str) -> None:
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Raises ConfigError naming the first offending field."""
+  from fastadv_jax import methods  # pylint: disable=import-outside-toplevel
   from fastadv_jax.models import MODEL_NAMES  # local import: keep this module light
 
   c = config
   _check(c.dataset in DATASETS, "dataset", f"unknown dataset {c.dataset!r}; choose from {DATASETS}")
   _check(c.model in MODEL_NAMES, "model", f"unknown model {c.model!r}; choose from {MODEL_NAMES}")
-  _check(c.method in METHODS, "method", f"unknown method {c.method!r}; choose from {METHODS}")
+  _check(c.method in methods.NAMES, "method",
+         f"unknown method {c.method!r}; choose from {methods.NAMES}")
   _check(c.attack_init in INITS, "attack_init", f"unknown init {c.attack_init!r}; choose from {INITS}")
   _check(c.optimizer in OPTIMIZERS, "optimizer", f"unknown optimizer {c.optimizer!r}; choose from {OPTIMIZERS}")
   _check(c.lr_schedule in LR_SCHEDULES, "lr_schedule",
@@ -46,6 +47,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   _check(c.grad_align_lambda >= 0, "grad_align_lambda", f"must be >= 0, got {c.grad_align_lambda}")
   _check(c.n_filters >= 1, "n_filters", f"must be >= 1, got {c.n_filters}")
   _check(c.n_layers >= 1, "n_layers", f"must be >= 1, got {c.n_layers}")
+  _check(len(c.resnet_widths) == 4 and min(c.resnet_widths) >= 1, "resnet_widths",
+         f"must be 4 positive stage widths, got {tuple(c.resnet_widths)}")
+  _check(c.eval_step_alpha > 0, "eval_step_alpha", f"must be > 0, got {c.eval_step_alpha}")
   _check(c.crop_padding >= 0, "crop_padding", f"must be >= 0, got {c.crop_padding}")
   for field in ("log_every", "eval_every", "checkpoint_every", "n_eval_points", "eval_pgd_steps",
                 "final_pgd_steps", "final_pgd_restarts", "eval_batch_size", "keep_checkpoints"):

@@ -14,8 +14,9 @@ import jax
 import ml_collections
 from absl import app, flags
 
-from fastadv_jax import (checkpointing, cli_logging, data, evaluation, models, train_step,
-                         xla_cpu_flags)
+from fastadv_jax import (checkpointing, cli_logging, datasets, evaluation, models, workdir,
+                         xla_cpu)
+from fastadv_jax import train_state as ts
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -28,44 +29,68 @@ flags.DEFINE_integer("seed", 0, "Seed of the attack's random starts.")
 flags.mark_flags_as_required(["workdir"])
 
 
-def load_run(workdir: str, weights: str = "last"
+class UsageError(ValueError):
+  """A command-line value the evaluation cannot run with."""
+
+
+def load_run(workdir_: str, weights: str = "last", test_split: datasets.Split | None = None
              ) -> tuple[ml_collections.ConfigDict, dict, int]:
   """(config, evaluation variables, iteration) of a run's latest checkpoint."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise checkpointing.CheckpointError(f"{path} not found: is {workdir} a training workdir?")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  ckpt = checkpointing.Checkpointer(workdir)
-  step = ckpt.latest_step()
-  if step is None:
-    raise checkpointing.CheckpointError(f"no checkpoint in {ckpt.directory}")
-  shape = data.load_split(config.dataset, "test", config.data_dir, config.download).images.shape
-  model = models.create_model(config, data.NUM_CLASSES[config.dataset], half_precision=False)
-  state = train_step.create_train_state(config, model, jax.random.key(0), shape[1:], 1)
-  best = {"params": state.params, "batch_stats": state.batch_stats}
-  state, best, meta = ckpt.restore(step, state, best)
-  ckpt.close()
+  config = workdir.read_config(workdir_)
+  if config is None:
+    raise checkpointing.CheckpointError(
+        f"{os.path.join(workdir_, 'config.json')} not found: is {workdir_} a training workdir?")
+  if not os.path.isdir(os.path.join(workdir_, "checkpoints")):
+    raise checkpointing.CheckpointError(f"no checkpoint in {workdir_}: has the run started?")
+  ckpt = checkpointing.Checkpointer(workdir_)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise checkpointing.CheckpointError(f"no checkpoint in {ckpt.directory}")
+    if test_split is None:
+      test_split = datasets.load_split(config.dataset, "test", config.data_dir, config.download)
+    model = models.create_model(config, datasets.NUM_CLASSES[config.dataset],
+                                half_precision=False)
+    state = ts.create_train_state(config, model, jax.random.key(0),
+                                  test_split.images.shape[1:], 1)
+    state, best, meta = ckpt.restore(step, state, ts.variables(state))
+  finally:
+    ckpt.close()
   if weights == "best":
     return config, best, int(meta["best_step"])
-  return config, {"params": state.params, "batch_stats": state.batch_stats}, step
+  return config, ts.variables(state), step
+
+
+def check_flags(eps: float, n_eval: int, steps: int, restarts: int) -> None:
+  """One line naming the first bad flag, before any work."""
+  if not 0.0 <= eps <= 1.0:
+    raise UsageError(f"--eps: must be in [0, 1] (pixel units, e.g. 8/255), got {eps}")
+  if n_eval != -1 and n_eval < 1:
+    raise UsageError(f"--n_eval: must be -1 (all) or >= 1, got {n_eval}")
+  if steps < 1:
+    raise UsageError(f"--pgd_steps: must be >= 1, got {steps}")
+  if restarts < 1:
+    raise UsageError(f"--pgd_restarts: must be >= 1, got {restarts}")
 
 
 def main(argv):
   del argv
-  xla_cpu_flags.apply()  # before the first JAX computation starts the backend
+  xla_cpu.apply()  # before the first JAX computation starts the backend
   cli_logging.setup()
   try:
-    config, variables, step = load_run(FLAGS.workdir, FLAGS.weights)
-  except (checkpointing.CheckpointError, data.DatasetUnavailableError) as e:
+    config = workdir.read_config(FLAGS.workdir)
+    eps = (config.eps if config else 0.0) if FLAGS.eps is None else FLAGS.eps
+    n_eval = (config.n_final_eval if config else -1) if FLAGS.n_eval is None else FLAGS.n_eval
+    check_flags(eps, n_eval, FLAGS.pgd_steps, FLAGS.pgd_restarts)
+    test = datasets.load_split(config.dataset, "test", config.data_dir,
+                               config.download) if config else None
+    config, variables, step = load_run(FLAGS.workdir, FLAGS.weights, test)
+  except (UsageError, checkpointing.CheckpointError, datasets.DatasetUnavailableError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  eps = config.eps if FLAGS.eps is None else FLAGS.eps
-  n_eval = config.n_final_eval if FLAGS.n_eval is None else FLAGS.n_eval
-  test = data.load_split(config.dataset, "test", config.data_dir, config.download)
   n = len(test) if n_eval == -1 else min(n_eval, len(test))
-  model = models.create_model(config, data.NUM_CLASSES[config.dataset], half_precision=False)
-  ev = evaluation.Evaluator(model, config.eval_batch_size)
+  model = models.create_model(config, datasets.NUM_CLASSES[config.dataset], half_precision=False)
+  ev = evaluation.Evaluator(model, config.eval_batch_size, step_alpha=config.eval_step_alpha)
   x, y = test.images[:n], test.labels[:n]
   result = {
       "weights": FLAGS.weights, "iteration": step, "eps": eps, "n_eval": n,
@@ -76,8 +101,7 @@ def main(argv):
   }
   out = os.path.join(FLAGS.workdir, f"eval_{FLAGS.weights}_eps{eps:.4f}_n{n}_pgd"
                                     f"{FLAGS.pgd_steps}x{FLAGS.pgd_restarts}.json")
-  with open(out, "w") as f:
-    json.dump(result, f, indent=2)
+  workdir.write_json(out, result)
   print(json.dumps(result, indent=2))
 
 

@@ -1,9 +1,10 @@
 """Robust evaluation and catastrophic-overfitting diagnostics (SPEC §4).
 
 Always float32 with BatchNorm running statistics. Each chunk of examples is padded to a
-multiple of the device count and spread over devices with pmap; randomness is per example
-(keyed by the example's position in the evaluated set), so results do not depend on the number
-of devices or on the chunk size.
+multiple of the device count and spread over devices with pmap (parallel.py); randomness is per
+example (keyed by the example's position in the evaluated set), so results do not depend on the
+number of devices or on the chunk size. PGD's step is `step_alpha * eps` (config.eval_step_alpha,
+1/4 in the paper's protocol).
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastadv_jax import attacks, data, gradalign, losses, randomness
+import ml_collections
+
+from fastadv_jax import attacks, augment, datasets, gradalign, losses, parallel, randomness
 
 Variables = dict[str, Any]
 
@@ -23,12 +26,14 @@ Variables = dict[str, Any]
 class Evaluator:
   """Jitted, device-parallel evaluation of a model's variables on uint8 image arrays."""
 
-  def __init__(self, model: nn.Module, batch_size: int = 500, devices: list | None = None):
+  def __init__(self, model: nn.Module, batch_size: int = 500, devices: list | None = None,
+               step_alpha: float = 0.25):
     if jnp.dtype(getattr(model, "dtype", jnp.float32)) != jnp.float32:
       raise ValueError(f"evaluation runs in float32, got a {jnp.dtype(model.dtype)} model: build "
                        "it with models.create_model(..., half_precision=False)")
     self.model = model
-    self.devices = devices or jax.local_devices()
+    self.step_alpha = float(step_alpha)  # PGD step = step_alpha * eps
+    self.devices = devices or parallel.local_devices()
     self.n_dev = len(self.devices)
     self.batch_size = max(self.n_dev, batch_size - batch_size % self.n_dev)
     pm = functools.partial(jax.pmap, devices=self.devices)
@@ -53,16 +58,16 @@ class Evaluator:
   def _restart_chunk(self, variables, carry, x, y, idx, rng, eps, restart, steps):
     _, loss_and_logits = self._fns(variables)
     keys = attacks.restart_keys(randomness.example_keys(rng, idx), restart)
-    return attacks.pgd_restart(lambda z: loss_and_logits(z, y), carry, data.to_float(x), y, keys,
-                               eps, eps / 4, steps)
+    return attacks.pgd_restart(lambda z: loss_and_logits(z, y), carry, augment.to_float(x), y, keys,
+                               eps, self.step_alpha * eps, steps)
 
   def _correct_chunk(self, variables, x, y):
     logits_fn, _ = self._fns(variables)
-    return jnp.argmax(logits_fn(data.to_float(x)), -1) == y
+    return jnp.argmax(logits_fn(augment.to_float(x)), -1) == y
 
   def _diag_chunk(self, variables, x, y, idx, rng, eps, pgd_steps):
     logits_fn, loss_and_logits = self._fns(variables)
-    x = data.to_float(x)
+    x = augment.to_float(x)
     keys = randomness.example_keys(rng, idx)
     pgd_keys, noise_keys = randomness.split_keys(keys, 2)
     loss_fn = lambda z: loss_and_logits(z, y)[0]  # noqa: E731
@@ -70,7 +75,7 @@ class Evaluator:
     # FGSM from zero init with step eps: its gradient is also the clean gradient g1.
     d_fgsm, g1 = attacks.fgsm(loss_fn, x, eps, eps, jnp.zeros_like(x))
     robust_pgd, d_pgd = attacks.pgd_with_restarts(lambda z: loss_and_logits(z, y), x, y, pgd_keys,
-                                                  eps, eps / 4, pgd_steps, 1)
+                                                  eps, self.step_alpha * eps, pgd_steps, 1)
     _, g2 = gradalign.input_gradients(loss_fn, x, noise_keys, eps, g1=g1)
     cos_g, mask_g = gradalign.masked_cosine(g1, g2)
     cos_d, mask_d = gradalign.masked_cosine(d_fgsm, d_pgd)
@@ -86,33 +91,29 @@ class Evaluator:
   def _chunks(self, images: np.ndarray, labels: np.ndarray):
     """Yields (m, x, y, pos): chunks padded to a multiple of the device count, split per device."""
     n = len(labels)
-    for start in range(0, n, self.batch_size):
-      stop = min(start + self.batch_size, n)
-      m = stop - start
-      idx = np.arange(start, stop + (-m) % self.n_dev)
-      split = lambda a: a.reshape((self.n_dev, -1) + a.shape[1:])  # noqa: E731
-      yield m, split(images[idx % n]), split(labels[idx % n]), split(idx.astype(np.int32))
-
-  @staticmethod
-  def _unsplit(tree, m: int):
-    return jax.tree.map(lambda v: np.asarray(v).reshape((-1,) + v.shape[2:])[:m], tree)
+    for m, idx in parallel.chunks_for_devices(n, self.batch_size, self.n_dev):
+      x, y, pos = images[idx % n], labels[idx % n], idx.astype(np.int32)
+      yield m, *parallel.shard((x, y, pos), self.n_dev)
 
   def robust_accuracy(self, variables: Variables, images: np.ndarray, labels: np.ndarray,
                       eps: float, steps: int, restarts: int, rng: jax.Array) -> float:
-    """PGD-`steps`-`restarts` accuracy (step eps/4, uniform start, worst case over restarts)."""
+    """PGD-`steps`-`restarts` accuracy (step `step_alpha * eps`, uniform start, worst case over
+    restarts); 0 restarts is refused (it would report every point as robust)."""
+    if restarts < 1 or steps < 1:
+      raise ValueError(f"PGD needs steps >= 1 and restarts >= 1, got {steps} and {restarts}")
     robust = []
     for m, x, y, pos in self._chunks(images, labels):
       carry = attacks.restarts_init(jnp.zeros(x.shape, jnp.float32), jnp.asarray(y))
       for r in range(restarts):  # host loop: one small compiled program reused per restart
         carry = self._restart(variables, carry, x, y, pos, rng, jnp.float32(eps),
                                jnp.int32(r), steps)
-      robust.append(self._unsplit(carry[2], m))
+      robust.append(parallel.unshard(carry[2], m))
     return float(np.mean(np.concatenate(robust)))
 
   def diagnostics(self, variables: Variables, images: np.ndarray, labels: np.ndarray,
                   eps: float, rng: jax.Array, pgd_steps: int = 10) -> dict[str, float]:
     """Clean / FGSM / PGD accuracy, loss, gradient alignment and cos(delta_FGSM, delta_PGD)."""
-    outs = [self._unsplit(self._diag(variables, x, y, pos, rng, jnp.float32(eps), pgd_steps), m)
+    outs = [parallel.unshard(self._diag(variables, x, y, pos, rng, jnp.float32(eps), pgd_steps), m)
             for m, x, y, pos in self._chunks(images, labels)]
     out = jax.tree.map(lambda *v: np.concatenate(v), *outs)
 
@@ -129,6 +130,19 @@ class Evaluator:
   def clean_accuracy(self, variables: Variables, images: np.ndarray, labels: np.ndarray
                      ) -> float:
     """Accuracy on the unperturbed images: one forward pass per point, no gradient."""
-    correct = [self._unsplit(self._correct(variables, x, y), m)
+    correct = [parallel.unshard(self._correct(variables, x, y), m)
                for m, x, y, _ in self._chunks(images, labels)]
     return float(np.mean(np.concatenate(correct)))
+
+
+def final_evaluation(config: ml_collections.ConfigDict, evaluator: Evaluator, variables: dict,
+                     test_split: datasets.Split, rng: jax.Array) -> dict:
+  """Clean and PGD-(final_pgd_steps)-(final_pgd_restarts) accuracy on the first n test points."""
+  n = len(test_split) if config.n_final_eval == -1 else min(config.n_final_eval, len(test_split))
+  x, y = test_split.images[:n], test_split.labels[:n]
+  return {"clean_acc": evaluator.clean_accuracy(variables, x, y),
+          "pgd_acc": evaluator.robust_accuracy(variables, x, y, config.eps,
+                                               config.final_pgd_steps,
+                                               config.final_pgd_restarts, rng),
+          "eps": config.eps, "n_eval": n, "pgd_steps": config.final_pgd_steps,
+          "pgd_restarts": config.final_pgd_restarts}

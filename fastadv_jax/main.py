@@ -14,15 +14,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from fastadv_jax import xla_cpu_flags
-  xla_cpu_flags.apply()  # before the first JAX computation starts the backend
-  from fastadv_jax import checkpointing, cli_logging, config_validation, data, train
+  from fastadv_jax import xla_cpu
+  xla_cpu.apply()  # before the first JAX computation starts the backend
+  from fastadv_jax import checkpointing, cli_logging, config_validation, datasets, train
 
   cli_logging.setup()
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (config_validation.ConfigError, checkpointing.CheckpointError,
-          data.DatasetUnavailableError, train.NonFiniteError) as e:
+          datasets.DatasetUnavailableError, train.NonFiniteError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

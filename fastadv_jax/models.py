@@ -160,7 +160,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
   dtype = jnp.bfloat16 if half else jnp.float32
   if config.model == "preact_resnet18":
     return PreActResNet18(num_classes=num_classes, dtype=dtype, bn_axis_name=bn_axis_name,
-                          stage_widths=tuple(config.get("resnet_widths", (64, 128, 256, 512))))
+                          stage_widths=tuple(config.resnet_widths))
   if config.model == "cnn":
     return PaperCNN(num_classes=num_classes, n_filters=config.n_filters,
                     n_layers=config.n_layers, dtype=dtype, bn_axis_name=bn_axis_name)

@@ -1,52 +1,54 @@
-"""TrainState carrying BatchNorm statistics (and Free-AT's carried perturbation)."""
+"""The train state (parameters, optimiser, BatchNorm statistics, what a method carries across
+steps) and the one function that builds it, for training and for restoring checkpoints."""
 from __future__ import annotations
 
 from typing import Any
 
-import flax
+import flax.linen as nn
 import jax
-import numpy as np
+import jax.numpy as jnp
+import ml_collections
+import optax
 from flax.training import train_state
+
+from fastadv_jax import methods, schedules
 
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
-  # Free-AT: the perturbation carried from one minibatch to the next. Under pmap each device
-  # holds its own slice, so (un)replicate treat it as data, not as a replicated value.
-  free_delta: Any = None
+  # The per-example perturbation a method carries from one step to the next (Free-AT), for the
+  # global batch. Under pmap each device holds its slice (parallel.replicate splits it).
+  carried_delta: Any = None
+  # Run-level method state, replicated (ELLE-A's adaptive lambda and its error statistics).
+  method_state: Any = None
 
 
-# The name of the pmapped device axis (train_step.AXIS): collectives and shardings refer to it.
-AXIS = "batch"
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
+                   ) -> optax.GradientTransformation:
+  """SGD-momentum or Adam with L2 weight decay added to the gradient (PyTorch semantics)."""
+  lr = schedules.lr_schedule(config, steps_per_epoch)
+  if config.optimizer == "sgd":
+    opt = optax.sgd(lr, momentum=config.momentum)
+  else:
+    opt = optax.adam(lr)
+  return optax.chain(optax.add_decayed_weights(config.weight_decay), opt)
 
 
-def pmap_sharding(n_devices: int, axis_name: str = AXIS) -> jax.sharding.NamedSharding:
-  """The sharding pmap gives its outputs: leading axis split over the first n local devices.
-
-  A train state placed this way matches the pmapped step's own outputs, so the step's second
-  call hits the compilation cache; a host-placed state made JAX trace and compile it a second
-  time (0.69 s for the paper CNN's FGSM step at batch 128; BENCHMARKS.md).
-  """
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:n_devices]), (axis_name,))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
-
-
-def replicate(state: TrainState, n_devices: int, axis_name: str = AXIS) -> TrainState:
-  """Host state -> stacked per-device copies (leading axis n_devices), placed as pmap places
-  its outputs (`axis_name` must be the pmapped step's)."""
-  free = state.free_delta
-  rest = state.replace(free_delta=None)
-  rest = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n_devices,) + np.shape(x)), rest)
-  if free is not None:
-    free = np.reshape(np.asarray(free), (n_devices, -1) + free.shape[1:])
-  return jax.device_put(rest.replace(free_delta=free), pmap_sharding(n_devices, axis_name))
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, rng: jax.Array,
+                       input_shape: tuple[int, ...], steps_per_epoch: int) -> TrainState:
+  """Float32 parameters; a carried perturbation starts at zero for the global batch."""
+  variables = model.init(rng, jnp.zeros((1,) + tuple(input_shape), jnp.float32), train=False)
+  method = methods.get(config.method)
+  carried = None
+  if method.carries_delta:
+    carried = jnp.zeros((config.batch_size,) + tuple(input_shape), jnp.float32)
+  method_state = method.init_state(config) if method.init_state else None
+  return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                           tx=make_optimizer(config, steps_per_epoch),
+                           batch_stats=variables.get("batch_stats", {}), carried_delta=carried,
+                           method_state=method_state)
 
 
-def unreplicate(state: TrainState) -> TrainState:
-  """Per-device copies -> one host copy; Free-AT's delta is gathered into the global batch."""
-  free = state.free_delta
-  rest = jax.device_get(jax.tree.map(lambda x: x[0], state.replace(free_delta=None)))
-  if free is not None:
-    free = np.asarray(jax.device_get(free))
-    free = free.reshape((-1,) + free.shape[2:])
-  return rest.replace(free_delta=free)
+def variables(state: TrainState) -> dict:
+  """The model variables (what evaluation and early stopping use) of a host train state."""
+  return {"params": state.params, "batch_stats": state.batch_stats}

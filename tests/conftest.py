@@ -5,11 +5,11 @@ os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from fastadv_jax import xla_cpu_flags  # noqa: E402
+from fastadv_jax import xla_cpu  # noqa: E402
 
-xla_cpu_flags.apply()  # tests run with the XLA flags users run with
+xla_cpu.apply()  # tests run with the XLA flags users run with
 
-import importlib.util  # noqa: E402
+import importlib  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -18,10 +18,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str = "default", arg: str | None = None):
-  """get_config() of configs/<name>.py (optionally with its string argument)."""
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  """get_config() of configs/<name>.py, imported as the package fastadv_jax.configs."""
+  mod = importlib.import_module(f"fastadv_jax.configs.{name}")
   return mod.get_config() if arg is None else mod.get_config(arg)
 
 

@@ -7,11 +7,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import ROOT, load_config
-from fastadv_jax import config_validation, data, models, train_step
+from fastadv_jax import config_validation, datasets, methods, models, parallel, train_step
 from fastadv_jax import train_state as ts
 
 CONFIGS = ["cifar10", "svhn", "cifar10_cnn", "fashion_mnist"]
-METHODS = ["fgsm", "fgsm_rs", "free", "pgd2", "pgd10", "gradalign", "random_corner", "pgd_corner"]
+METHODS = [p for p in methods.PRESETS if p != "standard"]  # every method, by its paper names
 
 
 def _docstring_arg(name):
@@ -60,18 +60,18 @@ def test_one_step_on_mock_data(name, method):
   c.resnet_widths = (4, 4, 4, 4)  # shrunken PreAct ResNet-18 (same topology)
   config_validation.validate_config(c, num_devices=1)
   with tfds.testing.mock_data(num_examples=8):
-    split = data.load_split(c.dataset, "train", "/nonexistent-use-mock")
-  model = models.create_model(c, data.NUM_CLASSES[c.dataset], bn_axis_name=train_step.AXIS)
+    split = datasets.load_split(c.dataset, "train", "/nonexistent-use-mock")
+  model = models.create_model(c, datasets.NUM_CLASSES[c.dataset], bn_axis_name=parallel.AXIS)
   # 100 iterations per epoch: the cyclic schedule's first learning rate is then non-zero.
-  state = train_step.create_train_state(c, model, jax.random.key(0), split.images.shape[1:], 100)
-  step = train_step.pmap_train_step(train_step.make_train_step(c, model, 100),
+  state = ts.create_train_state(c, model, jax.random.key(0), split.images.shape[1:], 100)
+  step = parallel.pmap_train_step(train_step.make_train_step(c, model, 100),
                                     devices=jax.local_devices()[:1])
   before = jax.tree.map(np.asarray, state.params)
-  rstate, metrics = step(ts.replicate(state, 1), {"image": split.images[None],
+  rstate, metrics = step(parallel.replicate(state, 1), {"image": split.images[None],
                                                   "label": split.labels[None]},
                          jax.random.key(1))
   assert bool(metrics["finite"][0])
-  after = ts.unreplicate(rstate).params
+  after = parallel.unreplicate(rstate).params
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(before),
                                                    jax.tree.leaves(after)))
   if c.grad_align_lambda > 0:

@@ -1,4 +1,5 @@
 """train_and_evaluate end to end on mock data: outputs, resume, bad checkpoints, NaN."""
+import contextlib
 import json
 import os
 import pathlib
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fastadv_jax import checkpointing, metric_writers, train
+from fastadv_jax import checkpointing, datasets, metric_writers, monitoring, train
 from fastadv_jax.evaluate import load_run
 
 
@@ -41,13 +42,37 @@ def test_run_writes_metrics_events_checkpoint_and_results(tmp_path, mock_fashion
   assert checkpointing.Checkpointer(str(tmp_path)).latest_step() == 6
 
 
+class _Killed(Exception):
+  """Stands for SIGKILL: not a KeyboardInterrupt, so nothing is saved on the way out."""
+
+
+@contextlib.contextmanager
+def _killed_at_batch(b):
+  original = datasets.TrainBatches.get
+  calls = []
+
+  def get(self, i):
+    calls.append(i)
+    if i == b and calls.count(b) == 2:  # the second replay of minibatch b
+      raise _Killed
+    return original(self, i)
+
+  datasets.TrainBatches.get = get
+  try:
+    yield
+  finally:
+    datasets.TrainBatches.get = original
+
+
 def test_interrupted_run_resumes_to_identical_results(tmp_path, mock_fashion_mnist):
   config = tiny_config(method="free", free_replay=2, grad_align_lambda=0.3)
   full = tmp_path / "full"
   interrupted = tmp_path / "interrupted"
   r_full = train.train_and_evaluate(config, str(full))
-  # Killed after iteration 5: the checkpoint of iteration 4 survives, 5 is lost and replayed.
-  assert train.train_and_evaluate(config, str(interrupted), stop_at_step=5) is None
+  # Killed (no chance to save) while iteration 6 fetches its minibatch: the checkpoint of
+  # iteration 4 survives, 5 is lost and replayed.
+  with _killed_at_batch(2), pytest.raises(_Killed):  # free_replay=2: batch 2 = iteration 5, 6
+    train.train_and_evaluate(config, str(interrupted))
   assert checkpointing.Checkpointer(str(interrupted)).latest_step() == 4
   r_resumed = train.train_and_evaluate(config, str(interrupted))
   for key in ("clean_acc", "pgd_acc"):
@@ -114,39 +139,38 @@ def test_evaluate_command_on_a_finished_run(tmp_path, mock_fashion_mnist, capsys
 
 def test_catastrophic_overfitting_is_flagged_once_at_the_collapse():
   config = tiny_config()
-  meta = {"best_test_pgd": -1.0, "alignment_at_best": 0.0, "co_step": -1}
+  meta = monitoring.RunRecord()
   series = [(200, 0.30, 0.95), (400, 0.35, 0.96), (600, 0.30, 0.90),  # healthy
             (800, 0.15, 0.90),   # PGD drops but alignment holds: not the signature
             (1000, 0.02, 0.10),  # collapse with alignment falling
             (1200, 0.01, 0.05)]
-  flags_ = [train.track_catastrophic_overfitting(meta, config, s, p, a) for s, p, a in series]
+  flags_ = [monitoring.track_catastrophic_overfitting(meta, config, s, p, a) for s, p, a in series]
   assert flags_ == [False, False, False, False, True, False]
-  assert meta["co_step"] == 1000 and meta["best_test_pgd"] == 0.35
-  calm = {"best_test_pgd": -1.0, "alignment_at_best": 0.0, "co_step": -1}
-  assert not any(train.track_catastrophic_overfitting(calm, config, s, p, 0.9)
+  assert meta.co_step == 1000 and meta.best_test_pgd == 0.35
+  calm = monitoring.RunRecord()
+  assert not any(monitoring.track_catastrophic_overfitting(calm, config, s, p, 0.9)
                  for s, p in ((1, 0.05), (2, 0.01)))  # never robust: nothing to collapse from
 
 
 def test_ctrl_c_saves_a_checkpoint_and_loses_nothing(tmp_path, mock_fashion_mnist, monkeypatch):
-  from fastadv_jax import data
   config = tiny_config(checkpoint_every=100)  # no periodic checkpoint before the interruption
   r_full = train.train_and_evaluate(config, str(tmp_path / "full"))
-  original = data.TrainBatches.get
+  original = datasets.TrainBatches.get
 
   def interrupted_get(self, b):
     if b == 5:
       raise KeyboardInterrupt  # what SIGTERM is turned into, too
     return original(self, b)
 
-  monkeypatch.setattr(data.TrainBatches, "get", interrupted_get)
+  monkeypatch.setattr(datasets.TrainBatches, "get", interrupted_get)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(tmp_path / "cut"))
   assert checkpointing.Checkpointer(str(tmp_path / "cut")).latest_step() == 5
-  monkeypatch.setattr(data.TrainBatches, "get", original)
+  monkeypatch.setattr(datasets.TrainBatches, "get", original)
   r_cut = train.train_and_evaluate(config, str(tmp_path / "cut"))
   assert (r_cut["clean_acc"], r_cut["pgd_acc"]) == (r_full["clean_acc"], r_full["pgd_acc"])
   with pytest.raises(KeyboardInterrupt):
-    train._raise_keyboard_interrupt(15, None)  # the SIGTERM handler
+    train.raise_keyboard_interrupt(15, None)  # the SIGTERM handler
 
 
 def test_diagnostics_use_the_full_eps_during_warmup(tmp_path, mock_fashion_mnist):

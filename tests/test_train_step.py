@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fastadv_jax import models, train_step
+from fastadv_jax import models, parallel, train_step
 from fastadv_jax import train_state as ts
 
 N_DEV = 8
@@ -18,17 +18,17 @@ def _batch(n=16, seed=0):
 
 
 def _run(config, n_dev, steps=2, half=None):
-  model = models.create_model(config, 10, bn_axis_name=train_step.AXIS, half_precision=half)
-  state = train_step.create_train_state(config, model, jax.random.key(0), (28, 28, 1), 10)
-  fn = train_step.pmap_train_step(train_step.make_train_step(config, model, 10),
+  model = models.create_model(config, 10, bn_axis_name=parallel.AXIS, half_precision=half)
+  state = ts.create_train_state(config, model, jax.random.key(0), (28, 28, 1), 10)
+  fn = parallel.pmap_train_step(train_step.make_train_step(config, model, 10),
                                   devices=jax.local_devices()[:n_dev])
-  rstate = ts.replicate(state, n_dev)
+  rstate = parallel.replicate(state, n_dev)
   metrics = []
   for i in range(steps):
     batch = {k: v.reshape((n_dev, -1) + v.shape[1:]) for k, v in _batch(seed=i).items()}
     rstate, m = fn(rstate, batch, jax.random.key(42))
     metrics.append(jax.tree.map(lambda v: float(v[0]), m))
-  return ts.unreplicate(rstate), metrics, state
+  return parallel.unreplicate(rstate), metrics, state
 
 
 def _max_rel_err(a, b):
@@ -58,7 +58,7 @@ def test_pmapped_step_equals_single_device_step(method, lam, extra):
   if lam > 0:
     assert m1[0]["train_reg"] > 0
   if method == "free":
-    np.testing.assert_allclose(one.free_delta, many.free_delta, atol=1e-6)
+    np.testing.assert_allclose(one.carried_delta, many.carried_delta, atol=1e-6)
 
 
 def test_bfloat16_step_runs_and_stays_close_to_float32():
@@ -78,7 +78,7 @@ def test_bfloat16_step_runs_and_stays_close_to_float32():
 def test_free_at_carries_the_perturbation_inside_the_ball():
   c = tiny_config(method="free", free_replay=4, eps=0.1, free_alpha=1.0)
   state, _, _ = _run(c, 2, steps=3)
-  d = np.asarray(state.free_delta)
+  d = np.asarray(state.carried_delta)
   assert d.shape == (16, 28, 28, 1)
   assert np.abs(d).max() <= 0.1 + 1e-6 and np.abs(d).max() > 0.09  # moved to the ball's edge
 
@@ -94,11 +94,11 @@ def test_pmapped_step_compiles_once():
   """The replicated state sits where the step puts its outputs, so call 2 reuses call 1's
   program (with a host-placed state, pmap traced and compiled the step a second time)."""
   c = tiny_config()
-  model = models.create_model(c, 10, bn_axis_name=train_step.AXIS)
-  state = train_step.create_train_state(c, model, jax.random.key(0), (28, 28, 1), 10)
-  fn = train_step.pmap_train_step(train_step.make_train_step(c, model, 10),
+  model = models.create_model(c, 10, bn_axis_name=parallel.AXIS)
+  state = ts.create_train_state(c, model, jax.random.key(0), (28, 28, 1), 10)
+  fn = parallel.pmap_train_step(train_step.make_train_step(c, model, 10),
                                   devices=jax.local_devices()[:2])
-  rstate = ts.replicate(state, 2)
+  rstate = parallel.replicate(state, 2)
   compiles = []
 
   def listener(event, duration_secs, **kwargs):

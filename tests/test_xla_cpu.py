@@ -5,24 +5,24 @@ import subprocess
 import sys
 
 import numpy as np
-from fastadv_jax import xla_cpu_flags
+from fastadv_jax import xla_cpu
 
 ONEDNN = "--xla_cpu_experimental_onednn_custom_call=true"
 
 
 def test_apply_adds_the_flags_once():
   env = {}
-  assert xla_cpu_flags.apply(env) == ONEDNN
-  assert xla_cpu_flags.apply(env) == ONEDNN  # idempotent
+  assert xla_cpu.apply(env) == ONEDNN
+  assert xla_cpu.apply(env) == ONEDNN  # idempotent
   env = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}
-  assert xla_cpu_flags.apply(env) == f"--xla_cpu_multi_thread_eigen=false {ONEDNN}"
+  assert xla_cpu.apply(env) == f"--xla_cpu_multi_thread_eigen=false {ONEDNN}"
 
 
 def test_apply_respects_the_user():
   env = {"XLA_FLAGS": "--xla_cpu_experimental_onednn_custom_call=false"}
-  assert xla_cpu_flags.apply(env) == "--xla_cpu_experimental_onednn_custom_call=false"
-  env = {xla_cpu_flags.OPT_OUT: "0"}
-  assert xla_cpu_flags.apply(env) == "" and "XLA_FLAGS" not in env
+  assert xla_cpu.apply(env) == "--xla_cpu_experimental_onednn_custom_call=false"
+  env = {xla_cpu.OPT_OUT: "0"}
+  assert xla_cpu.apply(env) == "" and "XLA_FLAGS" not in env
 
 
 # One GradAlign training step of each CNN; prints the updated parameters' checksums and metrics.
@@ -32,11 +32,12 @@ import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, "tests")
 from conftest import tiny_config
 from fastadv_jax import models, train_step
+from fastadv_jax import train_state as ts
 out = {}
 for name, shape in (("cnn", (32, 32, 3)), ("small_cnn", (28, 28, 1))):
   c = tiny_config(model=name, method="fgsm", grad_align_lambda=0.5)
   model = models.create_model(c, 10)
-  state = train_step.create_train_state(c, model, jax.random.key(0), shape, 10)
+  state = ts.create_train_state(c, model, jax.random.key(0), shape, 10)
   step = jax.jit(train_step.make_train_step(c, model, 10, axis_name=None))
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.integers(0, 256, (16,) + shape, dtype=np.uint8)),
@@ -51,7 +52,7 @@ print("RESULT " + json.dumps(out))
 
 def _run_step(onednn: bool) -> dict:
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="1",
-             XLA_FLAGS=ONEDNN if onednn else "", **{xla_cpu_flags.OPT_OUT: "0"})
+             XLA_FLAGS=ONEDNN if onednn else "", **{xla_cpu.OPT_OUT: "0"})
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, "-c", _STEP], capture_output=True, text=True, env=env,
                         cwd=root, timeout=300)

@@ -1,8 +1,9 @@
-"""Datasets as in-memory arrays, with augmentation done in JAX inside the jitted step.
+"""Host-side data: datasets as in-memory uint8 arrays, and the batches of a run.
 
 The paper's datasets are small (<= 73k images), so each split is loaded once from TFDS into a
-uint8 NumPy array; batches are sliced on the host and augmented on the device. This keeps the
-input pipeline off the critical path without tf.data in the training process.
+uint8 NumPy array; batches are sliced on the host (a pure function of (seed, batch number)) and
+augmented on the device (augment.py). This keeps the input pipeline off the critical path
+without tf.data in the training process.
 """
 from __future__ import annotations
 
@@ -12,11 +13,7 @@ import os
 import shutil
 import tempfile
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-
-from fastadv_jax import randomness
 
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 NUM_CLASSES = {"cifar10": 10, "svhn_cropped": 10, "mnist": 10, "fashion_mnist": 10}
@@ -132,30 +129,6 @@ def load_split(name: str, split: str, data_dir: str = "", download: bool = True)
   return Split(images=images, labels=np.asarray(labels, np.int32))
 
 
-def to_float(images: jax.Array) -> jax.Array:
-  """uint8 [0, 255] -> float32 [0, 1]."""
-  return images.astype(jnp.float32) / 255.0
-
-
-def augment(keys: jax.Array, images: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
-  """Random crop with zero padding and/or random horizontal flip, one key per example."""
-  if crop_padding <= 0 and not flip:
-    return images
-  crop_keys, flip_keys = randomness.split_keys(keys, 2)
-
-  def one(img, ck, fk):
-    if crop_padding > 0:
-      p = crop_padding
-      padded = jnp.pad(img, ((p, p), (p, p), (0, 0)))
-      dy, dx = jax.random.randint(ck, (2,), 0, 2 * p + 1)
-      img = jax.lax.dynamic_slice(padded, (dy, dx, 0), img.shape)
-    if flip:
-      img = jnp.where(jax.random.bernoulli(fk), img[:, ::-1, :], img)
-    return img
-
-  return jax.vmap(one)(images, crop_keys, flip_keys)
-
-
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   """The shuffling order of one data epoch; a pure function of (seed, epoch) so resumes agree."""
   return np.random.default_rng([seed, epoch]).permutation(n)
@@ -175,3 +148,9 @@ class TrainBatches:
       self._perm_epoch, self._perm = epoch, epoch_permutation(self.seed, epoch, len(self.split))
     idx = np.sort(self._perm[i * self.batch_size:(i + 1) * self.batch_size])
     return {"image": self.split.images[idx], "label": self.split.labels[idx]}
+
+
+def fixed_subset(split: Split, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """The same n points for every diagnostic evaluation of a run."""
+  idx = np.sort(np.random.default_rng([seed, 12345]).permutation(len(split))[:n])
+  return split.images[idx], split.labels[idx]

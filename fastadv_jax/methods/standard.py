@@ -1,0 +1,12 @@
+"""Plain training: no perturbation."""
+import jax.numpy as jnp
+
+from fastadv_jax.methods.base import AttackInputs, Method, Perturbation
+
+
+def perturb(inp: AttackInputs) -> Perturbation:
+  return Perturbation(jnp.zeros_like(inp.x))
+
+
+METHODS = (Method("standard", "no perturbation (plain training)", perturb,
+                  presets={"standard": {}}),)

@@ -1,0 +1,103 @@
+"""Device placement, in one place: the pmapped axis, how arrays are laid over devices, and back.
+
+The design is data parallelism with `jax.pmap`: a per-device function sees its slice of the
+global batch, and collectives over the named axis `AXIS` (gradient and BatchNorm-statistic
+means, GradAlign's masked counts) make it compute what one device would on the whole batch.
+Everything else in the library asks this module where arrays go:
+  - `shard(tree, n)`:       host batch (global, leading axis) -> (n, global/n, ...) for pmap;
+  - `unshard(tree, m)`:     the reverse, keeping the first m rows (drops evaluation padding);
+  - `replicate(state, n)` / `unreplicate(state)`: the train state, with its per-example carried
+    part (`TrainState.carried_delta`) split over devices like data, not copied;
+  - `global_index(n_local)`: inside the step, each local example's index in the global batch
+    (what per-example randomness is keyed on, so results do not depend on the device count).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The name of the pmapped device axis: collectives and shardings refer to it.
+AXIS = "batch"
+
+
+def local_devices(n: int | None = None) -> list:
+  """The first n local devices (all when n is None)."""
+  devices = jax.local_devices()
+  return devices if n is None else devices[:n]
+
+
+def pmap_sharding(n_devices: int, axis_name: str = AXIS) -> jax.sharding.NamedSharding:
+  """The sharding pmap gives its outputs: leading axis split over the first n local devices.
+
+  A train state placed this way matches the pmapped step's own outputs, so the step's second
+  call hits the compilation cache; a host-placed state made JAX trace and compile it a second
+  time (0.69 s for the paper CNN's FGSM step at batch 128; BENCHMARKS.md).
+  """
+  mesh = jax.sharding.Mesh(np.array(local_devices(n_devices)), (axis_name,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
+
+
+def shard(tree: Any, n_devices: int) -> Any:
+  """Splits the leading (global batch) axis of every leaf into (n_devices, per-device, ...)."""
+  return jax.tree.map(lambda v: v.reshape((n_devices, -1) + v.shape[1:]), tree)
+
+
+def unshard(tree: Any, m: int | None = None) -> Any:
+  """(n_devices, per-device, ...) -> host (global, ...), keeping the first m rows."""
+  return jax.tree.map(lambda v: np.asarray(v).reshape((-1,) + v.shape[2:])[:m], tree)
+
+
+def replicate(state: Any, n_devices: int, axis_name: str = AXIS) -> Any:
+  """Host train state -> stacked per-device copies (leading axis n_devices), placed as pmap
+  places its outputs (`axis_name` must be the pmapped step's). The per-example carried
+  perturbation is split over devices instead of copied."""
+  carried = state.carried_delta
+  rest = state.replace(carried_delta=None)
+  rest = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n_devices,) + np.shape(x)), rest)
+  if carried is not None:
+    carried = shard(np.asarray(carried), n_devices)
+  return jax.device_put(rest.replace(carried_delta=carried), pmap_sharding(n_devices, axis_name))
+
+
+def unreplicate(state: Any) -> Any:
+  """Per-device copies -> one host copy; the carried perturbation is gathered into the global
+  batch."""
+  carried = state.carried_delta
+  rest = jax.device_get(jax.tree.map(lambda x: x[0], state.replace(carried_delta=None)))
+  if carried is not None:
+    carried = unshard(jax.device_get(carried))
+  return rest.replace(carried_delta=carried)
+
+
+def first_copy(tree: Any) -> Any:
+  """Device 0's copy of a replicated pytree (e.g. evaluation variables from the train state)."""
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+def global_index(n_local: int, axis_name: str | None = AXIS) -> jax.Array:
+  """Inside a pmapped function: the global-batch index of each of this device's examples."""
+  dev = 0 if axis_name is None else jax.lax.axis_index(axis_name)
+  return dev * n_local + jnp.arange(n_local)
+
+
+def pmean(x: Any, axis_name: str | None = AXIS) -> Any:
+  """Mean over the device axis (identity when the function is not mapped)."""
+  return x if axis_name is None else jax.lax.pmean(x, axis_name)
+
+
+def pmap_train_step(step_fn: Callable, devices: list | None = None) -> Callable:
+  """pmap over local devices: state and batch sharded on axis 0, rng shared; state donated."""
+  return jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, 0, None), devices=devices,
+                  donate_argnums=(0,))
+
+
+def chunks_for_devices(n: int, chunk: int, n_devices: int):
+  """Yields (m, idx): evaluation chunks of at most `chunk` points, each index array padded (by
+  wrapping) to a multiple of the device count; the first m entries are real."""
+  for start in range(0, n, chunk):
+    stop = min(start + chunk, n)
+    m = stop - start
+    yield m, np.arange(start, stop + (-m) % n_devices)

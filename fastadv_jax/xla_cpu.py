@@ -1,0 +1,97 @@
+"""Everything in this library that exists only because of XLA:CPU, with its measured effect.
+
+On GPUs and TPUs none of this changes what runs (the flag is CPU-only, loops stay rolled, and
+JAX's own Threefry lowering is already straight-line there). Measurements: BENCHMARKS.md, on
+this project's 2-core machine.
+
+1. `apply()`: `--xla_cpu_experimental_onednn_custom_call=true` hands convolutions to oneDNN (the
+   library PyTorch uses on CPU) instead of XLA's own kernels: the paper's 4-filter CNN trains
+   1.5x to 3.2x faster, the default small CNN 1.07x to 1.30x. XLA reads XLA_FLAGS once, when the
+   first JAX computation starts the backend, so `apply()` must run before that: `main`,
+   `evaluate` and `benchmark` call it first thing; your own scripts should too.
+   FASTADV_XLA_CPU_FLAGS=0 opts out; a flag already set in XLA_FLAGS is left as the user set it.
+2. `attack_loop_unroll()`: attack loops (PGD) are fully unrolled on CPU. XLA:CPU runs
+   convolutions inside a while-loop body several times slower than in straight-line code
+   (jax-ml/jax#12868): PGD-50 on the small CNN took 229 ms/step rolled vs 48 ms/step unrolled,
+   for 1.4 s more compile time.
+3. `uniform01()`: per-example uniform noise through a straight-line Threefry-2x32 with exactly
+   the bits of `jax.random.uniform` (tested). JAX lowers its Threefry primitive on CPU to a
+   rolled 5-iteration loop, ~15x slower (5.13 vs 0.34 ms for a 128 x 32x32x3 batch;
+   experiments/noise_bench.py). `randomness.uniform_like` uses it when the bits agree.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_FLAGS = {"xla_cpu_experimental_onednn_custom_call": "true"}
+OPT_OUT = "FASTADV_XLA_CPU_FLAGS"
+
+
+def apply(environ: dict | None = None) -> str:
+  """Adds DEFAULT_FLAGS to XLA_FLAGS (unless opted out or already set); returns the result."""
+  env = os.environ if environ is None else environ
+  current = env.get("XLA_FLAGS", "")
+  if env.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+    return current
+  extra = [f"--{name}={value}" for name, value in DEFAULT_FLAGS.items()
+           if f"--{name}=" not in current]
+  if extra:
+    env["XLA_FLAGS"] = " ".join([current] + extra).strip()
+  return env.get("XLA_FLAGS", "")
+
+
+def attack_loop_unroll() -> bool | int:
+  """Unrolling for attack loops: full on CPU, none elsewhere (see the module docstring)."""
+  return True if jax.default_backend() == "cpu" else 1
+
+
+# Threefry-2x32 with 20 rounds (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
+# SC 2011): rotation constants for the two alternating groups of four rounds, key-schedule parity.
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_PARITY = np.uint32(0x1BD11BDA)
+
+
+def _rotl(v: jax.Array, r: int) -> jax.Array:
+  return (v << np.uint32(r)) | (v >> np.uint32(32 - r))
+
+
+def threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+  """Threefry-2x32 (20 rounds) of the counter pair (x0, x1) under key (k0, k1), straight-line.
+
+  All arguments are uint32 and broadcast together; equals `jax.random.threefry_2x32`.
+  """
+  ks = (k0, k1, k0 ^ k1 ^ _PARITY)
+  x0, x1 = x0 + ks[0], x1 + ks[1]
+  for block in range(5):
+    for r in _ROTATIONS[block % 2]:
+      x0 = x0 + x1
+      x1 = _rotl(x1, r) ^ x0
+    x0 = x0 + ks[(block + 1) % 3]
+    x1 = x1 + ks[(block + 2) % 3] + np.uint32(block + 1)
+  return x0, x1
+
+
+def reproduces_jax_uniform(keys: jax.Array, dtype) -> bool:
+  """`uniform01` gives JAX's bits for typed threefry keys in partitionable mode, float32."""
+  return (jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
+          and str(jax.random.key_impl(keys)) == "threefry2x32"
+          and jax.config.jax_threefry_partitionable and dtype == jnp.float32)
+
+
+def uniform01(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Per-key U[0, 1) float32 of `shape`, bit-identical to vmap(jax.random.uniform)(keys)."""
+  size = int(np.prod(shape))
+  if size >= 2**32:
+    raise ValueError(f"uniform_like: {size} values per example exceed the 32-bit counter")
+  kd = jax.random.key_data(keys).reshape(-1, 2)
+  counter = jax.lax.iota(jnp.uint32, size)[None, :]
+  b0, b1 = threefry2x32(kd[:, :1], kd[:, 1:], jnp.zeros_like(counter), counter)
+  # As jax.random.uniform: 23 random mantissa bits under exponent 0 give [1, 2); subtract 1.
+  mantissa = ((b0 ^ b1) >> np.uint32(9)) | np.uint32(0x3F800000)
+  u = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - jnp.float32(1.0)
+  return u.reshape(keys.shape + tuple(shape))
