@@ -41,6 +41,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.free_alpha = 1.0            # Free-AT step = free_alpha * eps
   c.eps_warmup_epochs = 0.0     # linear ramp of eps (and so of the FGSM step) over these epochs
 
+  # Post-2020 fast-AT methods (SPEC §8); each preset (configs/common.py) sets its paper values.
+  c.nfgsm_noise = 2.0           # N-FGSM: noise U(-k eps, k eps) with k = nfgsm_noise
+  c.nfgsm_step = 1.0            # N-FGSM: step = nfgsm_step * eps
+  c.nfgsm_clip = 0.0            # N-FGSM: > 0 projects onto the (nfgsm_clip * eps)-ball; 0 = none
+  c.elle_lambda = 1000.0        # ELLE: weight of the linearity error (preset: by eps, 1000-10000)
+  c.elle_lambda_aux = 4000.0    # ELLE-A: lambda after an error spike
+  c.elle_decay = 0.99           # ELLE-A: lambda decay per step without a spike
+  c.elle_sensitivity = 2.0      # ELLE-A: spike = error > mean + sensitivity x std of past errors
+  c.zerograd_quantile = 0.4     # ZeroGrad: per-example quantile of |g| below which g is zeroed
+  c.multigrad_samples = 3       # MultiGrad: random starts whose gradient signs must agree
+  c.gat_lambda = 10.0           # GAT: weight of the softmax distance (attack and training loss)
+  c.guided_init = 0.5           # GAT / NuAT: Bernoulli start +-guided_init * eps
+  c.nuat_lambda_max = 4.5       # NuAT: final weight of the nuclear norm
+  c.nuat_ramp = 0.9             # NuAT: fraction of training over which lambda ramps up from 0
+
   # GradAlign (SPEC §2). 0 disables it.
   c.grad_align_lambda = 0.2
   c.grad_align_backprop_g1 = False  # True: differentiate through the clean gradient too
@@ -64,12 +79,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.progress_bar = True
 
-  # Catastrophic-overfitting flag: test PGD accuracy falls below `co_pgd_drop` x its best so far
-  # (best >= co_min_best_pgd) while the gradient alignment falls below `co_alignment_drop` x its
-  # value at that best point.
+  # Catastrophic-overfitting flag (monitoring.py), two signatures on the test diagnostics:
+  # "pgd_collapse": PGD accuracy falls below `co_pgd_drop` x its best so far (best >=
+  # co_min_best_pgd) while the alignment falls below `co_alignment_drop` x its value there;
+  # "fgsm_gap": FGSM accuracy >= PGD accuracy + co_fgsm_pgd_gap with alignment < co_alignment_floor.
   c.co_pgd_drop = 0.5
   c.co_min_best_pgd = 0.1
   c.co_alignment_drop = 0.7
+  c.co_fgsm_pgd_gap = 0.3
+  c.co_alignment_floor = 0.3
 
   # Final evaluation (SPEC §4): PGD-50-10, step eps/4, on the first n_final_eval test points.
   c.eval_step_alpha = 0.25      # evaluation PGD step = eval_step_alpha * eps (diagnostics too)

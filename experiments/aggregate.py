@@ -43,24 +43,32 @@ def summarize(groups: dict[tuple[str, float], list[dict]]) -> list[dict]:
            "clean": stat(lambda r: r["clean_acc"]), "pgd": stat(lambda r: r["pgd_acc"]),
            "co": sum(bool(r.get("catastrophic_overfitting")) for r in runs),
            "train_time_s": float(np.mean([r["train_time_s"] for r in runs])),
+           "step_ms": float(np.mean([r.get("step_time_s", np.nan) for r in runs])) * 1e3,
+           "co_signatures": sorted({r.get("catastrophic_overfitting_signature") or "" for r in runs
+                                    } - {""}),
            "n_eval": runs[0]["n_eval"], "pgd_steps": runs[0]["pgd_steps"],
            "pgd_restarts": runs[0]["pgd_restarts"]}
     if all("best" in r for r in runs):
       row["best_clean"] = stat(lambda r: r["best"]["clean_acc"])
       row["best_pgd"] = stat(lambda r: r["best"]["pgd_acc"])
     rows.append(row)
+  fgsm_ms = {r["eps"]: r["step_ms"] for r in rows if r["method"] == "fgsm"}
+  for r in rows:  # per-step cost relative to FGSM at the same eps, from the runs themselves
+    r["cost_vs_fgsm"] = r["step_ms"] / fgsm_ms[r["eps"]] if r["eps"] in fgsm_ms else float("nan")
   return rows
 
 
 def markdown(rows: list[dict]) -> str:
   fmt = lambda ms: f"{ms[0]:.1f} ± {ms[1]:.1f}"  # noqa: E731
   lines = ["| method | eps (/255) | seeds | clean | PGD | early-stopped clean | early-stopped PGD "
-           "| CO runs | train time (s) |", "|---|---|---|---|---|---|---|---|---|"]
+           "| CO runs | step (ms) | cost vs FGSM | train time (s) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['method']} | {r['eps']:g} | {r['seeds']} | {fmt(r['clean'])} | "
                  f"{fmt(r['pgd'])} | {fmt(r['best_clean']) if 'best_clean' in r else '-'} | "
-                 f"{fmt(r['best_pgd']) if 'best_pgd' in r else '-'} | {r['co']}/{r['seeds']} | "
-                 f"{r['train_time_s']:.0f} |")
+                 f"{fmt(r['best_pgd']) if 'best_pgd' in r else '-'} | {r['co']}/{r['seeds']}"
+                 f"{' (' + ', '.join(r['co_signatures']) + ')' if r['co_signatures'] else ''} | "
+                 f"{r['step_ms']:.1f} | {r['cost_vs_fgsm']:.2f}x | {r['train_time_s']:.0f} |")
   return "\n".join(lines)
 
 

@@ -49,6 +49,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   _check(c.n_layers >= 1, "n_layers", f"must be >= 1, got {c.n_layers}")
   _check(len(c.resnet_widths) == 4 and min(c.resnet_widths) >= 1, "resnet_widths",
          f"must be 4 positive stage widths, got {tuple(c.resnet_widths)}")
+  for field in ("nfgsm_noise", "nfgsm_clip", "elle_lambda", "elle_lambda_aux",
+                "elle_sensitivity", "gat_lambda", "nuat_lambda_max"):
+    _check(c[field] >= 0, field, f"must be >= 0, got {c[field]}")
+  _check(c.nfgsm_step > 0, "nfgsm_step", f"must be > 0, got {c.nfgsm_step}")
+  _check(0 < c.elle_decay <= 1, "elle_decay", f"must be in (0, 1], got {c.elle_decay}")
+  _check(0 <= c.zerograd_quantile < 1, "zerograd_quantile",
+         f"must be in [0, 1), got {c.zerograd_quantile}")
+  _check(c.multigrad_samples >= 1, "multigrad_samples", f"must be >= 1, got {c.multigrad_samples}")
+  _check(0 <= c.guided_init <= 1, "guided_init", f"must be in [0, 1], got {c.guided_init}")
+  _check(0 < c.nuat_ramp <= 1, "nuat_ramp", f"must be in (0, 1], got {c.nuat_ramp}")
   _check(c.eval_step_alpha > 0, "eval_step_alpha", f"must be > 0, got {c.eval_step_alpha}")
   _check(c.crop_padding >= 0, "crop_padding", f"must be >= 0, got {c.crop_padding}")
   for field in ("log_every", "eval_every", "checkpoint_every", "n_eval_points", "eval_pgd_steps",

@@ -24,6 +24,9 @@ class RunRecord:
   best_test_pgd: float = -1.0    # catastrophic-overfitting flag: best test PGD accuracy ...
   alignment_at_best: float = 0.0  # ... and the gradient alignment at that point
   co_step: int = -1              # first iteration flagged as catastrophic overfitting, or -1
+  co_signature: str = ""         # which signature fired: "pgd_collapse" or "fgsm_gap"
+  step_seconds: float = 0.0      # time in training steps alone (no compilation, diagnostics,
+  timed_steps: int = 0           # checkpoints), over this many steps: the per-step cost
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -31,25 +34,36 @@ class RunRecord:
   @classmethod
   def from_json(cls, d: dict) -> "RunRecord":
     fields = {f.name: f.type for f in dataclasses.fields(cls)}
-    return cls(**{k: (int(v) if fields[k] == "int" else float(v)) for k, v in d.items()
-                  if k in fields})
+    cast = {"int": int, "float": float, "str": str}
+    return cls(**{k: cast[fields[k]](v) for k, v in d.items() if k in fields})
 
 
 def track_catastrophic_overfitting(record: RunRecord, config: ml_collections.ConfigDict,
-                                   step: int, pgd_acc: float, alignment: float) -> bool:
+                                   step: int, pgd_acc: float, alignment: float,
+                                   fgsm_acc: float | None = None) -> bool:
   """Updates `record` with one diagnostic; True when catastrophic overfitting is first detected.
 
-  Detected when test PGD accuracy falls below `co_pgd_drop` x its best so far (itself at least
-  `co_min_best_pgd`) while the gradient alignment falls below `co_alignment_drop` x its value at
-  that best point: the signature of SPEC §4 (PGD collapses, alignment drops).
+  Two signatures (SPEC §4; the paper's Figures 1 and 4), the first one that fires is recorded:
+  - "pgd_collapse": test PGD accuracy falls below `co_pgd_drop` x its best so far (itself at
+    least `co_min_best_pgd`) while the gradient alignment falls below `co_alignment_drop` x its
+    value at that best point. Needs an earlier robust point.
+  - "fgsm_gap": FGSM accuracy exceeds PGD accuracy by at least `co_fgsm_pgd_gap` while the
+    alignment is below `co_alignment_floor`: FGSM no longer finds the adversarial examples that
+    PGD finds, and the loss is far from linear. Catches a run that collapsed before its first
+    diagnostic, which the first signature cannot.
   """
+  signature = ""
   if pgd_acc > record.best_test_pgd:
     record.best_test_pgd, record.alignment_at_best = pgd_acc, alignment
-    return False
-  if (record.co_step < 0 and record.best_test_pgd >= config.co_min_best_pgd
-      and pgd_acc < config.co_pgd_drop * record.best_test_pgd
-      and alignment < config.co_alignment_drop * record.alignment_at_best):
-    record.co_step = step
+  elif (record.best_test_pgd >= config.co_min_best_pgd
+        and pgd_acc < config.co_pgd_drop * record.best_test_pgd
+        and alignment < config.co_alignment_drop * record.alignment_at_best):
+    signature = "pgd_collapse"
+  if (not signature and fgsm_acc is not None and fgsm_acc - pgd_acc >= config.co_fgsm_pgd_gap
+      and alignment < config.co_alignment_floor):
+    signature = "fgsm_gap"
+  if signature and record.co_step < 0:
+    record.co_step, record.co_signature = step, signature
     return True
   return False
 
@@ -82,14 +96,18 @@ class Monitor:
     if tr["pgd_acc"] > self.record.best_train_pgd:  # early stopping (Wong et al.)
       self.record.best_train_pgd, self.record.best_step = tr["pgd_acc"], step
       self.best = jax.device_get(variables)
-    if track_catastrophic_overfitting(self.record, c, step, te["pgd_acc"], te["alignment"]):
-      logging.warning("Catastrophic overfitting at iteration %d: test PGD accuracy %.3f (best "
-                      "%.3f), gradient alignment %.3f (was %.3f)", step, te["pgd_acc"],
-                      self.record.best_test_pgd, te["alignment"], self.record.alignment_at_best)
+    if track_catastrophic_overfitting(self.record, c, step, te["pgd_acc"], te["alignment"],
+                                      te["fgsm_acc"]):
+      logging.warning("Catastrophic overfitting (%s) at iteration %d: test PGD accuracy %.3f "
+                      "(best %.3f), FGSM accuracy %.3f, gradient alignment %.3f (%.3f at the "
+                      "best PGD point)", self.record.co_signature, step, te["pgd_acc"],
+                      self.record.best_test_pgd, te["fgsm_acc"], te["alignment"],
+                      self.record.alignment_at_best)
     rec["catastrophic_overfitting"] = float(self.record.co_step >= 0)
     return rec
 
   def overfitting_summary(self) -> dict:
     co = self.record.co_step
     return {"catastrophic_overfitting": co >= 0,
-            "catastrophic_overfitting_step": co if co >= 0 else None}
+            "catastrophic_overfitting_step": co if co >= 0 else None,
+            "catastrophic_overfitting_signature": self.record.co_signature or None}

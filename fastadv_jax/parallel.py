@@ -88,6 +88,32 @@ def pmean(x: Any, axis_name: str | None = AXIS) -> Any:
   return x if axis_name is None else jax.lax.pmean(x, axis_name)
 
 
+def global_mean(per_example: jax.Array, axis_name: str | None = AXIS
+                ) -> tuple[jax.Array, jax.Array]:
+  """Mean over the global batch of a per-example term, as (local share, global value).
+
+  The local share is scaled so that the pmean of the devices' parameter gradients is exactly
+  the gradient of the global mean; the value (no gradient) is what to log.
+  """
+  local_sum = jnp.sum(per_example)
+  if axis_name is None:
+    return local_sum / per_example.shape[0], local_sum / per_example.shape[0]
+  n_dev = jax.lax.psum(1, axis_name)
+  count = per_example.shape[0] * n_dev
+  value = jax.lax.psum(jax.lax.stop_gradient(local_sum), axis_name) / count
+  return n_dev * local_sum / count, value
+
+
+def gather_batch(x: jax.Array, axis_name: str | None = AXIS) -> jax.Array:
+  """This device's slice -> the global batch (for terms that couple examples, e.g. NuAT's
+  nuclear norm). Its gradient flows back to each slice, summed over devices."""
+  return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
+
+
+def device_count(axis_name: str | None = AXIS):
+  return 1 if axis_name is None else jax.lax.psum(1, axis_name)
+
+
 def pmap_train_step(step_fn: Callable, devices: list | None = None) -> Callable:
   """pmap over local devices: state and batch sharded on axis 0, rng shared; state donated."""
   return jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, 0, None), devices=devices,

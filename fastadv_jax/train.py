@@ -109,20 +109,27 @@ class _Run:
     batch = parallel.shard(self.batches.get(step // self.replay), self.n_dev)
     self.rstate, m = self.p_step(self.rstate, batch, self.step_rng)
     self.pending.append(m)
+    self.step_timer.tick(self.rstate)
     s, c = step + 1, self.config
     if s % c.log_every == 0 or s == self.total:
       avg = self.flush_train_metrics(s)
       self.progress.train(avg)
-    if s % c.eval_every == 0 or s == self.total:
-      self.progress.diagnostics(s, self.diagnose(s))
-    if s % c.checkpoint_every == 0 or s == self.total:
-      self.save(s, self.clock.seconds())
+    diagnose = s % c.eval_every == 0 or s == self.total
+    checkpoint = s % c.checkpoint_every == 0 or s == self.total
+    if diagnose or checkpoint:
+      self.step_timer.pause(self.rstate)
+      if diagnose:
+        self.progress.diagnostics(s, self.diagnose(s))
+      if checkpoint:
+        self.save(s, self.clock.seconds())
+      self.step_timer.resume()
     self.progress.update()
     return s
 
   def train(self) -> float:
     """The loop; Ctrl-C and SIGTERM save a checkpoint first. Returns the training time."""
     self.clock = _Clock(self.monitor.record.train_time_s)
+    self.step_timer = _StepTimer(self.monitor.record)
     self.progress = _Progress(self.config, self.total, self.start)
     s = self.start
     try:
@@ -155,6 +162,7 @@ class _Run:
         "train_time_s": train_time, "wall_time_s": time.time() - self.wall_start,
         "devices": [str(d) for d in parallel.local_devices()],
         "final_train_metrics": self.flush_train_metrics(self.total),
+        "step_time_s": self.monitor.record.step_seconds / max(self.monitor.record.timed_steps, 1),
     })
     workdir.write_json(os.path.join(self.workdir, "results.json"), results)
     self.writer.close()
@@ -183,6 +191,30 @@ class _Clock:
 
   def seconds(self) -> float:
     return self.base + time.time() - self.t0
+
+
+class _StepTimer:
+  """Seconds in training steps alone, kept in the RunRecord (so resumes add up): the first step
+  of a process (compilation) is not timed, and the clock is paused, after the queued steps
+  finish, for diagnostics and checkpoints. Gives the per-step cost of a method in a real run."""
+
+  def __init__(self, record: monitoring.RunRecord):
+    self.record, self.t = record, None
+
+  def tick(self, state: Any) -> None:
+    if self.t is None:  # first step of this process: wait for it, then start timing
+      jax.block_until_ready(state)
+      self.t = time.perf_counter()
+    else:
+      self.record.timed_steps += 1
+
+  def pause(self, state: Any) -> None:
+    jax.block_until_ready(state)
+    if self.t is not None:
+      self.record.step_seconds += time.perf_counter() - self.t
+
+  def resume(self) -> None:
+    self.t = time.perf_counter()
 
 
 class _Progress:

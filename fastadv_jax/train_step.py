@@ -43,6 +43,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
   lr_at = schedules.lr_schedule(config, steps_per_epoch)
   lam = float(config.grad_align_lambda)
   replay = method.replays(config)
+  total_steps = schedules.total_steps(config, steps_per_epoch)
 
   def step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
            ) -> tuple[TrainState, Metrics]:
@@ -58,6 +59,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
                         config.flip)
     y = batch["label"]
     eps = eps_at(state.step)
+    progress = (state.step + 1) / total_steps
 
     def forward(params, inputs):
       logits, new_vars = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
@@ -70,7 +72,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
     # 2. Inner maximisation with the current weights (its statistics updates are discarded).
     pert = method.perturb(AttackInputs(
         config, per_example_loss(state.params), lambda z: forward(state.params, z)[0], x, y,
-        attack_keys, eps, state.carried_delta))
+        attack_keys, eps, state.carried_delta, state.step, progress, axis_name))
 
     # 3. The training loss: cross-entropy, the method's regulariser, GradAlign on top.
     def loss_fn(params, delta):
@@ -80,7 +82,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
       if method.regularizer is not None:
         out = method.regularizer(RegularizerInputs(
             config, forward, params, x, y, delta, logits, noise_keys, eps, state.method_state,
-            axis_name))
+            progress, axis_name))
         total, method_reg, method_state = total + out.local, out.value, out.state
       local_reg, reg = jnp.zeros(()), jnp.zeros(())
       if lam > 0:

@@ -50,3 +50,12 @@ def mock_fashion_mnist():
   import tensorflow_datasets as tfds
   with tfds.testing.mock_data(num_examples=48):
     yield
+
+
+@pytest.fixture
+def x64():
+  """float64 for the duration of a test (finite differences, closed forms without rounding)."""
+  import jax
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", False)

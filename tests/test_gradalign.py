@@ -8,13 +8,6 @@ import pytest
 from fastadv_jax import attacks, gradalign, losses, models
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
-
-
 def _per_example_loss(model, params, batch_stats, y):
   def loss(z):
     logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, z, train=True,

@@ -42,6 +42,13 @@ def _max_rel_err(a, b):
     ("pgd", 0.0, {"pgd_steps": 2}),
     ("free", 0.0, {"free_replay": 2}),
     ("standard", 0.0, {}),
+    ("nfgsm", 0.5, {}),
+    ("zerograd", 0.0, {"fgsm_alpha": 2.0}),
+    ("multigrad", 0.0, {"fgsm_alpha": 2.0}),
+    ("elle", 0.0, {"elle_lambda": 10.0}),
+    ("elle_a", 0.0, {}),
+    ("gat", 0.0, {"fgsm_alpha": 1.0}),
+    ("nuat", 0.0, {"fgsm_alpha": 1.0, "nuat_ramp": 0.05}),
 ])
 def test_pmapped_step_equals_single_device_step(method, lam, extra):
   assert jax.local_device_count() >= N_DEV, "conftest sets JAX_NUM_CPU_DEVICES=8"
@@ -59,6 +66,14 @@ def test_pmapped_step_equals_single_device_step(method, lam, extra):
     assert m1[0]["train_reg"] > 0
   if method == "free":
     np.testing.assert_allclose(one.carried_delta, many.carried_delta, atol=1e-6)
+  if method in ("elle", "elle_a", "gat", "nuat"):  # the method's own term is on and agrees
+    for a, b in zip(m1, m8):
+      assert a["train_method_reg"] == pytest.approx(b["train_method_reg"], rel=1e-5, abs=1e-7)
+    assert max(a["train_method_reg"] for a in m1) > 0 or method == "elle_a"
+  if method == "elle_a":  # the error statistics (lambda stays 0 without a spike in 2 steps)
+    for k in ("n", "mean", "m2"):
+      assert float(one.method_state[k]) == pytest.approx(float(many.method_state[k]), rel=1e-5)
+    assert float(one.method_state["n"]) == 2 and float(one.method_state["mean"]) > 0
 
 
 def test_bfloat16_step_runs_and_stays_close_to_float32():

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from fastadv_jax.methods import fgsm, free, pgd, standard
+from fastadv_jax.methods import elle, fgsm, free, guided, nfgsm, pgd, standard, zerograd
 from fastadv_jax.methods.base import Method
 
-_MODULES = (standard, fgsm, free, pgd)
+_MODULES = (standard, fgsm, free, pgd, nfgsm, zerograd, elle, guided)
 
 REGISTRY: dict[str, Method] = {m.name: m for mod in _MODULES for m in mod.METHODS}
 NAMES: tuple[str, ...] = tuple(REGISTRY)

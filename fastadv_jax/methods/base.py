@@ -30,6 +30,9 @@ class AttackInputs(NamedTuple):
   keys: jax.Array                  # per-example attack keys
   eps: jax.Array                   # this iteration's eps (after any warm-up)
   carried: jax.Array | None        # the carried perturbation (Free-AT), else None
+  step: jax.Array                  # the iteration (0-based), e.g. for alternating attack terms
+  progress: jax.Array              # fraction of training done after this step, in (0, 1]
+  axis_name: str | None            # the device axis, for terms that couple examples (NuAT)
 
 
 class Perturbation(NamedTuple):
@@ -49,6 +52,7 @@ class RegularizerInputs(NamedTuple):
   keys: jax.Array                  # per-example keys for the regulariser's own noise
   eps: jax.Array
   state: Any                       # run-level method state (replicated), or None
+  progress: jax.Array              # fraction of training done after this step, in (0, 1]
   axis_name: str | None
 
 

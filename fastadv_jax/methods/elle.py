@@ -1,0 +1,102 @@
+"""ELLE and ELLE-A (Abad Rocamora et al., "Efficient local linearity regularization to overcome
+catastrophic overfitting", ICLR 2024; LIONS-EPFL/ELLE).
+
+Training loss: CE(x + delta_FGSM) + lambda * mean_i (l(x_c) - ((1 - a) l(x_a) + a l(x_b)))^2,
+with x_a, x_b ~ U(x +- eps) (not clipped to [0, 1], as the authors), a ~ U[0, 1] per example and
+x_c = (1 - a) x_a + a x_b: the local linearity error of the loss. One extra forward pass on a
+3B batch (BatchNorm statistics over the three points, as the authors' concatenated batch), no
+double backpropagation. The FGSM is from zero with step eps (the authors' scripts).
+- ELLE: lambda by eps as the authors' scripts set it: 1000 (eps <= 8/255), 5000 (up to 20/255),
+  10000 above (`elle_lambda`, derived after the config's overrides).
+- ELLE-A: lambda starts at 0; after each step it jumps to `elle_lambda_aux` (4000) when that step's
+  linearity error exceeds mean + `elle_sensitivity` (2) x std of all earlier errors (population
+  std, at least 3 earlier errors), and otherwise decays by `elle_decay` (0.99). The errors' mean
+  and variance are kept as running (Welford) sums in the train state, so a resumed run continues
+  them exactly. (The authors' loop calls optimizer.step() twice per batch; this one steps once.)
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from fastadv_jax import attacks, losses, parallel, randomness
+from fastadv_jax.methods.base import (AttackInputs, Method, Perturbation, RegularizerInputs,
+                                      RegularizerOutput)
+
+
+def elle_lambda(eps: float) -> float:
+  """The authors' lambda for a given eps (pixel units)."""
+  e = eps * 255.0
+  return 1000.0 if e <= 8.0 + 1e-6 else 5000.0 if e <= 20.0 + 1e-6 else 10000.0
+
+
+def linearity_error(batch_loss: Callable[[jax.Array], jax.Array], x: jax.Array,
+                    keys: jax.Array, eps) -> jax.Array:
+  """Per-example squared local-linearity error of a loss at a random triplet in the eps-ball.
+
+  `batch_loss` maps the stacked (3B, ...) points [x_a; x_b; x_c] to their (3B,) losses in one
+  pass. Zero for a loss that is affine in x; -a (1 - a) ||x_a - x_b||^2 inside the square for
+  ||x||^2.
+  """
+  ka, kb, kalpha = randomness.split_keys(keys, 3)
+  x_a = x + randomness.uniform_like(ka, x, -eps, eps)
+  x_b = x + randomness.uniform_like(kb, x, -eps, eps)
+  a = randomness.uniform_like(kalpha, x[:, :1].reshape(-1, 1), 0.0, 1.0).reshape(-1)
+  a_x = a.reshape((-1,) + (1,) * (x.ndim - 1))
+  x_c = (1.0 - a_x) * x_a + a_x * x_b
+  l_a, l_b, l_c = jnp.split(batch_loss(jnp.concatenate([x_a, x_b, x_c])), 3)
+  return jnp.square(l_c - ((1.0 - a) * l_a + a * l_b))
+
+
+def _regularizer(lam_of):
+  def regularizer(inp: RegularizerInputs) -> RegularizerOutput:
+    y3 = jnp.tile(inp.y, 3)
+    batch_loss = lambda z: losses.cross_entropy(inp.forward(inp.params, z)[0], y3)  # noqa: E731
+    err = linearity_error(batch_loss, inp.x, inp.keys, inp.eps)
+    local, value = parallel.global_mean(err, inp.axis_name)
+    lam, state = lam_of(inp, value)
+    return RegularizerOutput(lam * local, lam * value, state)
+  return regularizer
+
+
+def _constant_lambda(inp: RegularizerInputs, err):
+  del err
+  return inp.config.elle_lambda, inp.state
+
+
+def _adaptive_lambda(inp: RegularizerInputs, err):
+  """ELLE-A: this step uses the current lambda; the next one depends on this step's error."""
+  c, s = inp.config, inp.state
+  err = jax.lax.stop_gradient(err)
+  std = jnp.sqrt(s["m2"] / jnp.maximum(s["n"], 1.0))
+  spike = (s["n"] > 2) & (err > s["mean"] + c.elle_sensitivity * std)
+  next_lam = jnp.where(spike, jnp.float32(c.elle_lambda_aux), s["lam"] * c.elle_decay)
+  n = s["n"] + 1.0
+  mean = s["mean"] + (err - s["mean"]) / n
+  m2 = s["m2"] + (err - s["mean"]) * (err - mean)
+  return s["lam"], {"lam": next_lam, "n": n, "mean": mean, "m2": m2}
+
+
+def _init_adaptive(config):
+  del config
+  zero = jnp.zeros((), jnp.float32)
+  return {"lam": zero, "n": zero, "mean": zero, "m2": zero}
+
+
+def perturb(inp: AttackInputs) -> Perturbation:
+  delta0 = attacks.init_delta(inp.config.attack_init or "zero", inp.keys, inp.x, inp.eps)
+  delta, g = attacks.fgsm(inp.loss_fn, inp.x, inp.eps, inp.config.fgsm_alpha * inp.eps, delta0)
+  return Perturbation(delta, g if (inp.config.attack_init or "zero") == "zero" else None)
+
+
+_PRESET = {"fgsm_alpha": 1.0, "attack_init": "zero"}
+METHODS = (
+    Method("elle", "FGSM + lambda x the loss's local-linearity error (ELLE), lambda(eps) as the "
+           "authors", perturb, regularizer=_regularizer(_constant_lambda),
+           derived=lambda c: {"elle_lambda": elle_lambda(c.eps)}, presets={"elle": _PRESET}),
+    Method("elle_a", "ELLE with the adaptive lambda (ELLE-A): 0, jumps to `elle_lambda_aux` when "
+           "the error spikes, else decays", perturb, regularizer=_regularizer(_adaptive_lambda),
+           init_state=_init_adaptive, presets={"elle_a": _PRESET}),
+)

@@ -1,0 +1,55 @@
+"""ZeroGrad and MultiGrad (Golgooni et al., "ZeroGrad: Mitigating and Explaining Catastrophic
+Overfitting in FGSM Adversarial Training", 2021; rohban-lab/catastrophic_overfitting).
+
+ZeroGrad (the authors' `qfgsm`): from a uniform start, the input gradient's entries whose
+magnitude is below the example's `zerograd_quantile` (0.4) quantile are zeroed; then one sign step
+of `fgsm_alpha * eps` (2 in the paper's preset), projected. Zeroed entries keep their random
+start (sign(0) = 0).
+MultiGrad (`cfgsm`): the signs of the input gradients at `multigrad_samples` (3) uniform starts
+are summed; entries without full agreement are zeroed; delta = `fgsm_alpha * eps` times the
+agreed sign, projected (2 eps then clipped to eps, i.e. eps * sign). The authors compute the
+samples' gradients on one concatenated batch (BatchNorm statistics over all of them); here each
+sample is its own forward pass with its own batch statistics.
+"""
+import jax
+import jax.numpy as jnp
+
+from fastadv_jax import attacks, randomness
+from fastadv_jax.methods.base import AttackInputs, Method, Perturbation
+
+
+def zero_below_quantile(g: jax.Array, q: float) -> jax.Array:
+  """Per example, entries with |g| below the q-quantile of |g| (linear interpolation) -> 0."""
+  flat = jnp.abs(g.reshape(g.shape[0], -1))
+  threshold = jnp.quantile(flat, q, axis=1).reshape((-1,) + (1,) * (g.ndim - 1))
+  return jnp.where(jnp.abs(g) < threshold, 0.0, g)
+
+
+def zerograd(inp: AttackInputs) -> Perturbation:
+  c, x = inp.config, inp.x
+  delta0 = attacks.init_delta(c.attack_init or "uniform", inp.keys, x, inp.eps)
+  g = zero_below_quantile(attacks.input_grad(inp.loss_fn, x + delta0), c.zerograd_quantile)
+  delta = attacks.project(attacks.sign_step(delta0, g, c.fgsm_alpha * inp.eps), x, inp.eps)
+  return Perturbation(jax.lax.stop_gradient(delta))
+
+
+def multigrad(inp: AttackInputs) -> Perturbation:
+  c, x = inp.config, inp.x
+  n = c.multigrad_samples
+  votes = jnp.zeros_like(x)
+  for keys in randomness.split_keys(inp.keys, n):
+    delta0 = attacks.init_delta("uniform", keys, x, inp.eps)
+    votes = votes + jnp.sign(attacks.input_grad(inp.loss_fn, x + delta0))
+  agreed = jnp.where(jnp.abs(votes) < n, 0.0, votes)
+  delta = attacks.project(c.fgsm_alpha * inp.eps * jnp.sign(agreed), x, inp.eps)
+  return Perturbation(jax.lax.stop_gradient(delta))
+
+
+METHODS = (
+    Method("zerograd", "ZeroGrad: FGSM-RS whose input-gradient entries below the per-example "
+           "`zerograd_quantile` (0.4) are zeroed; step 2 eps", zerograd, default_init="uniform",
+           presets={"zerograd": {"fgsm_alpha": 2.0}}),
+    Method("multigrad", "MultiGrad: sign consensus of the gradients at `multigrad_samples` (3) "
+           "random starts, disagreeing entries zeroed", multigrad, default_init="uniform",
+           presets={"multigrad": {"fgsm_alpha": 2.0}}),
+)
