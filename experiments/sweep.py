@@ -31,7 +31,9 @@ def run_name(method: str, eps: str, seed: str) -> str:
 def plan(args) -> list[tuple[str, list[str], dict]]:
   """[(workdir, command, extra env)] for the runs of this shard that are not finished."""
   shard, n_shards = (int(v) for v in args.shard.split("/"))
-  grid = itertools.product(args.methods.split(","), args.eps.split(","), args.seeds.split(","))
+  # Seed-major order: a sweep cut short still has every method at the seeds it reached.
+  grid = [(m, e, s) for s, e, m in itertools.product(args.seeds.split(","), args.eps.split(","),
+                                                     method_names(args.methods))]
   runs = []
   for i, (method, eps, seed) in enumerate(grid):
     if i % n_shards != shard:
@@ -44,6 +46,14 @@ def plan(args) -> list[tuple[str, list[str], dict]]:
            f"--workdir={workdir}"]
     runs.append((workdir, cmd, {}))
   return runs
+
+
+def method_names(spec: str) -> list[str]:
+  """'all' = every preset of the method registry except plain training; else a comma list."""
+  if spec == "all":
+    from fastadv_jax import methods  # pylint: disable=import-outside-toplevel
+    return [p for p in methods.PRESETS if p != "standard"]
+  return spec.split(",")
 
 
 def worker_env(slot: int, args) -> dict:
@@ -67,7 +77,8 @@ def pinned(cmd: list[str], slot: int, args) -> list[str]:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--config", required=True)
-  p.add_argument("--methods", required=True)
+  p.add_argument("--methods", required=True,
+                 help="comma-separated method presets, or 'all' (every registry preset)")
   p.add_argument("--eps", required=True, help="comma-separated, in 1/255")
   p.add_argument("--seeds", default="0")
   p.add_argument("--root", required=True)

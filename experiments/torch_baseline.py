@@ -98,8 +98,14 @@ def input_grad(model, x, y, create_graph=False):
   return torch.autograd.grad(loss, x, create_graph=create_graph)[0]
 
 
+# The methods this baseline implements; fastadv_jax.benchmark times only these in PyTorch.
+METHODS = ("standard", "fgsm", "gradalign", "gradalign_full", "fgsm_rs", "pgd2", "pgd10")
+
+
 def perturbation(model, x, y, method, eps):
   """Returns (delta, clean gradient or None)."""
+  if method not in METHODS:
+    raise ValueError(f"the PyTorch baseline has no method {method!r}; it has {METHODS}")
   def proj(d):
     return torch.clamp(torch.clamp(d, -eps, eps) + x, 0, 1) - x
   if method == "standard":
@@ -171,12 +177,16 @@ class StepTimer:
 
 def bench(rows: list[dict], windows: int, steps: int, device: str,
           min_window_s: float = 0.0) -> list[dict]:
-  """As the JAX side: rows of one (model, batch, dtype) have their windows interleaved."""
+  """As the JAX side: rows of one (model, batch, dtype) have their windows interleaved. Rows of
+  methods this baseline does not implement come back as None."""
   groups: dict[tuple, list[int]] = {}
   for i, row in enumerate(rows):
     groups.setdefault((row["model"], row["batch"], row["dtype"]), []).append(i)
-  results: list[dict] = [{} for _ in rows]
+  results: list[dict | None] = [None for _ in rows]  # None: a method this baseline lacks
   for idx in groups.values():
+    idx = [i for i in idx if rows[i]["method"] in METHODS]
+    if not idx:
+      continue
     timers = [StepTimer(rows[i], device) for i in idx]
     n_steps = [max(steps, math.ceil(min_window_s / max(t.one_step_s, 1e-9))) for t in timers]
     times = [[] for _ in timers]

@@ -261,6 +261,8 @@ def main(argv=None) -> None:
   if args.torch_python:
     for s, t in zip(specs, run_torch(args.torch_python, [dict(s, width=args.width) for s in specs],
                                      args.windows, args.steps, args.min_window_s)):
+      if t is None:  # the PyTorch baseline does not implement this method
+        continue
       print(f"torch {s['model']:16s} {s['method']:15s} b={s['batch']:<5d} {s['dtype']:9s} "
             f"{t['images_per_s']:9.1f} img/s", flush=True)
       t.pop("width", None)

@@ -1,13 +1,23 @@
 """Orbax checkpoints of the run: train state, early-stopping weights and run bookkeeping.
 
 Saves are synchronous and atomic (Orbax writes to a temporary folder and renames), so a run
-killed at any moment leaves the previous checkpoint intact. Any failure to restore is reported
-as a CheckpointError naming the folder and what to do, not as a library traceback.
+killed at any moment leaves the previous checkpoint intact. After each save a SHA-256 manifest of
+the checkpoint's files is written to `<workdir>/checksums/<step>.json`; `restore_latest` checks
+it, and a checkpoint whose bytes changed (or that cannot be read) is moved to
+`<workdir>/corrupt_checkpoints/` with a warning and the previous one is used. A checkpoint that
+does not fit the config is an error, not a fallback. Failures are CheckpointErrors naming the
+folder and what to do, not library tracebacks.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import time
 from typing import Any
+
+from absl import logging
 
 import flax.serialization
 import jax
@@ -23,12 +33,36 @@ def _to_numpy_tree(tree: Any) -> Any:
   return jax.tree.map(np.asarray, tree)
 
 
+class CheckpointCorrupt(CheckpointError):
+  """A checkpoint's bytes differ from its manifest, or it cannot be read at all."""
+
+
+def _digest(step_dir: str) -> dict[str, str]:
+  """SHA-256 of every file below a checkpoint folder, by relative path."""
+  out = {}
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      h = hashlib.sha256()
+      with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          h.update(block)
+      out[os.path.relpath(path, step_dir)] = h.hexdigest()
+  return dict(sorted(out.items()))
+
+
 class Checkpointer:
   """CheckpointManager over `<workdir>/checkpoints` with items state / best / meta."""
 
   def __init__(self, workdir: str, max_to_keep: int = 2):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, "checkpoints")
+    self.checksums = os.path.join(self.workdir, "checksums")
+    self.max_to_keep = max_to_keep
+    self._open()
+
+  def _open(self) -> None:
+    options = ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep, create=True,
                                            enable_async_checkpointing=False,
                                            cleanup_tmp_directories=True)
     try:
@@ -47,6 +81,62 @@ class Checkpointer:
         best=ocp.args.StandardSave(_to_numpy_tree(flax.serialization.to_state_dict(best))),
         meta=ocp.args.JsonSave(meta)))
     self.manager.wait_until_finished()
+    os.makedirs(self.checksums, exist_ok=True)
+    manifest = os.path.join(self.checksums, f"{step}.json")
+    with open(manifest + ".tmp", "w") as f:
+      json.dump(_digest(os.path.join(self.directory, str(step))), f, indent=1)
+    os.replace(manifest + ".tmp", manifest)
+    kept = {f"{s}.json" for s in self.manager.all_steps()}
+    for name in os.listdir(self.checksums):  # manifests of checkpoints Orbax has rotated out
+      if name.endswith(".json") and name not in kept:
+        os.remove(os.path.join(self.checksums, name))
+
+  def verify(self, step: int) -> None:
+    """Raises CheckpointCorrupt if the checkpoint's files differ from its manifest. A checkpoint
+    without a manifest (killed between the save and the manifest) is checked by restoring."""
+    manifest = os.path.join(self.checksums, f"{step}.json")
+    if not os.path.exists(manifest):
+      return
+    with open(manifest) as f:
+      expected = json.load(f)
+    got = _digest(os.path.join(self.directory, str(step)))
+    bad = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+    if bad:
+      raise CheckpointCorrupt(f"checkpoint {os.path.join(self.directory, str(step))}: "
+                              f"{len(bad)} file(s) differ from their checksums ({bad[0]}, ...)")
+
+  def restore_latest(self, state_template: Any, best_template: Any
+                     ) -> tuple[int, Any, Any, dict] | None:
+    """The newest intact checkpoint as (step, state, best, meta), or None if there is none.
+
+    Corrupt checkpoints are moved aside with a warning and the previous one is tried; a
+    checkpoint that does not fit the templates (another config) raises CheckpointError.
+    """
+    tried = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        self.verify(step)
+        return (step, *self.restore(step, state_template, best_template))
+      except CheckpointCorrupt as e:
+        tried.append(str(e))
+        self._quarantine(step, e)
+    if tried:
+      raise CheckpointError(f"no intact checkpoint left in {self.directory}; it could not be "
+                            f"restored: {tried[0]}. The damaged ones are in "
+                            f"{os.path.join(self.workdir, 'corrupt_checkpoints')}. Use a fresh "
+                            f"--workdir, or delete {self.directory} to start over.")
+    return None
+
+  def _quarantine(self, step: int, why: Exception) -> None:
+    dest = os.path.join(self.workdir, "corrupt_checkpoints", f"{step}-{int(time.time())}")
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    shutil.move(os.path.join(self.directory, str(step)), dest)
+    manifest = os.path.join(self.checksums, f"{step}.json")
+    if os.path.exists(manifest):
+      shutil.move(manifest, os.path.join(dest, "checksums.json"))
+    logging.warning("%s. Moved it to %s; falling back to the previous checkpoint.", why, dest)
+    self.manager.close()
+    self._open()
 
   def restore(self, step: int, state_template: Any, best_template: Any
               ) -> tuple[Any, Any, dict]:
@@ -70,10 +160,10 @@ class Checkpointer:
                             f"--workdir, or delete {self.directory} to start over.") from None
     except Exception as e:  # pylint: disable=broad-except
       first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-      raise CheckpointError(
+      raise CheckpointCorrupt(
           f"checkpoint {where} could not be restored ({type(e).__name__}: {first}); it is corrupt "
-          f"or was written by an incompatible config or version. Use a fresh --workdir, or "
-          f"delete {where} to resume from an earlier checkpoint.") from None
+          f"or was written by an incompatible version") from None
+    _check_finite(state, where)
     return state, best, meta
 
   def close(self) -> None:
@@ -93,3 +183,11 @@ def _check_same_structure(expected: Any, got: Any, name: str) -> None:
     if tuple(got_d[k]) != tuple(shape):
       raise CheckpointError(f"{name}{k}: shape {tuple(got_d[k])} in checkpoint, {tuple(shape)} "
                             "expected")
+
+
+def _check_finite(state: Any, where: str) -> None:
+  """A saved state is always finite (the NaN stop never saves one): NaN here means damage."""
+  for leaf in jax.tree.leaves(state):
+    a = np.asarray(leaf)
+    if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+      raise CheckpointCorrupt(f"checkpoint {where} holds non-finite values")

@@ -33,6 +33,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   _check(c.lr_schedule in LR_SCHEDULES, "lr_schedule",
          f"unknown schedule {c.lr_schedule!r}; choose from {LR_SCHEDULES}")
   _check(0.0 <= c.eps <= 1.0, "eps", f"must be in [0, 1] (pixel units, e.g. 8/255), got {c.eps}")
+  _check(c.seed >= 0, "seed", f"must be >= 0, got {c.seed}")
   _check(c.num_epochs >= 1, "num_epochs", f"must be >= 1, got {c.num_epochs}")
   _check(c.batch_size >= 1, "batch_size", f"must be >= 1, got {c.batch_size}")
   _check(c.batch_size % num_devices == 0, "batch_size",

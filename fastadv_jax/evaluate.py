@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax
 import ml_collections
-from absl import app, flags
+from absl import flags
 
-from fastadv_jax import (checkpointing, cli_logging, datasets, evaluation, models, workdir,
+from fastadv_jax import (checkpointing, cli, cli_logging, datasets, evaluation, models, workdir,
                          xla_cpu)
 from fastadv_jax import train_state as ts
 
@@ -53,6 +52,7 @@ def load_run(workdir_: str, weights: str = "last", test_split: datasets.Split | 
                                 half_precision=False)
     state = ts.create_train_state(config, model, jax.random.key(0),
                                   test_split.images.shape[1:], 1)
+    ckpt.verify(step)
     state, best, meta = ckpt.restore(step, state, ts.variables(state))
   finally:
     ckpt.close()
@@ -75,19 +75,18 @@ def check_flags(eps: float, n_eval: int, steps: int, restarts: int) -> None:
 
 def main(argv):
   del argv
-  xla_cpu.apply()  # before the first JAX computation starts the backend
   cli_logging.setup()
-  try:
-    config = workdir.read_config(FLAGS.workdir)
-    eps = (config.eps if config else 0.0) if FLAGS.eps is None else FLAGS.eps
-    n_eval = (config.n_final_eval if config else -1) if FLAGS.n_eval is None else FLAGS.n_eval
-    check_flags(eps, n_eval, FLAGS.pgd_steps, FLAGS.pgd_restarts)
-    test = datasets.load_split(config.dataset, "test", config.data_dir,
-                               config.download) if config else None
-    config, variables, step = load_run(FLAGS.workdir, FLAGS.weights, test)
-  except (UsageError, checkpointing.CheckpointError, datasets.DatasetUnavailableError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  config = workdir.read_config(FLAGS.workdir)
+  if config is None:
+    raise checkpointing.CheckpointError(
+        f"{os.path.join(FLAGS.workdir, 'config.json')} not found: is {FLAGS.workdir} a training "
+        "workdir?")
+  eps = config.eps if FLAGS.eps is None else FLAGS.eps
+  n_eval = config.n_final_eval if FLAGS.n_eval is None else FLAGS.n_eval
+  check_flags(eps, n_eval, FLAGS.pgd_steps, FLAGS.pgd_restarts)
+  workdir.check_writable(FLAGS.workdir)  # fail now, not after the whole evaluation
+  test = datasets.load_split(config.dataset, "test", config.data_dir, config.download)
+  config, variables, step = load_run(FLAGS.workdir, FLAGS.weights, test)
   n = len(test) if n_eval == -1 else min(n_eval, len(test))
   model = models.create_model(config, datasets.NUM_CLASSES[config.dataset], half_precision=False)
   ev = evaluation.Evaluator(model, config.eval_batch_size, step_alpha=config.eval_step_alpha)
@@ -105,5 +104,11 @@ def main(argv):
   print(json.dumps(result, indent=2))
 
 
+def run() -> None:
+  xla_cpu.apply()  # before the first JAX computation starts the backend
+  cli.run(main, (UsageError, checkpointing.CheckpointError, datasets.DatasetUnavailableError,
+                 workdir.WorkdirError))
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

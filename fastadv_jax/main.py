@@ -1,7 +1,5 @@
 """Command line: python -m fastadv_jax.main --config=configs/default.py --workdir=runs/x
 [--config.<field>=<value> ...]. Rerunning the same command resumes from the latest checkpoint."""
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -14,18 +12,19 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from fastadv_jax import cli_logging, train  # pylint: disable=import-outside-toplevel
+  cli_logging.setup()
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+def run() -> None:
   from fastadv_jax import xla_cpu
   xla_cpu.apply()  # before the first JAX computation starts the backend
-  from fastadv_jax import checkpointing, cli_logging, config_validation, datasets, train
-
-  cli_logging.setup()
-  try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (config_validation.ConfigError, checkpointing.CheckpointError,
-          datasets.DatasetUnavailableError, train.NonFiniteError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  from fastadv_jax import (checkpointing, cli, config_validation,  # pylint: disable=import-outside-toplevel
+                           datasets, train, workdir)
+  cli.run(main, (config_validation.ConfigError, checkpointing.CheckpointError,
+                 datasets.DatasetUnavailableError, train.NonFiniteError, workdir.WorkdirError))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

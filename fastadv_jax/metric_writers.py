@@ -6,6 +6,8 @@ import math
 import os
 from typing import Any
 
+from absl import logging
+
 
 class MetricWriter:
   """Appends records; on resume, drops records past the restored step so no step appears twice."""
@@ -14,10 +16,10 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(self.path):
-      kept = [line for line in open(self.path) if line.strip()
-              and json.loads(line).get("step", 0) <= resume_step]
-      with open(self.path, "w") as f:
+      kept = [json.dumps(r) + "\n" for r in _parse(self.path) if r.get("step", 0) <= resume_step]
+      with open(self.path + ".tmp", "w") as f:
         f.writelines(kept)
+      os.replace(self.path + ".tmp", self.path)
     from tensorboardX import SummaryWriter  # local: keep import time of the package low
     self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -37,7 +39,20 @@ class MetricWriter:
     self.tb.close()
 
 
+def _parse(path: str) -> list[dict]:
+  """The records of a metrics.jsonl; a line cut short by a kill mid-write is skipped."""
+  records = []
+  with open(path) as f:
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        logging.warning("%s: skipping a damaged line (a kill mid-write?): %r", path, line[:80])
+  return records
+
+
 def read_metrics(workdir: str) -> list[dict]:
   """All records of metrics.jsonl (for plots and tests)."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return _parse(os.path.join(workdir, "metrics.jsonl"))

@@ -27,6 +27,11 @@ class RunRecord:
   co_signature: str = ""         # which signature fired: "pgd_collapse" or "fgsm_gap"
   step_seconds: float = 0.0      # time in training steps alone (no compilation, diagnostics,
   timed_steps: int = 0           # checkpoints), over this many steps: the per-step cost
+  diagnosed_step: int = 0        # the last iteration whose diagnostics were written
+  last_train_metrics: dict = dataclasses.field(default_factory=dict)  # the last logged averages
+  # Per-step metrics since the last log row when a checkpoint falls between two rows (an
+  # interruption): a resumed run averages them into its next row, as the uninterrupted one does.
+  pending_train_metrics: list = dataclasses.field(default_factory=list)
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -34,7 +39,7 @@ class RunRecord:
   @classmethod
   def from_json(cls, d: dict) -> "RunRecord":
     fields = {f.name: f.type for f in dataclasses.fields(cls)}
-    cast = {"int": int, "float": float, "str": str}
+    cast = {"int": int, "float": float, "str": str, "dict": dict, "list": list}
     return cls(**{k: cast[fields[k]](v) for k, v in d.items() if k in fields})
 
 

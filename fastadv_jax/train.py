@@ -11,6 +11,7 @@ an uninterrupted one.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -31,15 +32,28 @@ class NonFiniteError(FloatingPointError):
   """The loss or gradient became NaN/Inf; the last checkpoint (all finite) is kept."""
 
 
+def _load_data(config: ml_collections.ConfigDict
+               ) -> tuple[datasets.Split, datasets.Split]:
+  """Both splits; a batch larger than the training set is a config error (nothing written)."""
+  c = config
+  train_split = datasets.load_split(c.dataset, "train", c.data_dir, c.download)
+  test_split = datasets.load_split(c.dataset, "test", c.data_dir, c.download)
+  if c.batch_size > len(train_split):
+    raise config_validation.ConfigError(
+        f"config.batch_size: {c.batch_size} is larger than the training set "
+        f"({len(train_split)} examples of {c.dataset})")
+  return train_split, test_split
+
+
 class _Run:
   """One training run's pieces; the methods below are the stages of `train_and_evaluate`."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir_: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir_: str,
+               splits: tuple[datasets.Split, datasets.Split]):
     self.config, self.workdir, self.wall_start = config, workdir_, time.time()
     self.n_dev = len(parallel.local_devices())
     c = config
-    self.train_split = datasets.load_split(c.dataset, "train", c.data_dir, c.download)
-    self.test_split = datasets.load_split(c.dataset, "test", c.data_dir, c.download)
+    self.train_split, self.test_split = splits
     self.spe = schedules.steps_per_epoch(len(self.train_split), c.batch_size)
     self.total = schedules.total_steps(c, self.spe)
     self.replay = methods.get(c.method).replays(c)
@@ -54,9 +68,9 @@ class _Run:
     state = ts.create_train_state(c, model, init_rng, self.train_split.images.shape[1:], self.spe)
     best, record = ts.variables(state), monitoring.RunRecord()
     self.ckpt = checkpointing.Checkpointer(self.workdir, c.keep_checkpoints)
-    latest = self.ckpt.latest_step()
-    if latest is not None:
-      state, best, meta = self.ckpt.restore(latest, state, best)
+    restored = self.ckpt.restore_latest(state, best)
+    if restored is not None:
+      latest, state, best, meta = restored
       record = monitoring.RunRecord.from_json(meta)
       logging.info("Resumed from checkpoint at iteration %d", latest)
     self.start = int(state.step)
@@ -67,19 +81,25 @@ class _Run:
                                           step_alpha=c.eval_step_alpha)
     self.monitor = monitoring.Monitor(c, self.evaluator, self.train_split, self.test_split,
                                       self.eval_rng, record, best)
-    self.pending: list[dict] = []
-    self.pending_step = self.start
-    self.last_train: dict[str, float] = {}
+    # Metrics of steps since the last log row; a resumed run starts with the saved ones.
+    self.pending: list[dict] = [
+        {k: np.asarray([v], dtype=dtype) for k, (v, dtype) in m.items()}
+        for m in record.pending_train_metrics]
+    self.pending_step = self.start - len(self.pending)
+
+  def close(self) -> None:
+    """Flushes and closes the writers and the checkpoint manager (also after an error, so no
+    library complains at exit)."""
+    self.writer.close()
+    self.ckpt.close()
 
   @property
   def variables(self) -> dict:
     """Evaluation variables (device 0's copy) of the replicated state."""
     return parallel.first_copy(ts.variables(self.rstate))
 
-  def flush_train_metrics(self, s: int) -> dict[str, float]:
-    """Averages the metrics since the last flush, checks them for NaN/Inf, writes them."""
-    if not self.pending:
-      return self.last_train
+  def _checked(self) -> list[dict]:
+    """The pending per-step metrics on the host; raises NonFiniteError on NaN/Inf."""
     ms = jax.device_get(self.pending)
     for i, m in enumerate(ms):
       if not bool(np.all(m["finite"])):
@@ -87,22 +107,55 @@ class _Run:
             f"non-finite loss or gradient at iteration {self.pending_step + i + 1}; the last "
             f"checkpoint ({self.ckpt.latest_step()}) is kept. Lower lr_max, check the data, or "
             "disable half_precision.")
+    return ms
+
+  def flush_train_metrics(self, s: int) -> dict[str, float]:
+    """Averages the metrics since the last flush, checks them for NaN/Inf, writes them."""
+    if not self.pending:
+      return self.monitor.record.last_train_metrics
+    ms = self._checked()
     avg = {k: float(np.mean([np.asarray(m[k])[0] for m in ms])) for k in ms[0] if k != "finite"}
     self.writer.write(s, s / self.spe, avg)
-    self.pending, self.pending_step, self.last_train = [], s, avg
+    self.pending, self.pending_step = [], s
+    self.monitor.record.last_train_metrics = avg  # saved with the checkpoint, for results.json
     return avg
 
   def save(self, s: int, train_time_s: float) -> None:
-    self.flush_train_metrics(s)
-    self.monitor.record.train_time_s = train_time_s
+    """Checkpoints iteration s. Between two log rows (an interruption) the pending per-step
+    metrics go into the checkpoint instead of a row of their own."""
+    record = self.monitor.record
+    if s % self.config.log_every == 0 or s == self.total:
+      self.flush_train_metrics(s)
+      record.pending_train_metrics = []
+    else:
+      record.pending_train_metrics = [
+          {k: [np.asarray(v)[0].item(), str(np.asarray(v).dtype)] for k, v in m.items()}
+          for m in self._checked()]
+    record.train_time_s = train_time_s
     self.ckpt.save(s, parallel.unreplicate(self.rstate), jax.device_get(self.monitor.best),
-                   self.monitor.record.to_json())
+                   record.to_json())
     self.writer.flush()
 
   def diagnose(self, s: int) -> dict[str, float]:
-    rec = self.monitor.run(s, self.variables)
-    self.writer.write(s, s / self.spe, rec)
+    """Diagnostics of iteration s. An interruption inside leaves the record as it was before
+    (the checkpoint then says they are still due, and a resumed run runs them first)."""
+    before = (dataclasses.replace(self.monitor.record), self.monitor.best)
+    try:
+      rec = self.monitor.run(s, self.variables)
+      self.writer.write(s, s / self.spe, rec)
+      self.monitor.record.diagnosed_step = s
+    except BaseException:
+      self.monitor.record, self.monitor.best = before
+      raise
     return rec
+
+  def due_diagnostics(self) -> None:
+    """A resumed run first runs the diagnostics its checkpoint's iteration missed."""
+    s, c = self.start, self.config
+    if s > 0 and (s % c.eval_every == 0 or s == self.total) and (
+        self.monitor.record.diagnosed_step < s):
+      logging.info("Running the diagnostics of iteration %d that the interrupted run missed", s)
+      self.diagnose(s)
 
   def step(self, step: int) -> int:
     """Runs iteration `step` and its logging, diagnostics and checkpoint; returns step + 1."""
@@ -131,15 +184,16 @@ class _Run:
     self.clock = _Clock(self.monitor.record.train_time_s)
     self.step_timer = _StepTimer(self.monitor.record)
     self.progress = _Progress(self.config, self.total, self.start)
-    s = self.start
     try:
       with _sigterm_as_keyboard_interrupt():
+        self.due_diagnostics()
         for step in range(self.start, self.total):
-          s = self.step(step)
+          self.step(step)
     except KeyboardInterrupt:
-      if s > self.start and s != self.ckpt.latest_step():
-        logging.warning("Interrupted: saving a checkpoint at iteration %d", s)
-        self.save(s, self.clock.seconds())
+      done = int(jax.device_get(self.rstate.step)[0])  # the iterations the state has seen
+      if done > self.start and done != self.ckpt.latest_step():
+        logging.warning("Interrupted: saving a checkpoint at iteration %d", done)
+        self.save(done, self.clock.seconds())
       raise
     finally:
       self.progress.close()
@@ -165,8 +219,6 @@ class _Run:
         "step_time_s": self.monitor.record.step_seconds / max(self.monitor.record.timed_steps, 1),
     })
     workdir.write_json(os.path.join(self.workdir, "results.json"), results)
-    self.writer.close()
-    self.ckpt.close()
     logging.info("Results: clean %.4f, PGD-%d-%d %.4f on %d test points; written to %s",
                  results["clean_acc"], results["pgd_steps"], results["pgd_restarts"],
                  results["pgd_acc"], results["n_eval"],
@@ -175,12 +227,22 @@ class _Run:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir_: str) -> dict:
-  """Trains, evaluates, writes metrics.jsonl / TensorBoard / checkpoints / results.json."""
+  """Trains, evaluates, writes metrics.jsonl / TensorBoard / checkpoints / results.json.
+
+  Bad input fails before the workdir is touched: the config is checked, the data loaded, the
+  workdir created and locked (one run per workdir), and the latest checkpoint restored (one
+  that does not fit the config is refused) before config.json is written.
+  """
   config_validation.validate_config(config, len(parallel.local_devices()))
-  os.makedirs(workdir_, exist_ok=True)
-  workdir.record_config(config, workdir_)
-  run = _Run(config, workdir_)
-  return run.finish(run.train())
+  splits = _load_data(config)
+  workdir.prepare(workdir_)
+  with workdir.Lock(workdir_):
+    run = _Run(config, workdir_, splits)
+    try:
+      workdir.record_config(config, workdir_)
+      return run.finish(run.train())
+    finally:
+      run.close()
 
 
 class _Clock:

@@ -45,3 +45,62 @@ def read_config(workdir: str) -> ml_collections.ConfigDict | None:
   config = default.get_config()
   config.update(stored)
   return config
+
+
+class WorkdirError(RuntimeError):
+  """The workdir cannot be used: not a folder, not writable, or in use by another run."""
+
+
+def prepare(workdir: str) -> None:
+  """Creates the workdir if needed and checks that it is a writable folder, before any work."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"workdir {workdir} exists and is not a folder")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"cannot create workdir {workdir}: {e.strerror}") from None
+  check_writable(workdir)
+
+
+def check_writable(workdir: str) -> None:
+  probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+  try:
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f"workdir {workdir} is not writable ({e.strerror})") from None
+
+
+class Lock:
+  """An exclusive lock on a workdir for one run: `<workdir>/.lock`, held with flock(2) and
+  holding the owner's process id. The kernel drops a flock when its process dies, however it
+  dies, so a crashed run never leaves a lock that blocks the next one."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, ".lock")
+    self.file = None
+
+  def __enter__(self) -> "Lock":
+    import fcntl  # pylint: disable=import-outside-toplevel
+    f = open(self.path, "a+")
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.seek(0)
+      owner = f.read().strip() or "unknown"
+      f.close()
+      raise WorkdirError(f"workdir {os.path.dirname(self.path)} is in use by another run "
+                         f"(process {owner}); wait for it to finish or use another --workdir"
+                         ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    self.file = f
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self.file is not None:
+      self.file.close()  # releases the flock
+      self.file = None

@@ -1,0 +1,312 @@
+"""Fault injection: interruptions at chosen points then resumption, compared field by field with
+an uninterrupted run; damaged checkpoints and metrics; concurrent starts; bad input on the
+command lines (one line, the field's name, a non-zero exit, the workdir untouched)."""
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, tiny_config
+from fastadv_jax import checkpointing, evaluation, metric_writers, monitoring, train, workdir
+
+# 6 iterations; diagnostics at 4 and 6; checkpoints at 2, 4, 6 (the last two kept).
+CONFIG = dict(checkpoint_every=2, keep_checkpoints=2)
+VOLATILE = ("train_time_s", "wall_time_s")
+
+
+class _Killed(BaseException):
+  """Stands for SIGKILL: nothing runs on the way out (not an Exception, not a KeyboardInterrupt)."""
+
+
+@contextlib.contextmanager
+def _raise_in(obj, name, exc, when=lambda *a, **k: True):
+  """Makes obj.name raise `exc` on the first call for which `when(*args)` holds."""
+  original = getattr(obj, name)
+  fired = []
+
+  def patched(*args, **kwargs):
+    if not fired and when(*args, **kwargs):
+      fired.append(True)
+      raise exc
+    return original(*args, **kwargs)
+
+  setattr(obj, name, patched)
+  try:
+    yield fired
+  finally:
+    setattr(obj, name, original)
+
+
+def _results(wd):
+  r = json.loads((pathlib.Path(wd) / "results.json").read_text())
+  return {k: v for k, v in r.items() if k not in VOLATILE}
+
+
+def _metrics(wd):
+  return [{k: v for k, v in r.items()} for r in metric_writers.read_metrics(str(wd))]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  import tensorflow_datasets as tfds
+  wd = tmp_path_factory.mktemp("reference")
+  with tfds.testing.mock_data(num_examples=48):
+    train.train_and_evaluate(tiny_config(**CONFIG), str(wd))
+  return _results(wd), _metrics(wd)
+
+
+def _assert_same_as_reference(wd, reference):
+  results, metrics = reference
+  got = _results(wd)
+  assert got.keys() == results.keys()
+  for k in results:
+    if k == "step_time_s":
+      continue  # a time
+    assert got[k] == results[k], k
+  strip = lambda rows: [{k: v for k, v in r.items()} for r in rows]  # noqa: E731
+  assert strip(_metrics(wd)) == strip(metrics)
+
+
+@pytest.mark.parametrize("where,exc", [
+    ("diagnostics", _Killed), ("diagnostics", KeyboardInterrupt),
+    ("checkpoint", _Killed), ("final_evaluation", _Killed), ("final_evaluation",
+                                                             KeyboardInterrupt),
+    ("step", KeyboardInterrupt),
+])
+def test_interrupted_then_resumed_equals_uninterrupted(where, exc, tmp_path, mock_fashion_mnist,
+                                                       reference):
+  config = tiny_config(**CONFIG)
+  targets = {
+      "diagnostics": (monitoring.Monitor, "run", lambda self, step, v: step == 4),
+      "checkpoint": (checkpointing, "_digest", lambda d: d.endswith(os.sep + "4")),
+      "final_evaluation": (evaluation, "final_evaluation", lambda *a: True),
+      "step": (train._Run, "step", lambda self, step: step == 3),  # inside iteration 4
+  }
+  obj, name, when = targets[where]
+  with _raise_in(obj, name, exc, when) as fired, pytest.raises(exc):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert fired
+  assert not (tmp_path / "results.json").exists()
+  train.train_and_evaluate(config, str(tmp_path))
+  _assert_same_as_reference(tmp_path, reference)
+  train.train_and_evaluate(config, str(tmp_path))  # a rerun of a finished run changes nothing
+  _assert_same_as_reference(tmp_path, reference)
+  assert json.loads((tmp_path / "results.json").read_text())["final_train_metrics"]
+
+
+def test_a_truncated_metrics_line_does_not_stop_the_resume(tmp_path, mock_fashion_mnist,
+                                                           reference):
+  config = tiny_config(**CONFIG)
+  with _raise_in(train._Run, "step", _Killed, lambda self, step: step == 5), \
+       pytest.raises(_Killed):
+    train.train_and_evaluate(config, str(tmp_path))
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 5, "train_lo')  # killed mid-write
+  train.train_and_evaluate(config, str(tmp_path))
+  _assert_same_as_reference(tmp_path, reference)
+
+
+def _garble_same_size(step_dir):
+  files = sorted((p for p in pathlib.Path(step_dir, "state").rglob("*") if p.is_file()),
+                 key=lambda p: -p.stat().st_size)
+  data = bytearray(files[0].read_bytes())
+  mid = len(data) // 2
+  data[mid:mid + 16] = bytes((b ^ 0xFF) for b in data[mid:mid + 16])
+  files[0].write_bytes(bytes(data))
+
+
+def test_a_garbled_checkpoint_is_detected_and_the_previous_one_used(tmp_path, mock_fashion_mnist,
+                                                                    reference, caplog):
+  config = tiny_config(**CONFIG)
+  with _raise_in(train._Run, "step", _Killed, lambda self, step: step == 5), \
+       pytest.raises(_Killed):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert checkpointing.Checkpointer(str(tmp_path)).latest_step() == 4
+  _garble_same_size(tmp_path / "checkpoints" / "4")
+  train.train_and_evaluate(config, str(tmp_path))  # falls back to iteration 2
+  assert "differ from their checksums" in caplog.text
+  assert any((tmp_path / "corrupt_checkpoints").iterdir())
+  _assert_same_as_reference(tmp_path, reference)
+
+
+def test_a_second_run_on_a_locked_workdir_is_refused(tmp_path, mock_fashion_mnist):
+  config = tiny_config(**CONFIG)
+  with workdir.Lock(str(tmp_path)):  # another run holds the workdir
+    with pytest.raises(workdir.WorkdirError, match=f"in use by another run .process {os.getpid()}"):
+      train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.json").exists()
+  (tmp_path / ".lock").write_text("999999")  # stale: its owner died without unlocking
+  train.train_and_evaluate(config, str(tmp_path))
+  assert (tmp_path / "results.json").exists()
+
+
+def test_a_refused_rerun_leaves_the_finished_run_intact(tmp_path, mock_fashion_mnist):
+  from fastadv_jax import evaluate
+  train.train_and_evaluate(tiny_config(**CONFIG), str(tmp_path))
+  before = (tmp_path / "config.json").read_text()
+  with pytest.raises(checkpointing.CheckpointError, match="does not match this config"):
+    train.train_and_evaluate(tiny_config(n_filters=8, **CONFIG), str(tmp_path))
+  assert (tmp_path / "config.json").read_text() == before
+  config, _, step = evaluate.load_run(str(tmp_path))
+  assert step == 6 and config.n_filters == 4
+
+
+def test_a_nan_stop_closes_everything(tmp_path):
+  """The NaN stop ends in one line and exit 2, without an exit-time traceback."""
+  proc = _cli(["fastadv_jax.main", f"--workdir={tmp_path}", "--config.lr_max=1e30",
+               "--config.lr_schedule=constant", "--config.grad_align_lambda=0.0",
+               "--config.log_every=1"], timeout=300)
+  _assert_one_line_error(proc, "non-finite loss or gradient")
+
+
+# Command lines on mock data, in a subprocess (as users run them).
+_CLI = r"""
+import sys
+import tensorflow_datasets as tfds
+sys.path.insert(0, "tests")
+module = sys.argv[1]
+sys.argv = ["prog"] + sys.argv[2:]
+with tfds.testing.mock_data(num_examples=48):
+  import importlib
+  importlib.import_module(module).run()
+"""
+_TINY = ["--config.n_filters=4", "--config.batch_size=16", "--config.num_epochs=1",
+         "--config.n_eval_points=16", "--config.eval_pgd_steps=2", "--config.n_final_eval=16",
+         "--config.final_pgd_steps=2", "--config.final_pgd_restarts=1",
+         "--config.eval_batch_size=16", "--config.progress_bar=False",
+         "--config.data_dir=/nonexistent-use-mock"]
+
+
+def _cli(args, timeout=120, env=None):
+  argv = [sys.executable, "-c", _CLI, args[0]]
+  if args[0] == "fastadv_jax.main":
+    argv += [f"--config={ROOT}/configs/default.py"] + _TINY
+  return subprocess.run(argv + args[1:], capture_output=True, text=True, cwd=ROOT,
+                        timeout=timeout, env=dict(os.environ, JAX_NUM_CPU_DEVICES="1", **(env or {})))
+
+
+def _last_line(text):
+  lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+  return lines[-1] if lines else ""
+
+
+def _snapshot(path):
+  p = pathlib.Path(path)
+  if not p.exists():
+    return None
+  if p.is_file():
+    return p.read_bytes()
+  return sorted((str(q.relative_to(p)), q.stat().st_size, q.stat().st_mtime_ns)
+                for q in p.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("finished")
+  proc = _cli(["fastadv_jax.main", f"--workdir={wd}"], timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return wd
+
+
+@contextlib.contextmanager
+def _read_only(d):
+  """Makes folder d unwritable (as root: the immutable attribute; chmod does not stop root)."""
+  as_root = os.geteuid() == 0 and shutil.which("chattr")
+  if as_root:
+    subprocess.run(["chattr", "+i", str(d)], check=False)
+  else:
+    d.chmod(0o555)
+  try:
+    try:
+      (d / "probe").write_text("x")
+      pytest.skip("cannot make a read-only folder here")
+    except OSError:
+      pass
+    yield d
+  finally:
+    if as_root:
+      subprocess.run(["chattr", "-i", str(d)], check=False, capture_output=True)
+    else:
+      d.chmod(0o755)
+
+
+def _assert_one_line_error(proc, needle):
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  line = _last_line(proc.stderr)
+  assert line.startswith("error: ") and needle in line, line
+
+
+@pytest.mark.parametrize("args,names", [
+    (["--config.foo=1"], "--config.foo"),
+    (["--config=configs/nope.py"], "--config"),
+    (["--config.seed=-1"], "config.seed"),
+    (["--config.batch_size=100000"], "config.batch_size"),
+    (["--config.eps=2.0"], "config.eps"),
+    (["--config.method=trades"], "config.method"),
+])
+def test_bad_training_input_is_one_line_and_touches_nothing(args, names, tmp_path):
+  wd = tmp_path / "wd"
+  _assert_one_line_error(_cli(["fastadv_jax.main", f"--workdir={wd}"] + args), names)
+  assert not wd.exists()
+
+
+def test_unusable_workdirs_are_one_line(tmp_path):
+  a_file = tmp_path / "file"
+  a_file.write_text("not a folder")
+  (tmp_path / "ro").mkdir()
+  with _read_only(tmp_path / "ro") as ro:
+    for wd, pattern in ((a_file, "is not a folder"), (ro, "is not writable")):
+      _assert_one_line_error(_cli(["fastadv_jax.main", f"--workdir={wd}"]), pattern)
+    assert a_file.read_text() == "not a folder" and not any(ro.iterdir())
+
+
+@pytest.mark.parametrize("args,name", [
+    (["--pgd_restarts=0"], "--pgd_restarts"),
+    (["--pgd_steps=0"], "--pgd_steps"),
+    (["--eps=-1"], "--eps"),
+    (["--eps=5"], "--eps"),
+    (["--n_eval=0"], "--n_eval"),
+])
+def test_bad_evaluation_input_is_one_line_before_any_work(args, name, finished_run):
+  before = _snapshot(finished_run)
+  _assert_one_line_error(_cli(["fastadv_jax.evaluate", f"--workdir={finished_run}"] + args), name)
+  assert _snapshot(finished_run) == before
+
+
+def test_evaluate_without_checkpoints_or_on_a_read_only_workdir(tmp_path, finished_run):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  shutil.copy(finished_run / "config.json", empty / "config.json")
+  _assert_one_line_error(_cli(["fastadv_jax.evaluate", f"--workdir={empty}"]), "no checkpoint")
+  assert sorted(p.name for p in empty.iterdir()) == ["config.json"]
+  shutil.copytree(finished_run, tmp_path / "ro_run")
+  with _read_only(tmp_path / "ro_run") as ro:
+    _assert_one_line_error(_cli(["fastadv_jax.evaluate", f"--workdir={ro}", "--pgd_steps=2",
+                                 "--pgd_restarts=1"]), "not writable")
+
+
+def test_sigterm_saves_exits_143_and_resumes(tmp_path):
+  wd = tmp_path / "wd"
+  argv = [sys.executable, "-c", _CLI, "fastadv_jax.main", f"--config={ROOT}/configs/default.py",
+          f"--workdir={wd}"] + _TINY + ["--config.num_epochs=1000", "--config.checkpoint_every=1000"]
+  proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=dict(os.environ, JAX_NUM_CPU_DEVICES="1"))
+  metrics = wd / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
+    time.sleep(0.5)  # training has started (the first metrics were logged)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, err[-2000:]
+  assert "Traceback" not in err and "interrupted (SIGTERM)" in _last_line(err)
+  step = checkpointing.Checkpointer(str(wd)).latest_step()
+  assert step is not None and step > 0
