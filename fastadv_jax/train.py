@@ -185,12 +185,17 @@ class _Run:
     self.step_timer = _StepTimer(self.monitor.record)
     self.progress = _Progress(self.config, self.total, self.start)
     try:
-      with _sigterm_as_keyboard_interrupt():
+      with _StopOnSignal() as stop:
         self.due_diagnostics()
         for step in range(self.start, self.total):
           self.step(step)
+          stop.check()  # a signal stops the run here, between two whole iterations
     except KeyboardInterrupt:
-      done = int(jax.device_get(self.rstate.step)[0])  # the iterations the state has seen
+      try:
+        done = int(jax.device_get(self.rstate.step)[0])  # the iterations the state has seen
+      except RuntimeError:  # a second signal inside a step: its donated input state is gone
+        logging.warning("Interrupted inside a step; the last checkpoint is kept")
+        raise
       if done > self.start and done != self.ckpt.latest_step():
         logging.warning("Interrupted: saving a checkpoint at iteration %d", done)
         self.save(done, self.clock.seconds())
@@ -240,7 +245,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir_: str) -> dict
     run = _Run(config, workdir_, splits)
     try:
       workdir.record_config(config, workdir_)
-      return run.finish(run.train())
+      train_time = run.train()
+      with _SigtermAsInterrupt():
+        return run.finish(train_time)
     finally:
       run.close()
 
@@ -310,20 +317,53 @@ class _Progress:
       self.bar.close()
 
 
-class _sigterm_as_keyboard_interrupt:  # pylint: disable=invalid-name
-  """SIGTERM (pre-emption) behaves like Ctrl-C inside the block: checkpoint, then stop."""
+class _StopOnSignal:
+  """Inside the training loop, SIGINT (Ctrl-C) and SIGTERM (pre-emption) only ask the loop to
+  stop after the current iteration (`check()` raises KeyboardInterrupt there), so a signal never
+  lands inside a step whose input state was donated; a second signal stops at once."""
 
-  def __enter__(self):
-    self.prev = None
-    if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
-      self.prev = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+  def __init__(self):
+    self.requested = ""
+    self.previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    name = signal.Signals(signum).name
+    if self.requested:  # a second signal: do not wait
+      raise KeyboardInterrupt(name)
+    self.requested = name
+    logging.warning("%s received: stopping after this iteration (again to stop at once)", name)
+
+  def check(self) -> None:
+    if self.requested:
+      raise KeyboardInterrupt(self.requested)
+
+  def __enter__(self) -> "_StopOnSignal":
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self.previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def __exit__(self, *exc: Any) -> None:
-    if self.prev is not None:
-      signal.signal(signal.SIGTERM, self.prev)
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
+
+
+class _SigtermAsInterrupt:
+  """Outside the training loop (the final evaluation) SIGTERM acts like Ctrl-C at once."""
+
+  def __enter__(self):
+    self.previous = None
+    if threading.current_thread() is threading.main_thread():
+      self.previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
 
 
 def raise_keyboard_interrupt(signum, frame):
-  del signum, frame
-  raise KeyboardInterrupt("SIGTERM")
+  """SIGTERM outside the training loop: like Ctrl-C (the final evaluation reruns on resume)."""
+  del frame
+  raise KeyboardInterrupt(signal.Signals(signum).name)

@@ -294,7 +294,8 @@ def test_evaluate_without_checkpoints_or_on_a_read_only_workdir(tmp_path, finish
                                  "--pgd_restarts=1"]), "not writable")
 
 
-def test_sigterm_saves_exits_143_and_resumes(tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_a_checkpoint_and_exits_with_the_shell_code(sig, code, tmp_path):
   wd = tmp_path / "wd"
   argv = [sys.executable, "-c", _CLI, "fastadv_jax.main", f"--config={ROOT}/configs/default.py",
           f"--workdir={wd}"] + _TINY + ["--config.num_epochs=1000", "--config.checkpoint_every=1000"]
@@ -304,9 +305,9 @@ def test_sigterm_saves_exits_143_and_resumes(tmp_path):
   deadline = time.time() + 240
   while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
     time.sleep(0.5)  # training has started (the first metrics were logged)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 143, err[-2000:]
-  assert "Traceback" not in err and "interrupted (SIGTERM)" in _last_line(err)
+  assert proc.returncode == code, err[-2000:]
+  assert "Traceback" not in err and f"interrupted ({sig.name})" in _last_line(err)
   step = checkpointing.Checkpointer(str(wd)).latest_step()
   assert step is not None and step > 0
