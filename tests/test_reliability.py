@@ -311,3 +311,29 @@ def test_a_signal_saves_a_checkpoint_and_exits_with_the_shell_code(sig, code, tm
   assert "Traceback" not in err and f"interrupted ({sig.name})" in _last_line(err)
   step = checkpointing.Checkpointer(str(wd)).latest_step()
   assert step is not None and step > 0
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_cli_run(tmp_path):
+  """A real SIGKILL (nothing runs on the way out) after the first checkpoint, then the same
+  command again: results.json and metrics.jsonl equal those of an uninterrupted run."""
+  args = ["--config.num_epochs=40", "--config.checkpoint_every=20", "--config.log_every=10",
+          "--config.eval_every=40"]
+  full = tmp_path / "full"
+  assert _cli(["fastadv_jax.main", f"--workdir={full}"] + args, timeout=300).returncode == 0
+  cut = tmp_path / "cut"
+  argv = [sys.executable, "-c", _CLI, "fastadv_jax.main", f"--config={ROOT}/configs/default.py",
+          f"--workdir={cut}"] + _TINY + args
+  proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          env=dict(os.environ, JAX_NUM_CPU_DEVICES="1"))
+  deadline = time.time() + 240
+  while time.time() < deadline and not (cut / "checksums").is_dir():
+    time.sleep(0.2)
+  proc.kill()
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  assert not (cut / "results.json").exists()  # it really was cut short
+  assert _cli(["fastadv_jax.main", f"--workdir={cut}"] + args, timeout=300).returncode == 0
+  strip = lambda d: {k: v for k, v in json.loads((d / "results.json").read_text()).items()  # noqa
+                     if k not in VOLATILE + ("step_time_s",)}
+  assert strip(cut) == strip(full)
+  assert _metrics(cut) == _metrics(full)
