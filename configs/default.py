@@ -23,8 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.flip = False                # random horizontal flip (CIFAR-10 only)
 
   # Model, chosen by name.
-  c.model = "small_cnn"         # preact_resnet18 | cnn | small_cnn
+  c.model = "small_cnn"         # preact_resnet18 | wide_resnet | cnn | small_cnn
   c.resnet_widths = (64, 128, 256, 512)  # preact_resnet18 stage widths (the paper's)
+  c.wrn_depth = 28              # wide_resnet: 28 or 34 (RobustBench's WRN-28-10 / WRN-34-10)
+  c.wrn_widen = 10              # wide_resnet: widening factor k
   c.n_filters = 16              # cnn: filters per layer; small_cnn: width
   c.n_layers = 1                # cnn only
   c.use_batch_norm = True       # small_cnn only

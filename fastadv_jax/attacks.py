@@ -63,14 +63,26 @@ def fgsm(loss_fn: LossFn, x: jax.Array, eps, step_size, delta0: jax.Array
 
 def pgd(loss_fn: LossFn, x: jax.Array, eps, step_size, steps: int, delta0: jax.Array,
         unroll: bool | int | None = None) -> jax.Array:
-  """`steps` sign steps of `step_size`, projecting after each (all examples, every step)."""
+  """`steps` sign steps of `step_size`, projecting after each (all examples, every step).
+
+  `unroll=None` unrolls fully when the program is lowered for a CPU and keeps the loop rolled
+  for GPUs and TPUs (xla_cpu.attack_loop_unroll), decided per platform at lowering time, so a
+  program exported for `cuda` on a CPU machine carries the rolled loop.
+  """
 
   def body(_, delta):
     g = input_grad(loss_fn, x + delta)
     return project(sign_step(delta, g, step_size), x, eps)
 
-  unroll = xla_cpu.attack_loop_unroll() if unroll is None else unroll
-  return jax.lax.stop_gradient(jax.lax.fori_loop(0, steps, body, delta0, unroll=unroll))
+  def loop(unroll_):
+    return lambda d0: jax.lax.fori_loop(0, steps, body, d0, unroll=unroll_)
+
+  if unroll is None:
+    delta = jax.lax.platform_dependent(delta0, cpu=loop(xla_cpu.attack_loop_unroll("cpu")),
+                                       default=loop(xla_cpu.attack_loop_unroll("other")))
+  else:
+    delta = loop(unroll)(delta0)
+  return jax.lax.stop_gradient(delta)
 
 
 RestartCarry = tuple[jax.Array, jax.Array, jax.Array]  # (delta, score, robust)

@@ -48,6 +48,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   _check(c.grad_align_lambda >= 0, "grad_align_lambda", f"must be >= 0, got {c.grad_align_lambda}")
   _check(c.n_filters >= 1, "n_filters", f"must be >= 1, got {c.n_filters}")
   _check(c.n_layers >= 1, "n_layers", f"must be >= 1, got {c.n_layers}")
+  _check(c.wrn_depth >= 10 and (c.wrn_depth - 4) % 6 == 0, "wrn_depth",
+         f"must be 6n + 4 with n >= 1 (e.g. 28, 34), got {c.wrn_depth}")
+  _check(c.wrn_widen >= 1, "wrn_widen", f"must be >= 1, got {c.wrn_widen}")
   _check(len(c.resnet_widths) == 4 and min(c.resnet_widths) >= 1, "resnet_widths",
          f"must be 4 positive stage widths, got {tuple(c.resnet_widths)}")
   for field in ("nfgsm_noise", "nfgsm_clip", "elle_lambda", "elle_lambda_aux",

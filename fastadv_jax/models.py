@@ -94,6 +94,56 @@ class PreActResNet18(nn.Module):
     return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
+class WideBlock(nn.Module):
+  """The pre-activation basic block of the WideResNets in RobustBench / TRADES: BN-ReLU-conv3x3
+  (stride)-BN-ReLU-conv3x3; when the shape changes, a 1x1 conv of the activated input."""
+  planes: int
+  stride: int
+  dtype: Dtype = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = lambda f, k, s, name: nn.Conv(  # noqa: E731
+        f, (k, k), (s, s), padding=((k // 2, k // 2), (k // 2, k // 2)), use_bias=False,
+        kernel_init=_conv_init, dtype=self.dtype, name=name)
+    act = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, "bn1")(x))
+    same = self.stride == 1 and x.shape[-1] == self.planes
+    shortcut = x if same else conv(self.planes, 1, self.stride, "shortcut")(act)
+    out = conv(self.planes, 3, self.stride, "conv1")(act)
+    out = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, "bn2")(out))
+    return shortcut + conv(self.planes, 3, 1, "conv2")(out)
+
+
+class WideResNet(nn.Module):
+  """WideResNet-depth-widen (Zagoruyko & Komodakis 2016) as RobustBench's CIFAR models:
+  3x3 stem conv of 16, three groups of (depth - 4) / 6 blocks of widths 16k, 32k, 64k with
+  strides 1, 2, 2, BN-ReLU, global average pool, linear. WRN-28-10: 36.5M parameters,
+  WRN-34-10: 46.2M (tested)."""
+  num_classes: int = 10
+  depth: int = 28
+  widen: int = 10
+  dtype: Dtype = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if (self.depth - 4) % 6:
+      raise ValueError(f"WideResNet depth must be 6n + 4 (e.g. 28, 34), got {self.depth}")
+    n = (self.depth - 4) // 6
+    out = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=_conv_init,
+                  dtype=self.dtype, name="conv1")(x.astype(self.dtype))
+    for group, (width, stride) in enumerate(((16, 1), (32, 2), (64, 2))):
+      for block in range(n):
+        out = WideBlock(width * self.widen, stride if block == 0 else 1, self.dtype,
+                        self.bn_axis_name, name=f"block{group + 1}_{block}")(out, train)
+    out = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, "bn")(out))
+    out = jnp.mean(out, axis=(1, 2))
+    logits = nn.Dense(self.num_classes, kernel_init=_linear_init, bias_init=nn.initializers.zeros,
+                      dtype=self.dtype, name="linear")(out)
+    return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
+
+
 class PaperCNN(nn.Module):
   """The paper's shallow CNN: n_layers x (3x3 conv with bias, n_filters, ReLU), flatten, linear.
 
@@ -150,7 +200,7 @@ class SmallCNN(nn.Module):
     return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
-MODEL_NAMES = ("preact_resnet18", "cnn", "small_cnn")
+MODEL_NAMES = ("preact_resnet18", "wide_resnet", "cnn", "small_cnn")
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int,
@@ -161,6 +211,9 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
   if config.model == "preact_resnet18":
     return PreActResNet18(num_classes=num_classes, dtype=dtype, bn_axis_name=bn_axis_name,
                           stage_widths=tuple(config.resnet_widths))
+  if config.model == "wide_resnet":
+    return WideResNet(num_classes=num_classes, depth=config.wrn_depth, widen=config.wrn_widen,
+                      dtype=dtype, bn_axis_name=bn_axis_name)
   if config.model == "cnn":
     return PaperCNN(num_classes=num_classes, n_filters=config.n_filters,
                     n_layers=config.n_layers, dtype=dtype, bn_axis_name=bn_axis_name)

@@ -44,9 +44,11 @@ def apply(environ: dict | None = None) -> str:
   return env.get("XLA_FLAGS", "")
 
 
-def attack_loop_unroll() -> bool | int:
-  """Unrolling for attack loops: full on CPU, none elsewhere (see the module docstring)."""
-  return True if jax.default_backend() == "cpu" else 1
+def attack_loop_unroll(platform: str | None = None) -> bool | int:
+  """Unrolling for attack loops on `platform` (default: JAX's backend): full on CPU, none
+  elsewhere (see the module docstring). attacks.pgd picks it per platform at lowering time."""
+  platform = jax.default_backend() if platform is None else platform
+  return True if platform == "cpu" else 1
 
 
 # Threefry-2x32 with 20 rounds (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",

@@ -33,14 +33,23 @@ def test_preact_resnet18_parameter_count():
   assert abs(expected - 11.17e6) < 0.01e6  # "~11.17M" of the original
 
 
+@pytest.mark.parametrize("depth,params", [(28, 36_479_194), (34, 46_160_474)])
+def test_wide_resnet_parameter_counts_match_robustbench(depth, params):
+  """RobustBench's WRN-28-10 and WRN-34-10 (the published 36.5M and 46.2M)."""
+  c = load_config()
+  c.model, c.wrn_depth, c.wrn_widen = "wide_resnet", depth, 10
+  assert _count(_params(models.create_model(c, 10), (1, 32, 32, 3))["params"]) == params
+
+
 @pytest.mark.parametrize("name,shape", [("preact_resnet18", (2, 32, 32, 3)),
+                                        ("wide_resnet", (2, 32, 32, 3)),
                                         ("cnn", (2, 32, 32, 3)), ("small_cnn", (2, 28, 28, 1))])
 def test_output_shapes_and_dtypes(name, shape):
   c = load_config()
   c.model = name
   c.n_filters = 4
-  if name == "preact_resnet18":
-    c.resnet_widths = (8, 8, 8, 8)  # shrunk: same topology, fast on CPU
+  c.resnet_widths = (8, 8, 8, 8)  # shrunk: same topology, fast on CPU
+  c.wrn_depth, c.wrn_widen = 10, 1
   for half in (False, True):
     model = models.create_model(c, 10, half_precision=half)
     variables = model.init(jax.random.key(0), jnp.zeros(shape), train=False)

@@ -53,9 +53,11 @@ def test_paper_settings():
 
 @pytest.mark.parametrize("name,method", [("cifar10_cnn", m) for m in METHODS]  # every method
                          + [("cifar10", "gradalign"), ("cifar10", "free"), ("cifar10", "pgd2"),
+                            ("cifar10", "pgd2,model=wide_resnet,wrn_depth=10,wrn_widen=1"),
                             ("svhn", "gradalign"), ("fashion_mnist", "gradalign")])
 def test_one_step_on_mock_data(name, method):
-  c = load_config(name, f"{method},eps=8")
+  preset, *extra = method.split(",")
+  c = load_config(name, ",".join([preset, "eps=8"] + extra))
   c.batch_size = 8
   c.resnet_widths = (4, 4, 4, 4)  # shrunken PreAct ResNet-18 (same topology)
   config_validation.validate_config(c, num_devices=1)
