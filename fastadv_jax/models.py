@@ -7,6 +7,7 @@ N-device step normalises with the statistics of the whole global batch.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -46,6 +47,13 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+def _conv(features: int, kernel: int, stride: int, name: str, dtype: Dtype) -> nn.Conv:
+  """A bias-free 'same' conv with the ResNets' init (SPEC §3)."""
+  pad = ((kernel // 2, kernel // 2), (kernel // 2, kernel // 2))
+  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=pad, use_bias=False,
+                 kernel_init=_conv_init, dtype=dtype, name=name)
+
+
 class PreActBlock(nn.Module):
   planes: int
   stride: int
@@ -54,9 +62,7 @@ class PreActBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = lambda f, k, s, name: nn.Conv(  # noqa: E731
-        f, (k, k), (s, s), padding=((k // 2, k // 2), (k // 2, k // 2)), use_bias=False,
-        kernel_init=_conv_init, dtype=self.dtype, name=name)
+    conv = functools.partial(_conv, dtype=self.dtype)
     out = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, "bn1")(x))
     if self.stride != 1 or x.shape[-1] != self.planes:
       shortcut = conv(self.planes, 1, self.stride, "shortcut")(out)
@@ -104,9 +110,7 @@ class WideBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = lambda f, k, s, name: nn.Conv(  # noqa: E731
-        f, (k, k), (s, s), padding=((k // 2, k // 2), (k // 2, k // 2)), use_bias=False,
-        kernel_init=_conv_init, dtype=self.dtype, name=name)
+    conv = functools.partial(_conv, dtype=self.dtype)
     act = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, "bn1")(x))
     same = self.stride == 1 and x.shape[-1] == self.planes
     shortcut = x if same else conv(self.planes, 1, self.stride, "shortcut")(act)
