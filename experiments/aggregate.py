@@ -41,6 +41,8 @@ def summarize(groups: dict[tuple[str, float], list[dict]]) -> list[dict]:
       return float(v.mean()), float(v.std())
     row = {"method": method, "eps": eps, "seeds": len(runs),
            "clean": stat(lambda r: r["clean_acc"]), "pgd": stat(lambda r: r["pgd_acc"]),
+           "pgd_by_seed": [round(100 * r["pgd_acc"], 1) for r in sorted(runs,
+                                                                       key=lambda r: r["seed"])],
            "co": sum(bool(r.get("catastrophic_overfitting")) for r in runs),
            "train_time_s": float(np.mean([r["train_time_s"] for r in runs])),
            "step_ms": float(np.mean([r.get("step_time_s", np.nan) for r in runs])) * 1e3,
@@ -60,12 +62,13 @@ def summarize(groups: dict[tuple[str, float], list[dict]]) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
   fmt = lambda ms: f"{ms[0]:.1f} ± {ms[1]:.1f}"  # noqa: E731
-  lines = ["| method | eps (/255) | seeds | clean | PGD | early-stopped clean | early-stopped PGD "
-           "| CO runs | step (ms) | cost vs FGSM | train time (s) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| method | eps (/255) | seeds | clean | PGD | PGD by seed | early-stopped clean "
+           "| early-stopped PGD | CO runs | step (ms) | cost vs FGSM | train time (s) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['method']} | {r['eps']:g} | {r['seeds']} | {fmt(r['clean'])} | "
-                 f"{fmt(r['pgd'])} | {fmt(r['best_clean']) if 'best_clean' in r else '-'} | "
+                 f"{fmt(r['pgd'])} | {' / '.join(f'{v:g}' for v in r['pgd_by_seed'])} | "
+                 f"{fmt(r['best_clean']) if 'best_clean' in r else '-'} | "
                  f"{fmt(r['best_pgd']) if 'best_pgd' in r else '-'} | {r['co']}/{r['seeds']}"
                  f"{' (' + ', '.join(r['co_signatures']) + ')' if r['co_signatures'] else ''} | "
                  f"{r['step_ms']:.1f} | {r['cost_vs_fgsm']:.2f}x | {r['train_time_s']:.0f} |")

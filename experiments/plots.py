@@ -21,17 +21,21 @@ import aggregate  # noqa: E402
 
 def plot_robust_vs_eps(root: str, out: str, key: str = "pgd") -> None:
   rows = aggregate.summarize(aggregate.collect(root))
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for method in sorted({r["method"] for r in rows}):
+  methods = sorted({r["method"] for r in rows})
+  fig, ax = plt.subplots(figsize=(7.5 if len(methods) > 6 else 6, 4))
+  colors = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
+  for i, method in enumerate(methods):  # distinct colour, marker and dash for many methods
     rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["eps"])
-    ax.errorbar([r["eps"] for r in rs], [r[key][0] for r in rs], yerr=[r[key][1] for r in rs],
-                marker="o", capsize=3, label=method)
+    ax.errorbar([r["eps"] + 0.4 * (i - len(methods) / 2) for r in rs],  # small x offsets
+                [r[key][0] for r in rs], yerr=[r[key][1] for r in rs], color=colors(i),
+                marker="osD^v<>ph*XP"[i % 12], linestyle=("-", "--", ":")[i % 3], capsize=3,
+                label=method)
   n = rows[0]
   ax.set_xlabel("eps (x/255)")
   ax.set_ylabel(f"{'PGD' if key == 'pgd' else key} accuracy (%)")
   ax.set_title(f"PGD-{n['pgd_steps']}-{n['pgd_restarts']} accuracy on {n['n_eval']} test points")
   ax.grid(alpha=0.3)
-  ax.legend()
+  ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
   fig.tight_layout()
   fig.savefig(out, dpi=120)
 
