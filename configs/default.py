@@ -84,12 +84,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Catastrophic-overfitting flag (monitoring.py), two signatures on the test diagnostics:
   # "pgd_collapse": PGD accuracy falls below `co_pgd_drop` x its best so far (best >=
   # co_min_best_pgd) while the alignment falls below `co_alignment_drop` x its value there;
-  # "fgsm_gap": FGSM accuracy >= PGD accuracy + co_fgsm_pgd_gap with alignment < co_alignment_floor.
+  # "fgsm_gap": FGSM accuracy >= PGD accuracy + co_fgsm_pgd_gap (FGSM no longer finds them).
   c.co_pgd_drop = 0.5
   c.co_min_best_pgd = 0.1
   c.co_alignment_drop = 0.7
   c.co_fgsm_pgd_gap = 0.3
-  c.co_alignment_floor = 0.3
 
   # Final evaluation (SPEC §4): PGD-50-10, step eps/4, on the first n_final_eval test points.
   c.eval_step_alpha = 0.25      # evaluation PGD step = eval_step_alpha * eps (diagnostics too)

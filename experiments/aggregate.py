@@ -4,7 +4,8 @@
 
 Run folders are named <method>_eps<e>_s<seed> (experiments/sweep.py). Prints a Markdown table
 (clean and PGD-50-10 accuracy of the last and of the early-stopped model, how many seeds
-overfit catastrophically, train time) and writes <out>.json and <out>.md.
+overfit catastrophically by the library's current flag replayed on each run's diagnostics, the
+per-step cost measured inside the runs, train time) and writes <out>.json and <out>.md.
 """
 from __future__ import annotations
 
@@ -20,6 +21,23 @@ import numpy as np
 NAME = re.compile(r"^(?P<method>.+)_eps(?P<eps>[0-9.]+)_s(?P<seed>\d+)$")
 
 
+def replay_overfitting_flag(workdir: str) -> dict:
+  """The catastrophic-overfitting flag recomputed from the run's stored diagnostics with the
+  library's current rule (so runs made before a rule change are judged alike)."""
+  from fastadv_jax import metric_writers, monitoring  # pylint: disable=import-outside-toplevel
+  from fastadv_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  config = workdir_lib.read_config(workdir)
+  if config is None or not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    return {}  # not a full run folder: keep the flag results.json has
+  record = monitoring.RunRecord()
+  for row in metric_writers.read_metrics(workdir):
+    if "test_pgd_acc" in row:
+      monitoring.track_catastrophic_overfitting(record, config, row["step"], row["test_pgd_acc"],
+                                                row["test_alignment"], row["test_fgsm_acc"])
+  return {"catastrophic_overfitting": record.co_step >= 0,
+          "catastrophic_overfitting_signature": record.co_signature or None}
+
+
 def collect(root: str) -> dict[tuple[str, float], list[dict]]:
   groups = collections.defaultdict(list)
   for path in sorted(glob.glob(os.path.join(root, "*", "results.json"))):
@@ -29,6 +47,7 @@ def collect(root: str) -> dict[tuple[str, float], list[dict]]:
     with open(path) as f:
       r = json.load(f)
     r["seed"] = int(m["seed"])
+    r.update(replay_overfitting_flag(os.path.dirname(path)))
     groups[(m["method"], float(m["eps"]))].append(r)
   return dict(groups)
 

@@ -52,10 +52,14 @@ def track_catastrophic_overfitting(record: RunRecord, config: ml_collections.Con
   - "pgd_collapse": test PGD accuracy falls below `co_pgd_drop` x its best so far (itself at
     least `co_min_best_pgd`) while the gradient alignment falls below `co_alignment_drop` x its
     value at that best point. Needs an earlier robust point.
-  - "fgsm_gap": FGSM accuracy exceeds PGD accuracy by at least `co_fgsm_pgd_gap` while the
-    alignment is below `co_alignment_floor`: FGSM no longer finds the adversarial examples that
-    PGD finds, and the loss is far from linear. Catches a run that collapsed before its first
-    diagnostic, which the first signature cannot.
+  - "fgsm_gap": FGSM accuracy exceeds PGD accuracy by at least `co_fgsm_pgd_gap`: the
+    single-step attack no longer finds the adversarial examples that PGD finds. Catches a run
+    that collapsed before its first diagnostic, which the first signature cannot. It does not
+    ask for a low gradient alignment: GradAlign keeps the alignment at random points high by
+    construction and can still collapse (seen in EXPERIMENTS.md, alignment 0.70 with FGSM 73 %
+    and PGD 1 %). On the 108 runs of the Fashion-MNIST method study a gap of 0.3 separated the
+    runs: every run it flagged ended at most 23 % PGD-50-10 accuracy, every other one at least
+    17.7 % (at eps >= 48/255).
   """
   signature = ""
   if pgd_acc > record.best_test_pgd:
@@ -64,8 +68,7 @@ def track_catastrophic_overfitting(record: RunRecord, config: ml_collections.Con
         and pgd_acc < config.co_pgd_drop * record.best_test_pgd
         and alignment < config.co_alignment_drop * record.alignment_at_best):
     signature = "pgd_collapse"
-  if (not signature and fgsm_acc is not None and fgsm_acc - pgd_acc >= config.co_fgsm_pgd_gap
-      and alignment < config.co_alignment_floor):
+  if not signature and fgsm_acc is not None and fgsm_acc - pgd_acc >= config.co_fgsm_pgd_gap:
     signature = "fgsm_gap"
   if signature and record.co_step < 0:
     record.co_step, record.co_signature = step, signature
