@@ -68,7 +68,11 @@ class _Run:
     state = ts.create_train_state(c, model, init_rng, self.train_split.images.shape[1:], self.spe)
     best, record = ts.variables(state), monitoring.RunRecord()
     self.ckpt = checkpointing.Checkpointer(self.workdir, c.keep_checkpoints)
-    restored = self.ckpt.restore_latest(state, best)
+    try:
+      restored = self.ckpt.restore_latest(state, best)
+    except BaseException:
+      self.ckpt.close()  # a refused checkpoint: nothing is left open at exit
+      raise
     if restored is not None:
       latest, state, best, meta = restored
       record = monitoring.RunRecord.from_json(meta)
