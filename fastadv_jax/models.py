@@ -55,6 +55,8 @@ def _conv(features: int, kernel: int, stride: int, name: str, dtype: Dtype) -> n
 
 
 class PreActBlock(nn.Module):
+  """BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3 plus the input, or a 1x1 conv of the activated
+  input when the shape changes (PreAct ResNet, and the WideResNets of RobustBench / TRADES)."""
   planes: int
   stride: int
   dtype: Dtype = jnp.float32
@@ -100,25 +102,6 @@ class PreActResNet18(nn.Module):
     return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
-class WideBlock(nn.Module):
-  """The pre-activation basic block of the WideResNets in RobustBench / TRADES: BN-ReLU-conv3x3
-  (stride)-BN-ReLU-conv3x3; when the shape changes, a 1x1 conv of the activated input."""
-  planes: int
-  stride: int
-  dtype: Dtype = jnp.float32
-  bn_axis_name: str | None = None
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    conv = functools.partial(_conv, dtype=self.dtype)
-    act = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, "bn1")(x))
-    same = self.stride == 1 and x.shape[-1] == self.planes
-    shortcut = x if same else conv(self.planes, 1, self.stride, "shortcut")(act)
-    out = conv(self.planes, 3, self.stride, "conv1")(act)
-    out = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, "bn2")(out))
-    return shortcut + conv(self.planes, 3, 1, "conv2")(out)
-
-
 class WideResNet(nn.Module):
   """WideResNet-depth-widen (Zagoruyko & Komodakis 2016) as RobustBench's CIFAR models:
   3x3 stem conv of 16, three groups of (depth - 4) / 6 blocks of widths 16k, 32k, 64k with
@@ -139,8 +122,9 @@ class WideResNet(nn.Module):
                   dtype=self.dtype, name="conv1")(x.astype(self.dtype))
     for group, (width, stride) in enumerate(((16, 1), (32, 2), (64, 2))):
       for block in range(n):
-        out = WideBlock(width * self.widen, stride if block == 0 else 1, self.dtype,
-                        self.bn_axis_name, name=f"block{group + 1}_{block}")(out, train)
+        # RobustBench's WRN block is the same pre-activation block as PreAct ResNet's.
+        out = PreActBlock(width * self.widen, stride if block == 0 else 1, self.dtype,
+                          self.bn_axis_name, name=f"block{group + 1}_{block}")(out, train)
     out = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, "bn")(out))
     out = jnp.mean(out, axis=(1, 2))
     logits = nn.Dense(self.num_classes, kernel_init=_linear_init, bias_init=nn.initializers.zeros,
