@@ -33,7 +33,7 @@ import numpy as np
 
 from fastadv_jax import evaluation, methods, models, parallel, train_step, xla_cpu
 from fastadv_jax import train_state as ts
-from fastadv_jax.configs import default
+from fastadv_jax.configs import common, default
 
 # Every preset of the method registry, plus GradAlign differentiating through both gradients.
 METHODS = tuple(methods.PRESETS) + ("gradalign_full",)
@@ -46,12 +46,10 @@ def row_config(model: str, method: str, batch: int, dtype: str, width: int = 16)
   c.model, c.batch_size, c.half_precision = model, batch, dtype == "bfloat16"
   c.n_filters = width if model == "small_cnn" else 4
   c.eps = 8 / 255
-  methods.apply_preset(c, "gradalign" if method == "gradalign_full" else method)
-  for k, v in methods.get(c.method).derived(c).items():
-    c[k] = v
-  if method.startswith("gradalign"):
-    c.grad_align_lambda = 0.2
-    c.grad_align_backprop_g1 = method == "gradalign_full"
+  preset = "gradalign" if method == "gradalign_full" else method
+  common.apply_preset(c, preset)
+  common.finish(c, preset, {}, gradalign_lambda=lambda eps: 0.2)
+  c.grad_align_backprop_g1 = method == "gradalign_full"
   return c
 
 

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fastadv_jax import workdir
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint exists but cannot be used (corrupt, or written by an incompatible config)."""
@@ -82,10 +84,8 @@ class Checkpointer:
         meta=ocp.args.JsonSave(meta)))
     self.manager.wait_until_finished()
     os.makedirs(self.checksums, exist_ok=True)
-    manifest = os.path.join(self.checksums, f"{step}.json")
-    with open(manifest + ".tmp", "w") as f:
-      json.dump(_digest(os.path.join(self.directory, str(step))), f, indent=1)
-    os.replace(manifest + ".tmp", manifest)
+    workdir.write_json(os.path.join(self.checksums, f"{step}.json"),
+                       _digest(os.path.join(self.directory, str(step))))
     kept = {f"{s}.json" for s in self.manager.all_steps()}
     for name in os.listdir(self.checksums):  # manifests of checkpoints Orbax has rotated out
       if name.endswith(".json") and name not in kept:

@@ -32,13 +32,20 @@ class UsageError(ValueError):
   """A command-line value the evaluation cannot run with."""
 
 
-def load_run(workdir_: str, weights: str = "last", test_split: datasets.Split | None = None
-             ) -> tuple[ml_collections.ConfigDict, dict, int]:
-  """(config, evaluation variables, iteration) of a run's latest checkpoint."""
+def run_config(workdir_: str) -> ml_collections.ConfigDict:
+  """The config.json of a training workdir; CheckpointError if there is none."""
   config = workdir.read_config(workdir_)
   if config is None:
     raise checkpointing.CheckpointError(
         f"{os.path.join(workdir_, 'config.json')} not found: is {workdir_} a training workdir?")
+  return config
+
+
+def load_run(workdir_: str, weights: str = "last", test_split: datasets.Split | None = None,
+             config: ml_collections.ConfigDict | None = None
+             ) -> tuple[ml_collections.ConfigDict, dict, int]:
+  """(config, evaluation variables, iteration) of a run's latest checkpoint."""
+  config = run_config(workdir_) if config is None else config
   if not os.path.isdir(os.path.join(workdir_, "checkpoints")):
     raise checkpointing.CheckpointError(f"no checkpoint in {workdir_}: has the run started?")
   ckpt = checkpointing.Checkpointer(workdir_)
@@ -76,17 +83,13 @@ def check_flags(eps: float, n_eval: int, steps: int, restarts: int) -> None:
 def main(argv):
   del argv
   cli_logging.setup()
-  config = workdir.read_config(FLAGS.workdir)
-  if config is None:
-    raise checkpointing.CheckpointError(
-        f"{os.path.join(FLAGS.workdir, 'config.json')} not found: is {FLAGS.workdir} a training "
-        "workdir?")
+  config = run_config(FLAGS.workdir)
   eps = config.eps if FLAGS.eps is None else FLAGS.eps
   n_eval = config.n_final_eval if FLAGS.n_eval is None else FLAGS.n_eval
   check_flags(eps, n_eval, FLAGS.pgd_steps, FLAGS.pgd_restarts)
   workdir.check_writable(FLAGS.workdir)  # fail now, not after the whole evaluation
   test = datasets.load_split(config.dataset, "test", config.data_dir, config.download)
-  config, variables, step = load_run(FLAGS.workdir, FLAGS.weights, test)
+  config, variables, step = load_run(FLAGS.workdir, FLAGS.weights, test, config)
   n = len(test) if n_eval == -1 else min(n_eval, len(test))
   model = models.create_model(config, datasets.NUM_CLASSES[config.dataset], half_precision=False)
   ev = evaluation.Evaluator(model, config.eval_batch_size, step_alpha=config.eval_step_alpha)

@@ -20,8 +20,8 @@ def main(argv):
 def run() -> None:
   from fastadv_jax import xla_cpu
   xla_cpu.apply()  # before the first JAX computation starts the backend
-  from fastadv_jax import (checkpointing, cli, config_validation,  # pylint: disable=import-outside-toplevel
-                           datasets, train, workdir)
+  from fastadv_jax import (  # pylint: disable=import-outside-toplevel
+      checkpointing, cli, config_validation, datasets, train, workdir)
   cli.run(main, (config_validation.ConfigError, checkpointing.CheckpointError,
                  datasets.DatasetUnavailableError, train.NonFiniteError, workdir.WorkdirError))
 

@@ -98,7 +98,7 @@ def global_mean(per_example: jax.Array, axis_name: str | None = AXIS
   local_sum = jnp.sum(per_example)
   if axis_name is None:
     return local_sum / per_example.shape[0], local_sum / per_example.shape[0]
-  n_dev = jax.lax.psum(1, axis_name)
+  n_dev = device_count(axis_name)
   count = per_example.shape[0] * n_dev
   value = jax.lax.psum(jax.lax.stop_gradient(local_sum), axis_name) / count
   return n_dev * local_sum / count, value

@@ -128,7 +128,7 @@ class _Run:
     """Checkpoints iteration s. Between two log rows (an interruption) the pending per-step
     metrics go into the checkpoint instead of a row of their own."""
     record = self.monitor.record
-    if s % self.config.log_every == 0 or s == self.total:
+    if self.due(s, self.config.log_every):
       self.flush_train_metrics(s)
       record.pending_train_metrics = []
     else:
@@ -155,24 +155,26 @@ class _Run:
 
   def due_diagnostics(self) -> None:
     """A resumed run first runs the diagnostics its checkpoint's iteration missed."""
-    s, c = self.start, self.config
-    if s > 0 and (s % c.eval_every == 0 or s == self.total) and (
-        self.monitor.record.diagnosed_step < s):
+    s = self.start
+    if s > 0 and self.due(s, self.config.eval_every) and self.monitor.record.diagnosed_step < s:
       logging.info("Running the diagnostics of iteration %d that the interrupted run missed", s)
       self.diagnose(s)
 
-  def step(self, step: int) -> int:
-    """Runs iteration `step` and its logging, diagnostics and checkpoint; returns step + 1."""
+  def due(self, s: int, every: int) -> bool:
+    """Whether iteration s logs / runs diagnostics / checkpoints: every `every` and the last."""
+    return s % every == 0 or s == self.total
+
+  def step(self, step: int) -> None:
+    """Runs iteration `step` and its logging, diagnostics and checkpoint."""
     batch = parallel.shard(self.batches.get(step // self.replay), self.n_dev)
     self.rstate, m = self.p_step(self.rstate, batch, self.step_rng)
     self.pending.append(m)
     self.step_timer.tick(self.rstate)
     s, c = step + 1, self.config
-    if s % c.log_every == 0 or s == self.total:
-      avg = self.flush_train_metrics(s)
-      self.progress.train(avg)
-    diagnose = s % c.eval_every == 0 or s == self.total
-    checkpoint = s % c.checkpoint_every == 0 or s == self.total
+    if self.due(s, c.log_every):
+      self.progress.train(self.flush_train_metrics(s))
+    diagnose = self.due(s, c.eval_every)
+    checkpoint = self.due(s, c.checkpoint_every)
     if diagnose or checkpoint:
       self.step_timer.pause(self.rstate)
       if diagnose:
@@ -181,7 +183,6 @@ class _Run:
         self.save(s, self.clock.seconds())
       self.step_timer.resume()
     self.progress.update()
-    return s
 
   def train(self) -> float:
     """The loop; Ctrl-C and SIGTERM save a checkpoint first. Returns the training time."""

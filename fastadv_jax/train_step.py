@@ -72,7 +72,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
     # 2. Inner maximisation with the current weights (its statistics updates are discarded).
     pert = method.perturb(AttackInputs(
         config, per_example_loss(state.params), lambda z: forward(state.params, z)[0], x, y,
-        attack_keys, eps, state.carried_delta, state.step, progress, axis_name))
+        attack_keys, eps, state.carried_delta, method.init_kind(config), state.step, progress,
+        axis_name))
 
     # 3. The training loss: cross-entropy, the method's regulariser, GradAlign on top.
     def loss_fn(params, delta):

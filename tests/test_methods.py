@@ -34,7 +34,8 @@ def _linear_problem(seed=0, n_classes=2):
 
 def _inputs(config, x, y, logits_fn, loss_fn, eps, step=0, seed=1):
   keys = randomness.example_keys(jax.random.key(seed), jnp.arange(x.shape[0]))
-  return AttackInputs(config, loss_fn, logits_fn, x, y, keys, jnp.float32(eps), None,
+  init = methods.get(config.method).init_kind(config)  # as the step resolves it
+  return AttackInputs(config, loss_fn, logits_fn, x, y, keys, jnp.float32(eps), None, init,
                       jnp.int32(step), jnp.float32(0.5), None)
 
 
@@ -127,7 +128,7 @@ def test_multigrad_zeroes_disagreeing_signs():
   c = _preset_config("multigrad", multigrad_samples=8)
   inp = AttackInputs(c, loss_fn, None, x, jnp.zeros(1, jnp.int32),
                      randomness.example_keys(jax.random.key(3), jnp.arange(1)), jnp.float32(0.1),
-                     None, jnp.int32(0), jnp.float32(0.5), None)
+                     None, "zero", jnp.int32(0), jnp.float32(0.5), None)
   delta = np.asarray(methods.get("multigrad").perturb(inp).delta)
   assert delta[0, 1] == pytest.approx(0.1)
   assert delta[0, 0] == 0.0 and delta[0, 2] == 0.0

@@ -30,6 +30,7 @@ class AttackInputs(NamedTuple):
   keys: jax.Array                  # per-example attack keys
   eps: jax.Array                   # this iteration's eps (after any warm-up)
   carried: jax.Array | None        # the carried perturbation (Free-AT), else None
+  init: str                        # the start: config.attack_init, else the method's default
   step: jax.Array                  # the iteration (0-based), e.g. for alternating attack terms
   progress: jax.Array              # fraction of training done after this step, in (0, 1]
   axis_name: str | None            # the device axis, for terms that couple examples (NuAT)
@@ -68,7 +69,8 @@ class Method:
   name: str
   summary: str                     # one line for the README table and --help texts
   perturb: Callable[[AttackInputs], Perturbation]
-  # Default of config.attack_init ("" means this): zero | uniform | corner.
+  # The start when config.attack_init is "" (zero | uniform | corner), for methods whose start
+  # is configurable (FGSM family, PGD, ZeroGrad, ELLE); the others fix their own start.
   default_init: str = "zero"
   # Where the cross-entropy is taken: "adversarial" (x + delta) or "clean" (x; GAT, NuAT).
   ce_at: str = "adversarial"
@@ -89,3 +91,7 @@ class Method:
   @property
   def carries_delta(self) -> bool:
     return self.next_carried is not None
+
+  def init_kind(self, config: Config) -> str:
+    """The start of the perturbation: config.attack_init, or this method's default if ""."""
+    return config.attack_init or self.default_init

@@ -21,9 +21,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from fastadv_jax import attacks, losses, parallel, randomness
-from fastadv_jax.methods.base import (AttackInputs, Method, Perturbation, RegularizerInputs,
-                                      RegularizerOutput)
+from fastadv_jax import losses, parallel, randomness
+from fastadv_jax.methods import fgsm
+from fastadv_jax.methods.base import Method, RegularizerInputs, RegularizerOutput
 
 
 def elle_lambda(eps: float) -> float:
@@ -85,18 +85,13 @@ def _init_adaptive(config):
   return {"lam": zero, "n": zero, "mean": zero, "m2": zero}
 
 
-def perturb(inp: AttackInputs) -> Perturbation:
-  delta0 = attacks.init_delta(inp.config.attack_init or "zero", inp.keys, inp.x, inp.eps)
-  delta, g = attacks.fgsm(inp.loss_fn, inp.x, inp.eps, inp.config.fgsm_alpha * inp.eps, delta0)
-  return Perturbation(delta, g if (inp.config.attack_init or "zero") == "zero" else None)
-
-
 _PRESET = {"fgsm_alpha": 1.0, "attack_init": "zero"}
 METHODS = (
     Method("elle", "FGSM + lambda x the loss's local-linearity error (ELLE), lambda(eps) as the "
-           "authors", perturb, regularizer=_regularizer(_constant_lambda),
+           "authors", fgsm.perturb, regularizer=_regularizer(_constant_lambda),
            derived=lambda c: {"elle_lambda": elle_lambda(c.eps)}, presets={"elle": _PRESET}),
     Method("elle_a", "ELLE with the adaptive lambda (ELLE-A): 0, jumps to `elle_lambda_aux` when "
-           "the error spikes, else decays", perturb, regularizer=_regularizer(_adaptive_lambda),
+           "the error spikes, else decays", fgsm.perturb,
+           regularizer=_regularizer(_adaptive_lambda),
            init_state=_init_adaptive, presets={"elle_a": _PRESET}),
 )

@@ -8,22 +8,19 @@ from fastadv_jax import attacks
 from fastadv_jax.methods.base import AttackInputs, Method, Perturbation
 
 
-def _fgsm_method(name: str, summary: str, default_init: str, presets: dict) -> Method:
-  def perturb(inp: AttackInputs) -> Perturbation:
-    kind = inp.config.attack_init or default_init
-    delta0 = attacks.init_delta(kind, inp.keys, inp.x, inp.eps)
-    delta, g = attacks.fgsm(inp.loss_fn, inp.x, inp.eps, inp.config.fgsm_alpha * inp.eps, delta0)
-    return Perturbation(delta, g if kind == "zero" else None)
-
-  return Method(name, summary, perturb, default_init=default_init, presets=presets)
+def perturb(inp: AttackInputs) -> Perturbation:
+  """One sign step of `fgsm_alpha * eps` from the start `inp.init`, projected."""
+  delta0 = attacks.init_delta(inp.init, inp.keys, inp.x, inp.eps)
+  delta, g = attacks.fgsm(inp.loss_fn, inp.x, inp.eps, inp.config.fgsm_alpha * inp.eps, delta0)
+  return Perturbation(delta, g if inp.init == "zero" else None)
 
 
 METHODS = (
     # GradAlign = FGSM from zero init + the regulariser (the config sets its lambda).
-    _fgsm_method("fgsm", "`eps * sign(g)` from zero, step `fgsm_alpha * eps` (1.25), projected",
-                 "zero", {"fgsm": {}, "gradalign": {}}),
-    _fgsm_method("fgsm_rs", "FGSM from a uniform start (Wong et al. 2020)", "uniform",
-                 {"fgsm_rs": {}}),
-    _fgsm_method("random_corner", "FGSM from a random vertex of the eps-ball (paper §3)",
-                 "corner", {"random_corner": {}}),
+    Method("fgsm", "`eps * sign(g)` from zero, step `fgsm_alpha * eps` (1.25), projected",
+           perturb, default_init="zero", presets={"fgsm": {}, "gradalign": {}}),
+    Method("fgsm_rs", "FGSM from a uniform start (Wong et al. 2020)", perturb,
+           default_init="uniform", presets={"fgsm_rs": {}}),
+    Method("random_corner", "FGSM from a random vertex of the eps-ball (paper §3)", perturb,
+           default_init="corner", presets={"random_corner": {}}),
 )

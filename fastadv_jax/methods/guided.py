@@ -73,12 +73,11 @@ def _gat_attack_term(inp: AttackInputs, clean_logits, logits):
 
 
 def _nuat_attack_term(inp: AttackInputs, clean_logits, logits):
-  # Authors: mean-CE + lambda * ||D||_* / B. Against the summed CE that is lambda * ||D||_*;
-  # the gathered norm's gradient reaches each slice once per device, hence / device count.
+  # Authors: mean-CE + lambda * ||D||_* / B. Against the summed CE that is lambda * ||D||_*,
+  # divided by the device count because the gathered norm's gradient reaches each slice once
+  # per device: lambda * B / n_dev * (||D||_* / B) = lambda * (local batch) * nuclear_norm.
   lam = nuat_lambda(inp.config, inp.progress)
-  b = logits.shape[0] * parallel.device_count(inp.axis_name)
-  return lam * b * nuclear_norm(logits - clean_logits, inp.axis_name) / parallel.device_count(
-      inp.axis_name)
+  return lam * logits.shape[0] * nuclear_norm(logits - clean_logits, inp.axis_name)
 
 
 def _gat_regularizer(inp: RegularizerInputs) -> RegularizerOutput:
@@ -100,9 +99,9 @@ def _nuat_regularizer(inp: RegularizerInputs) -> RegularizerOutput:
 _PRESET = {"fgsm_alpha": 1.0}
 METHODS = (
     Method("gat", "GAT: guided one-step attack from a Bernoulli start; clean CE + `gat_lambda` x "
-           "softmax distance", _guided_perturb(_gat_attack_term), default_init="corner",
+           "softmax distance", _guided_perturb(_gat_attack_term),
            ce_at="clean", regularizer=_gat_regularizer, presets={"gat": _PRESET}),
     Method("nuat", "NuAT: nuclear-norm guided attack; clean CE + ramped lambda x nuclear norm of "
-           "the logit differences", _guided_perturb(_nuat_attack_term), default_init="corner",
+           "the logit differences", _guided_perturb(_nuat_attack_term),
            ce_at="clean", regularizer=_nuat_regularizer, presets={"nuat": _PRESET}),
 )

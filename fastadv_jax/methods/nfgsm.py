@@ -23,5 +23,5 @@ def perturb(inp: AttackInputs) -> Perturbation:
 
 
 METHODS = (Method("nfgsm", "N-FGSM: noise U(-k eps, k eps), k = `nfgsm_noise` (2), one step of "
-                  "`nfgsm_step * eps`, no eps-ball projection", perturb, default_init="uniform",
+                  "`nfgsm_step * eps`, no eps-ball projection", perturb,
                   presets={"nfgsm": {}}),)

@@ -4,16 +4,15 @@ from fastadv_jax.methods.base import AttackInputs, Method, Perturbation
 
 
 def _pgd_method(name: str, summary: str, to_corner: bool, presets: dict) -> Method:
-  default_init = "zero"
   def perturb(inp: AttackInputs) -> Perturbation:
     c = inp.config
-    delta0 = attacks.init_delta(c.attack_init or default_init, inp.keys, inp.x, inp.eps)
+    delta0 = attacks.init_delta(inp.init, inp.keys, inp.x, inp.eps)
     delta = attacks.pgd(inp.loss_fn, inp.x, inp.eps, c.pgd_alpha * inp.eps, c.pgd_steps, delta0)
     if to_corner:
       delta = attacks.to_corner(delta, inp.x, inp.eps)
     return Perturbation(delta)
 
-  return Method(name, summary, perturb, default_init=default_init, presets=presets)
+  return Method(name, summary, perturb, presets=presets)
 
 
 METHODS = (

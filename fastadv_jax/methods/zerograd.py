@@ -27,7 +27,7 @@ def zero_below_quantile(g: jax.Array, q: float) -> jax.Array:
 
 def zerograd(inp: AttackInputs) -> Perturbation:
   c, x = inp.config, inp.x
-  delta0 = attacks.init_delta(c.attack_init or "uniform", inp.keys, x, inp.eps)
+  delta0 = attacks.init_delta(inp.init, inp.keys, x, inp.eps)
   g = zero_below_quantile(attacks.input_grad(inp.loss_fn, x + delta0), c.zerograd_quantile)
   delta = attacks.project(attacks.sign_step(delta0, g, c.fgsm_alpha * inp.eps), x, inp.eps)
   return Perturbation(jax.lax.stop_gradient(delta))
@@ -50,6 +50,6 @@ METHODS = (
            "`zerograd_quantile` (0.4) are zeroed; step 2 eps", zerograd, default_init="uniform",
            presets={"zerograd": {"fgsm_alpha": 2.0}}),
     Method("multigrad", "MultiGrad: sign consensus of the gradients at `multigrad_samples` (3) "
-           "random starts, disagreeing entries zeroed", multigrad, default_init="uniform",
+           "random starts, disagreeing entries zeroed", multigrad,
            presets={"multigrad": {"fgsm_alpha": 2.0}}),
 )
