@@ -32,5 +32,6 @@ setup(
         "gpu": ["jax[cuda12]>=0.10"],
         "tpu": ["jax[tpu]>=0.10"],
         "bench": ["torch>=2.2", "psutil>=5.9"],
+        "torch": ["torch>=2.2"],  # model.pt files (torch_export / torch_import); .npz needs none
     },
 )

@@ -95,6 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.n_final_eval = 1000         # -1 = the whole test set
   c.final_pgd_steps = 50
   c.final_pgd_restarts = 10
+  c.final_attack = "pgd"        # pgd | autoattack | pgd,autoattack | AutoAttack components
   c.eval_batch_size = 500
   c.eval_early_stopped_model = True
   return c

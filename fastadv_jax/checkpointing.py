@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fastadv_jax import workdir
+from fastadv_jax import distributed, workdir
 
 
 class CheckpointError(RuntimeError):
@@ -64,9 +64,17 @@ class Checkpointer:
     self._open()
 
   def _open(self) -> None:
-    options = ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep, create=True,
-                                           enable_async_checkpointing=False,
-                                           cleanup_tmp_directories=True)
+    # Several processes (distributed.py): process 0 alone writes; every process reads the same
+    # files, each through a manager of its own (no cross-process barriers inside Orbax).
+    extra = {}
+    if jax.process_count() > 1:
+      extra["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+          primary_host=jax.process_index(), active_processes={jax.process_index()})
+      if distributed.is_main():
+        os.makedirs(self.directory, exist_ok=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=self.max_to_keep, create=jax.process_count() == 1,
+        enable_async_checkpointing=False, cleanup_tmp_directories=distributed.is_main(), **extra)
     try:
       self.manager = ocp.CheckpointManager(self.directory, options=options,
                                            item_names=("state", "best", "meta"))
@@ -77,7 +85,15 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, best: Any, meta: dict) -> None:
-    """`state` and `best` are host pytrees (e.g. an unreplicated TrainState)."""
+    """`state` and `best` are host pytrees (e.g. an unreplicated TrainState). With several
+    processes only process 0 writes, and every process waits until it has."""
+    if not distributed.is_main():
+      distributed.barrier(f"checkpoint_{step}")
+      return
+    self._save(step, state, best, meta)
+    distributed.barrier(f"checkpoint_{step}")
+
+  def _save(self, step: int, state: Any, best: Any, meta: dict) -> None:
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_to_numpy_tree(flax.serialization.to_state_dict(state))),
         best=ocp.args.StandardSave(_to_numpy_tree(flax.serialization.to_state_dict(best))),
@@ -119,7 +135,8 @@ class Checkpointer:
         return (step, *self.restore(step, state_template, best_template))
       except CheckpointCorrupt as e:
         tried.append(str(e))
-        self._quarantine(step, e)
+        if distributed.is_main():
+          self._quarantine(step, e)
     if tried:
       raise CheckpointError(f"no intact checkpoint left in {self.directory}; it could not be "
                             f"restored: {tried[0]}. The damaged ones are in "

@@ -37,7 +37,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   _check(c.num_epochs >= 1, "num_epochs", f"must be >= 1, got {c.num_epochs}")
   _check(c.batch_size >= 1, "batch_size", f"must be >= 1, got {c.batch_size}")
   _check(c.batch_size % num_devices == 0, "batch_size",
-         f"{c.batch_size} is not divisible by the {num_devices} local devices")
+         f"{c.batch_size} is not divisible by the {num_devices} devices")
   _check(c.lr_max > 0, "lr_max", f"must be > 0, got {c.lr_max}")
   _check(c.weight_decay >= 0, "weight_decay", f"must be >= 0, got {c.weight_decay}")
   _check(c.fgsm_alpha > 0, "fgsm_alpha", f"must be > 0, got {c.fgsm_alpha}")
@@ -70,3 +70,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     _check(c[field] >= 1, field, f"must be >= 1, got {c[field]}")
   _check(c.n_final_eval == -1 or c.n_final_eval >= 1, "n_final_eval",
          f"must be -1 (all) or >= 1, got {c.n_final_eval}")
+  try:
+    from fastadv_jax.evaluation import parse_attack_spec  # pylint: disable=import-outside-toplevel
+    parse_attack_spec(c.final_attack)
+  except ValueError as e:
+    raise ConfigError(f"config.final_attack: {e}") from None

@@ -17,6 +17,8 @@ import numpy as np
 
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 NUM_CLASSES = {"cifar10": 10, "svhn_cropped": 10, "mnist": 10, "fashion_mnist": 10}
+IMAGE_SHAPES = {"cifar10": (32, 32, 3), "svhn_cropped": (32, 32, 3), "mnist": (28, 28, 1),
+                "fashion_mnist": (28, 28, 1)}  # (H, W, C), without loading the data
 
 
 class DatasetUnavailableError(RuntimeError):

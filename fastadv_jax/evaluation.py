@@ -1,9 +1,11 @@
-"""Robust evaluation and catastrophic-overfitting diagnostics (SPEC §4).
+"""Robust evaluation and catastrophic-overfitting diagnostics (SPEC §4), and AutoAttack.
 
 Always float32 with BatchNorm running statistics. Each chunk of examples is padded to a
 multiple of the device count and spread over devices with pmap (parallel.py); randomness is per
 example (keyed by the example's position in the evaluated set), so results do not depend on the
-number of devices or on the chunk size. PGD's step is `step_alpha * eps` (config.eval_step_alpha,
+number of devices or on the chunk size. In a multi-process run every process evaluates its own
+contiguous share of the points on its own devices, and the per-point results are gathered
+(distributed.py), so every process returns the same numbers. PGD's step is `step_alpha * eps` (config.eval_step_alpha,
 1/4 in the paper's protocol).
 """
 from __future__ import annotations
@@ -18,9 +20,33 @@ import numpy as np
 
 import ml_collections
 
-from fastadv_jax import attacks, augment, datasets, gradalign, losses, parallel, randomness
+from fastadv_jax import (attacks, augment, autoattack, datasets, distributed, gradalign, losses,
+                         parallel, randomness)
 
 Variables = dict[str, Any]
+
+
+def parse_attack_spec(spec: str) -> tuple[bool, tuple[str, ...]]:
+  """'pgd' | 'autoattack' | 'autoattack-rand' | AutoAttack components, comma-separated and
+  combinable (e.g. 'pgd,autoattack', 'apgd-ce,apgd-t') -> (run PGD?, AutoAttack's attacks).
+
+  ValueError names the bad item."""
+  items = [s.strip() for s in str(spec).split(",") if s.strip()]
+  if not items:
+    raise ValueError("empty attack list: use pgd, autoattack, autoattack-rand or components "
+                     f"({', '.join(autoattack.ATTACKS)})")
+  pgd, aa = False, []
+  for item in items:
+    if item == "pgd":
+      pgd = True
+    elif item in ("autoattack", "autoattack-rand"):
+      aa += autoattack.VERSIONS["rand" if item.endswith("rand") else "standard"]
+    elif item in autoattack.ATTACKS:
+      aa.append(item)
+    else:
+      raise ValueError(f"unknown attack {item!r}: choose pgd, autoattack, autoattack-rand or "
+                       f"AutoAttack components ({', '.join(autoattack.ATTACKS)})")
+  return pgd, tuple(dict.fromkeys(aa))
 
 
 class Evaluator:
@@ -89,11 +115,17 @@ class Evaluator:
     }
 
   def _chunks(self, images: np.ndarray, labels: np.ndarray):
-    """Yields (m, x, y, pos): chunks padded to a multiple of the device count, split per device."""
-    n = len(labels)
+    """Yields (m, x, y, pos) over this process's share of the points: chunks padded to a
+    multiple of the device count, split per device; pos = positions in the whole set."""
+    start, stop = distributed.point_range(len(labels))
+    n = stop - start
     for m, idx in parallel.chunks_for_devices(n, self.batch_size, self.n_dev):
-      x, y, pos = images[idx % n], labels[idx % n], idx.astype(np.int32)
-      yield m, *parallel.shard((x, y, pos), self.n_dev)
+      pos = start + idx % n
+      yield m, *parallel.shard((images[pos], labels[pos], pos.astype(np.int32)), self.n_dev)
+
+  def _per_point(self, outs: list, n: int):
+    """The per-point outputs of this process's chunks -> those of all n points."""
+    return distributed.gather_points(jax.tree.map(lambda *v: np.concatenate(v), *outs), n)
 
   def robust_accuracy(self, variables: Variables, images: np.ndarray, labels: np.ndarray,
                       eps: float, steps: int, restarts: int, rng: jax.Array) -> float:
@@ -108,14 +140,14 @@ class Evaluator:
         carry = self._restart(variables, carry, x, y, pos, rng, jnp.float32(eps),
                                jnp.int32(r), steps)
       robust.append(parallel.unshard(carry[2], m))
-    return float(np.mean(np.concatenate(robust)))
+    return float(np.mean(self._per_point(robust, len(labels))))
 
   def diagnostics(self, variables: Variables, images: np.ndarray, labels: np.ndarray,
                   eps: float, rng: jax.Array, pgd_steps: int = 10) -> dict[str, float]:
     """Clean / FGSM / PGD accuracy, loss, gradient alignment and cos(delta_FGSM, delta_PGD)."""
     outs = [parallel.unshard(self._diag(variables, x, y, pos, rng, jnp.float32(eps), pgd_steps), m)
             for m, x, y, pos in self._chunks(images, labels)]
-    out = jax.tree.map(lambda *v: np.concatenate(v), *outs)
+    out = self._per_point(outs, len(labels))
 
     def masked_mean(v, mask):
       return float(np.sum(v * mask) / max(np.sum(mask), 1))
@@ -127,22 +159,42 @@ class Evaluator:
         "cos_fgsm_pgd": masked_mean(out["cos_fgsm_pgd"], out["cos_fgsm_pgd_mask"]),
     }
 
+  def autoattack(self, variables: Variables, images: np.ndarray, labels: np.ndarray, eps: float,
+                 attacks_: str | tuple[str, ...] = "standard", seed: int = 0,
+                 pgd_acc: float | None = None, progress: bool = True
+                 ) -> autoattack.AutoAttackResult:
+    """AutoAttack (autoattack/) on uint8 images, over this evaluator's devices."""
+    aa = autoattack.AutoAttack(
+        lambda v, x, _key: self.model.apply(v, x, train=False),
+        int(jax.eval_shape(lambda x: self.model.apply(variables, x, train=False),
+                           jax.ShapeDtypeStruct((1,) + images.shape[1:], jnp.float32)
+                           ).shape[-1]),
+        eps, attacks_, batch_size=self.batch_size, devices=self.devices, progress=progress)
+    return aa.run(variables, np.asarray(images, np.float32) / 255.0, labels, seed, pgd_acc)
+
   def clean_accuracy(self, variables: Variables, images: np.ndarray, labels: np.ndarray
                      ) -> float:
     """Accuracy on the unperturbed images: one forward pass per point, no gradient."""
     correct = [parallel.unshard(self._correct(variables, x, y), m)
                for m, x, y, _ in self._chunks(images, labels)]
-    return float(np.mean(np.concatenate(correct)))
+    return float(np.mean(self._per_point(correct, len(labels))))
 
 
 def final_evaluation(config: ml_collections.ConfigDict, evaluator: Evaluator, variables: dict,
                      test_split: datasets.Split, rng: jax.Array) -> dict:
-  """Clean and PGD-(final_pgd_steps)-(final_pgd_restarts) accuracy on the first n test points."""
+  """Clean accuracy and the attacks of `config.final_attack` on the first n test points:
+  PGD-(final_pgd_steps)-(final_pgd_restarts) and/or AutoAttack (seeded by config.seed)."""
   n = len(test_split) if config.n_final_eval == -1 else min(config.n_final_eval, len(test_split))
   x, y = test_split.images[:n], test_split.labels[:n]
-  return {"clean_acc": evaluator.clean_accuracy(variables, x, y),
-          "pgd_acc": evaluator.robust_accuracy(variables, x, y, config.eps,
-                                               config.final_pgd_steps,
-                                               config.final_pgd_restarts, rng),
-          "eps": config.eps, "n_eval": n, "pgd_steps": config.final_pgd_steps,
-          "pgd_restarts": config.final_pgd_restarts}
+  run_pgd, aa_attacks = parse_attack_spec(config.final_attack)
+  out = {"clean_acc": evaluator.clean_accuracy(variables, x, y), "eps": config.eps, "n_eval": n}
+  if run_pgd:
+    out.update(pgd_acc=evaluator.robust_accuracy(variables, x, y, config.eps,
+                                                 config.final_pgd_steps,
+                                                 config.final_pgd_restarts, rng),
+               pgd_steps=config.final_pgd_steps, pgd_restarts=config.final_pgd_restarts)
+  if aa_attacks:
+    result = evaluator.autoattack(variables, x, y, config.eps, aa_attacks, config.seed,
+                                  out.get("pgd_acc"), progress=config.progress_bar)
+    out.update(result.summary())
+  return out

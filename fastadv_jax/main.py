@@ -1,19 +1,31 @@
 """Command line: python -m fastadv_jax.main --config=configs/default.py --workdir=runs/x
-[--config.<field>=<value> ...]. Rerunning the same command resumes from the latest checkpoint."""
+[--config.<field>=<value> ...]. Rerunning the same command resumes from the latest checkpoint.
+
+Several processes (hosts) as one run: the same command in each, plus --coordinator_address=
+host:port --num_processes=N --process_id=i (or FASTADV_COORDINATOR_ADDRESS / _NUM_PROCESSES /
+_PROCESS_ID), or --distributed=auto where JAX detects the cluster (TPU pods, SLURM); see
+distributed.py and README "Several hosts"."""
 from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and results.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+flags.DEFINE_enum("distributed", "off", ["off", "auto"],
+                  "auto: jax.distributed.initialize() detects the cluster (TPU pod, SLURM).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for several processes.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from fastadv_jax import cli_logging, train  # pylint: disable=import-outside-toplevel
+  from fastadv_jax import cli_logging, distributed, train  # pylint: disable=import-outside-toplevel
   cli_logging.setup()
+  distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                         FLAGS.process_id)  # before any JAX computation
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
@@ -21,9 +33,10 @@ def run() -> None:
   from fastadv_jax import xla_cpu
   xla_cpu.apply()  # before the first JAX computation starts the backend
   from fastadv_jax import (  # pylint: disable=import-outside-toplevel
-      checkpointing, cli, config_validation, datasets, train, workdir)
+      checkpointing, cli, config_validation, datasets, distributed, train, workdir)
   cli.run(main, (config_validation.ConfigError, checkpointing.CheckpointError,
-                 datasets.DatasetUnavailableError, train.NonFiniteError, workdir.WorkdirError))
+                 datasets.DatasetUnavailableError, train.NonFiniteError, workdir.WorkdirError,
+                 distributed.DistributedError))
 
 
 if __name__ == "__main__":

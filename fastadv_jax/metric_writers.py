@@ -12,7 +12,11 @@ from absl import logging
 class MetricWriter:
   """Appends records; on resume, drops records past the restored step so no step appears twice."""
 
-  def __init__(self, workdir: str, resume_step: int = 0):
+  def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
+    """`enabled=False` (processes other than 0 of a multi-process run) writes nothing."""
+    self.enabled = enabled
+    if not enabled:
+      return
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(self.path):
@@ -24,6 +28,8 @@ class MetricWriter:
     self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, epoch: float, metrics: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
     record = {"step": int(step), "epoch": round(float(epoch), 4)}
     for k, v in metrics.items():
       record[k] = float(v)
@@ -33,10 +39,12 @@ class MetricWriter:
       f.write(json.dumps(record) + "\n")
 
   def flush(self) -> None:
-    self.tb.flush()
+    if self.enabled:
+      self.tb.flush()
 
   def close(self) -> None:
-    self.tb.close()
+    if self.enabled:
+      self.tb.close()
 
 
 def _parse(path: str) -> list[dict]:

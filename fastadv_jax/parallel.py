@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastadv_jax import distributed
+
 # The name of the pmapped device axis: collectives and shardings refer to it.
 AXIS = "batch"
 
@@ -40,6 +42,13 @@ def pmap_sharding(n_devices: int, axis_name: str = AXIS) -> jax.sharding.NamedSh
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
 
 
+def process_rows(tree: Any) -> Any:
+  """This process's rows of a global host batch (all rows in a single-process run)."""
+  leaves = jax.tree.leaves(tree)
+  rows = distributed.process_rows(leaves[0].shape[0])
+  return jax.tree.map(lambda v: v[rows], tree)
+
+
 def shard(tree: Any, n_devices: int) -> Any:
   """Splits the leading (global batch) axis of every leaf into (n_devices, per-device, ...)."""
   return jax.tree.map(lambda v: v.reshape((n_devices, -1) + v.shape[1:]), tree)
@@ -58,8 +67,11 @@ def replicate(state: Any, n_devices: int, axis_name: str = AXIS) -> Any:
   rest = state.replace(carried_delta=None)
   rest = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n_devices,) + np.shape(x)), rest)
   if carried is not None:
-    carried = shard(np.asarray(carried), n_devices)
-  return jax.device_put(rest.replace(carried_delta=carried), pmap_sharding(n_devices, axis_name))
+    carried = shard(process_rows(np.asarray(carried)), n_devices)
+  state = rest.replace(carried_delta=carried)
+  if jax.process_count() > 1:
+    return state  # pmap places host arrays over the devices of all processes itself
+  return jax.device_put(state, pmap_sharding(n_devices, axis_name))
 
 
 def unreplicate(state: Any) -> Any:
@@ -68,7 +80,7 @@ def unreplicate(state: Any) -> Any:
   carried = state.carried_delta
   rest = jax.device_get(jax.tree.map(lambda x: x[0], state.replace(carried_delta=None)))
   if carried is not None:
-    carried = unshard(jax.device_get(carried))
+    carried = distributed.gather_rows(unshard(jax.device_get(carried)))
   return rest.replace(carried_delta=carried)
 
 

@@ -23,8 +23,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fastadv_jax import (checkpointing, config_validation, datasets, evaluation, metric_writers,
-                         methods, models, monitoring, parallel, schedules, train_step, workdir)
+from fastadv_jax import (checkpointing, config_validation, datasets, distributed, evaluation,
+                         metric_writers, methods, models, monitoring, parallel, schedules,
+                         train_step, workdir)
 from fastadv_jax import train_state as ts
 
 
@@ -58,9 +59,9 @@ class _Run:
     self.total = schedules.total_steps(c, self.spe)
     self.replay = methods.get(c.method).replays(c)
     self.batches = datasets.TrainBatches(self.train_split, c.batch_size, c.seed)
-    logging.info("%s: %d train / %d test examples, %d iterations (%d per epoch), %d device(s)",
-                 c.dataset, len(self.train_split), len(self.test_split), self.total, self.spe,
-                 self.n_dev)
+    logging.info("%s: %d train / %d test examples, %d iterations (%d per epoch), %d device(s) "
+                 "in %d process(es)", c.dataset, len(self.train_split), len(self.test_split),
+                 self.total, self.spe, jax.device_count(), jax.process_count())
     num_classes = datasets.NUM_CLASSES[c.dataset]
     model = models.create_model(c, num_classes, bn_axis_name=parallel.AXIS)
     eval_model = models.create_model(c, num_classes, half_precision=False)
@@ -78,7 +79,8 @@ class _Run:
       record = monitoring.RunRecord.from_json(meta)
       logging.info("Resumed from checkpoint at iteration %d", latest)
     self.start = int(state.step)
-    self.writer = metric_writers.MetricWriter(self.workdir, resume_step=self.start)
+    self.writer = metric_writers.MetricWriter(self.workdir, resume_step=self.start,
+                                              enabled=distributed.is_main())
     self.p_step = parallel.pmap_train_step(train_step.make_train_step(c, model, self.spe))
     self.rstate = parallel.replicate(state, self.n_dev)
     self.evaluator = evaluation.Evaluator(eval_model, c.eval_batch_size,
@@ -166,7 +168,8 @@ class _Run:
 
   def step(self, step: int) -> None:
     """Runs iteration `step` and its logging, diagnostics and checkpoint."""
-    batch = parallel.shard(self.batches.get(step // self.replay), self.n_dev)
+    batch = self.batches.get(step // self.replay)
+    batch = parallel.shard(parallel.process_rows(batch), self.n_dev)
     self.rstate, m = self.p_step(self.rstate, batch, self.step_rng)
     self.pending.append(m)
     self.step_timer.tick(self.rstate)
@@ -188,7 +191,7 @@ class _Run:
     """The loop; Ctrl-C and SIGTERM save a checkpoint first. Returns the training time."""
     self.clock = _Clock(self.monitor.record.train_time_s)
     self.step_timer = _StepTimer(self.monitor.record)
-    self.progress = _Progress(self.config, self.total, self.start)
+    self.progress = _Progress(self.config, self.total, self.start, distributed.is_main())
     try:
       with _StopOnSignal() as stop:
         self.due_diagnostics()
@@ -220,7 +223,8 @@ class _Run:
                                          rng)
       results["best"] = {"iteration": int(self.monitor.record.best_step),
                          "train_pgd_acc": float(self.monitor.record.best_train_pgd),
-                         "clean_acc": best["clean_acc"], "pgd_acc": best["pgd_acc"]}
+                         **{k: best[k] for k in ("clean_acc", "pgd_acc", "autoattack_acc")
+                            if k in best}}
     results.update({
         "config": workdir.config_dict(c), "iterations": self.total, "epochs": c.num_epochs,
         "train_time_s": train_time, "wall_time_s": time.time() - self.wall_start,
@@ -228,10 +232,16 @@ class _Run:
         "final_train_metrics": self.flush_train_metrics(self.total),
         "step_time_s": self.monitor.record.step_seconds / max(self.monitor.record.timed_steps, 1),
     })
-    workdir.write_json(os.path.join(self.workdir, "results.json"), results)
-    logging.info("Results: clean %.4f, PGD-%d-%d %.4f on %d test points; written to %s",
-                 results["clean_acc"], results["pgd_steps"], results["pgd_restarts"],
-                 results["pgd_acc"], results["n_eval"],
+    if distributed.is_main():
+      workdir.write_json(os.path.join(self.workdir, "results.json"), results)
+    robust = []
+    if "pgd_acc" in results:
+      robust.append(f"PGD-{results['pgd_steps']}-{results['pgd_restarts']} "
+                    f"{results['pgd_acc']:.4f}")
+    if "autoattack_acc" in results:
+      robust.append(f"AutoAttack {results['autoattack_acc']:.4f}")
+    logging.info("Results: clean %.4f, %s on %d test points; written to %s",
+                 results["clean_acc"], ", ".join(robust), results["n_eval"],
                  os.path.join(self.workdir, "results.json"))
     return results
 
@@ -243,13 +253,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir_: str) -> dict
   workdir created and locked (one run per workdir), and the latest checkpoint restored (one
   that does not fit the config is refused) before config.json is written.
   """
-  config_validation.validate_config(config, len(parallel.local_devices()))
+  config_validation.validate_config(config, jax.device_count())
   splits = _load_data(config)
-  workdir.prepare(workdir_)
-  with workdir.Lock(workdir_):
+  main = distributed.is_main()
+  if main:
+    workdir.prepare(workdir_)
+  distributed.barrier("workdir")  # the other processes open it once process 0 has made it
+  with workdir.Lock(workdir_, enabled=main):
     run = _Run(config, workdir_, splits)
     try:
-      workdir.record_config(config, workdir_)
+      if main:
+        workdir.record_config(config, workdir_)
       train_time = run.train()
       with _SigtermAsInterrupt():
         return run.finish(train_time)
@@ -294,9 +308,10 @@ class _StepTimer:
 class _Progress:
   """The tqdm bar (config.progress_bar) with the latest training and diagnostic numbers."""
 
-  def __init__(self, config: ml_collections.ConfigDict, total: int, start: int):
+  def __init__(self, config: ml_collections.ConfigDict, total: int, start: int,
+               enabled: bool = True):
     self.config, self.total, self.bar = config, total, None
-    if config.progress_bar:
+    if config.progress_bar and enabled:
       from tqdm import tqdm
       ga = "+GA" if config.grad_align_lambda > 0 else ""
       self.bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True,

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Optional: a separate environment for the PyTorch baseline of the benchmark (.venv-torch).
+# Optional: a separate environment (.venv-torch) for the PyTorch baseline of the benchmark, the
+# PyTorch AutoAttack of experiments/autoattack_vs_torch.py and the PyTorch cross-checks in tests/.
 # On these machines `pip install torch==2.13.0` under Python 3.11 takes a local CPU build; elsewhere
 # set TORCH_SPEC (e.g. "torch" for the registry's CUDA build on a GPU machine).
 set -euo pipefail
@@ -17,4 +18,8 @@ if [ ! -x .venv-torch/bin/python ]; then
 fi
 .venv-torch/bin/python -c 'import torch, numpy' 2>/dev/null || \
   .venv-torch/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" numpy
+# The independent AutoAttack of experiments/autoattack_vs_torch.py. --no-deps: its declared
+# torchvision dependency is not needed by the attacks and does not import beside a local torch.
+.venv-torch/bin/python -c 'import torchattacks' 2>/dev/null || \
+  .venv-torch/bin/python -m pip install -q --no-deps "torchattacks==3.5.1" scipy requests
 .venv/bin/python -m pip install -q psutil

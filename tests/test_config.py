@@ -36,7 +36,7 @@ def test_batch_must_divide_over_devices():
   c = load_config()
   c.batch_size = 100
   validate_config(c, num_devices=4)
-  with pytest.raises(ConfigError, match="not divisible by the 8 local devices"):
+  with pytest.raises(ConfigError, match="not divisible by the 8 devices"):
     validate_config(c, num_devices=8)
 
 

@@ -273,6 +273,8 @@ def test_unusable_workdirs_are_one_line(tmp_path):
     (["--eps=-1"], "--eps"),
     (["--eps=5"], "--eps"),
     (["--n_eval=0"], "--n_eval"),
+    (["--attack=autoattak"], "--attack"),
+    (["--attack=autoattack", "--eps=0"], "--eps"),
 ])
 def test_bad_evaluation_input_is_one_line_before_any_work(args, name, finished_run):
   before = _snapshot(finished_run)

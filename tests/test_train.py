@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fastadv_jax import checkpointing, datasets, metric_writers, monitoring, train
+from fastadv_jax import (checkpointing, config_validation, datasets, metric_writers, monitoring,
+                         train)
 from fastadv_jax.evaluate import load_run
 
 
@@ -118,19 +119,24 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mock_fas
   assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(variables))
 
 
-def test_evaluate_command_on_a_finished_run(tmp_path, mock_fashion_mnist, capsys):
+def _evaluate(args, capsys):
+  """fastadv_jax.evaluate's main on these flags, in this process; its printed JSON."""
   from absl import flags
   from fastadv_jax import evaluate
-  results = train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
-  argv = ["evaluate", f"--workdir={tmp_path}", "--weights=last", "--n_eval=16", "--pgd_steps=3",
-          "--pgd_restarts=2"]
+  argv = ["evaluate"] + args
   flags.FLAGS.unparse_flags()
   flags.FLAGS(argv)
   try:
     evaluate.main(argv)
   finally:
     flags.FLAGS.unparse_flags()
-  out = json.loads(capsys.readouterr().out)
+  return json.loads(capsys.readouterr().out)
+
+
+def test_evaluate_command_on_a_finished_run(tmp_path, mock_fashion_mnist, capsys):
+  results = train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+  out = _evaluate(["--workdir=" + str(tmp_path), "--weights=last", "--n_eval=16",
+                   "--pgd_steps=3", "--pgd_restarts=2"], capsys)
   assert out["clean_acc"] == results["clean_acc"]  # the same weights, the same points
   assert out["iteration"] == 3 and out["n_eval"] == 16 and out["eps"] == pytest.approx(0.1)
   assert 0.0 <= out["pgd_acc"] <= out["clean_acc"]
@@ -179,3 +185,26 @@ def test_diagnostics_use_the_full_eps_during_warmup(tmp_path, mock_fashion_mnist
   train_eps = [r["eps"] for r in records if "eps" in r]
   assert train_eps[0] < 0.1 * 0.5  # still warming up at the first log
   assert [r["eval_eps"] for r in records if "eval_eps" in r] == pytest.approx([0.1] * 3)
+
+
+def test_evaluate_with_autoattack_and_pgd(tmp_path, mock_fashion_mnist, capsys):
+  train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+  out = _evaluate([f"--workdir={tmp_path}", "--n_eval=16", "--pgd_steps=3", "--pgd_restarts=2",
+                   "--attack=pgd,autoattack"], capsys)
+  counts = list(out["autoattack_robust_counts"].values())
+  assert list(out["autoattack_robust_counts"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+  assert counts == sorted(counts, reverse=True)  # each attack only removes robust points
+  assert out["autoattack_acc"] == counts[-1] / 16 <= out["clean_acc"]
+  assert out["autoattack_clean_acc"] == out["clean_acc"] and "pgd_acc" in out
+  assert (tmp_path / "eval_last_eps0.1000_n16_pgd3x2+aa-standard.json").exists()
+
+
+def test_a_run_can_end_with_autoattack_instead_of_pgd(tmp_path, mock_fashion_mnist):
+  results = train.train_and_evaluate(tiny_config(num_epochs=1, final_attack="apgd-ce,square"),
+                                     str(tmp_path))
+  assert "pgd_acc" not in results
+  assert list(results["autoattack_robust_counts"]) == ["apgd-ce", "square"]
+  assert results["autoattack_acc"] <= results["clean_acc"]
+  assert "autoattack_acc" in results["best"] and "pgd_acc" not in results["best"]
+  with pytest.raises(config_validation.ConfigError, match="config.final_attack: unknown attack"):
+    config_validation.validate_config(tiny_config(final_attack="pgd,cw"))

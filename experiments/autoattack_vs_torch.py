@@ -1,0 +1,104 @@
+"""This library's AutoAttack against an independent PyTorch one, on the same weights and points.
+
+For each training workdir: export the weights with fastadv_jax.torch_interop (the exporter users
+get), run the JAX AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square at 100 / 100 / 5000) on
+the first --n test points, then torchattacks' attacks at the same settings on the export in the
+PyTorch environment (experiments/torch_autoattack.py), in the same invocation, one after the
+other. Prints per-attack robust counts and times side by side and writes them to --out.
+
+  .venv/bin/python experiments/autoattack_vs_torch.py --workdirs=runs/default,<other> \
+      --torch_python=.venv-torch/bin/python --n=1000 --out=experiments/bench/autoattack_vs_torch.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+from fastadv_jax import xla_cpu
+
+xla_cpu.apply()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fastadv_jax import datasets, evaluation, models, saved_run, torch_interop  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def compare(workdir: str, n: int, torch_python: str, tmp: str, seed: int) -> dict:
+  config, variables, step = saved_run.load_run(workdir)
+  test = datasets.load_split(config.dataset, "test", config.data_dir, config.download)
+  x, y = test.images[:n], test.labels[:n]
+  export_dir = os.path.join(tmp, os.path.basename(os.path.normpath(workdir)))
+  torch_interop.write_export(export_dir, config, variables, datasets.NUM_CLASSES[config.dataset],
+                             x.shape[1:])
+  points = os.path.join(export_dir, "points.npz")
+  np.savez(points, x=(x.astype(np.float32) / 255.0).transpose(0, 3, 1, 2), y=y.astype(np.int64))
+
+  model = models.create_model(config, datasets.NUM_CLASSES[config.dataset], half_precision=False)
+  ev = evaluation.Evaluator(model, config.eval_batch_size, step_alpha=config.eval_step_alpha)
+  start = time.perf_counter()
+  res = ev.autoattack(variables, x, y, config.eps, "standard", seed, progress=False)
+  jax_seconds = time.perf_counter() - start
+  for r in res.records:
+    print(f"jax   {r.name}: {r.attacked} -> {r.robust_after} robust ({r.seconds:.1f} s)",
+          flush=True)
+
+  torch_out = os.path.join(export_dir, "torch.json")
+  subprocess.run([torch_python, os.path.join(HERE, "torch_autoattack.py"),
+                  f"--export_dir={export_dir}", f"--data={points}", f"--eps={config.eps}",
+                  f"--seed={seed}", f"--out={torch_out}"], check=True)
+  with open(torch_out) as f:
+    th = json.load(f)
+  both = np.asarray(th["robust"]) & res.robust
+  return {
+      "workdir": workdir, "model": config.model, "method": config.method, "eps": config.eps,
+      "iteration": step, "n": n,
+      "jax": {"clean_acc": res.clean_accuracy, "autoattack_acc": res.accuracy,
+              "robust_counts": {r.name: r.robust_after for r in res.records},
+              "seconds": {r.name: round(r.seconds, 2) for r in res.records},
+              "total_seconds": round(jax_seconds, 2), "warnings": res.warnings},
+      "torch": {"clean_acc": th["clean_acc"], "autoattack_acc": th["autoattack_acc"],
+                "robust_counts": {r["name"]: r["robust_after"] for r in th["records"]},
+                "seconds": {r["name"]: round(r["seconds"], 2) for r in th["records"]},
+                "total_seconds": round(th["total_seconds"], 2),
+                "versions": {"torch": th["torch"], "torchattacks": th["torchattacks"]}},
+      "robust_in_both": int(both.sum()),
+      "robust_only_jax": int((res.robust & ~np.asarray(th["robust"])).sum()),
+      "robust_only_torch": int((~res.robust & np.asarray(th["robust"])).sum()),
+  }
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--workdirs", required=True, help="comma-separated training workdirs")
+  ap.add_argument("--torch_python", default=".venv-torch/bin/python")
+  ap.add_argument("--n", type=int, default=1000)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--out", default="")
+  args = ap.parse_args()
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for wd in args.workdirs.split(","):
+      rows.append(compare(wd, args.n, args.torch_python, tmp, args.seed))
+      r = rows[-1]
+      print(f"{wd}: AutoAttack jax {100 * r['jax']['autoattack_acc']:.1f} % "
+            f"({r['jax']['total_seconds']:.0f} s) vs torch {100 * r['torch']['autoattack_acc']:.1f} %"
+            f" ({r['torch']['total_seconds']:.0f} s)", flush=True)
+  out = {"rows": rows, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                   "jax": jax.__version__, "platform": platform.platform()}}
+  print(json.dumps(out, indent=1))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,53 @@
+"""Warnings that an AutoAttack number may not be trustworthy, after the reference's checks.
+
+Each check returns a message (or None); AutoAttack logs them and stores them in its result, so a
+suspicious evaluation is flagged in results.json next to the number it casts doubt on.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+PGD_GAP = 0.05  # PGD accuracy this far above AutoAttack's suggests the PGD evaluation was weak
+SQUARE_RATE = 0.002  # the reference's threshold: Square breaking more than 0.2 % of the points
+
+
+def randomised(logits_a: np.ndarray, logits_b: np.ndarray, version: str) -> str | None:
+  """Two calls with different model keys disagree: the defence is randomised."""
+  diff = float(np.max(np.abs(logits_a - logits_b)))
+  if diff > 1e-5 and version != "rand":
+    return (f"the model's outputs change between calls (max |difference| {diff:.3g}): it is "
+            "randomised, so use version='rand' (EOT over 20 draws)")
+  return None
+
+
+def probabilities(logits: np.ndarray) -> str | None:
+  """Outputs in [0, 1] that sum to 1 are softmax probabilities, not logits."""
+  if np.all(logits >= 0) and np.all(logits <= 1) and np.allclose(logits.sum(-1), 1.0, atol=1e-4):
+    return ("the model's outputs look like probabilities (in [0, 1], summing to 1): AutoAttack "
+            "needs logits; with probabilities the cross-entropy gradient can vanish")
+  return None
+
+
+def zero_gradients(zero: np.ndarray) -> str | None:
+  """Points whose loss has an exactly zero input gradient cannot be attacked by APGD."""
+  if np.any(zero):
+    return (f"{int(np.sum(zero))} of {zero.size} points have an input gradient of exactly zero: "
+            "gradient-based attacks cannot move them (gradient masking?); trust Square's result")
+  return None
+
+
+def square_after_gradients(broken_by_square: int, n: int, gradient_attacks_ran: bool
+                           ) -> str | None:
+  """Square, which needs no gradient, broke more than 0.2 % of the points after every gradient
+  attack had missed them."""
+  if gradient_attacks_ran and broken_by_square > SQUARE_RATE * n:
+    return (f"Square broke {broken_by_square} points that the gradient-based attacks missed: "
+            "the model's gradients may be masked or obfuscated")
+  return None
+
+
+def pgd_gap(pgd_acc: float | None, aa_acc: float) -> str | None:
+  if pgd_acc is not None and pgd_acc - aa_acc > PGD_GAP:
+    return (f"PGD accuracy {pgd_acc:.4f} is {pgd_acc - aa_acc:.4f} above AutoAttack's "
+            f"{aa_acc:.4f}: the PGD evaluation overestimates robustness")
+  return None

@@ -1,0 +1,115 @@
+"""Several processes as one run (jax.distributed, gloo collectives over 127.0.0.1): 2 processes
+x 4 CPU devices train to the same parameters and write the same outputs as 1 process x 8."""
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from fastadv_jax import distributed
+
+_CLI = r"""
+import sys
+import tensorflow_datasets as tfds
+with tfds.testing.mock_data(num_examples=48):
+  sys.argv = ["main"] + sys.argv[1:]
+  from fastadv_jax import main
+  main.run()
+"""
+_TINY = ["--config.n_filters=4", "--config.batch_size=16", "--config.num_epochs=2",
+         "--config.log_every=2", "--config.eval_every=3", "--config.checkpoint_every=3",
+         "--config.n_eval_points=16", "--config.eval_pgd_steps=2", "--config.n_final_eval=20",
+         "--config.final_pgd_steps=2", "--config.final_pgd_restarts=1",
+         "--config.eval_batch_size=8", "--config.progress_bar=False",
+         "--config.data_dir=/nonexistent-use-mock"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _train(workdir, n_proc: int, devices: int, extra=()):
+  """The training command line in n_proc processes of `devices` CPU devices each."""
+  port = _free_port()
+  procs = []
+  for i in range(n_proc):
+    dist = ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n_proc}",
+             f"--process_id={i}"] if n_proc > 1 else [])
+    argv = [sys.executable, "-c", _CLI, f"--config={ROOT}/configs/default.py",
+            f"--workdir={workdir}"] + _TINY + list(extra) + dist
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices))
+    procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+
+
+def _params(workdir):
+  from fastadv_jax import saved_run
+  _, v, step = saved_run.load_run(str(workdir))
+  return v, step
+
+
+def _files(workdir):
+  """The output files (TensorBoard's event files named by kind, not host and time)."""
+  out = []
+  for p in pathlib.Path(workdir).rglob("*"):
+    if p.is_file() and "checkpoints" not in p.parts:
+      rel = p.relative_to(workdir)
+      out.append(f"tensorboard/events ({p.stat().st_size > 0})" if rel.parts[0] == "tensorboard"
+                 else str(rel))
+  return sorted(out)
+
+
+def test_two_processes_equal_one(tmp_path):
+  # Free-AT: the per-example perturbation it carries between steps is split over processes
+  # and gathered for checkpoints, on top of everything FGSM-style methods exercise.
+  extra = ["--config.method=free"]
+  _train(tmp_path / "one", 1, 8, extra)
+  _train(tmp_path / "two", 2, 4, extra)
+  one = json.loads((tmp_path / "one" / "results.json").read_text())
+  two = json.loads((tmp_path / "two" / "results.json").read_text())
+  for k in ("clean_acc", "pgd_acc", "n_eval", "iterations"):
+    assert two[k] == pytest.approx(one[k], abs=1e-6), k
+  for k, v in one["final_train_metrics"].items():
+    assert two["final_train_metrics"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+  rows = lambda d: [json.loads(r) for r in (d / "metrics.jsonl").read_text().splitlines()]  # noqa
+  assert [r["step"] for r in rows(tmp_path / "two")] == [r["step"] for r in rows(tmp_path / "one")]
+  assert _files(tmp_path / "two") == _files(tmp_path / "one")  # one set of outputs, not two
+  (v1, s1), (v2, s2) = _params(tmp_path / "one"), _params(tmp_path / "two")
+  assert s1 == s2 == one["iterations"]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5), v1, v2)
+  # Rerunning the finished command: both processes restore process 0's last checkpoint.
+  (tmp_path / "two" / "results.json").unlink()
+  _train(tmp_path / "two", 2, 4, extra)
+  again = json.loads((tmp_path / "two" / "results.json").read_text())
+  assert (again["clean_acc"], again["pgd_acc"]) == (two["clean_acc"], two["pgd_acc"])
+
+
+def test_bad_distributed_arguments_are_refused():
+  with pytest.raises(distributed.DistributedError, match="need --coordinator_address"):
+    distributed.initialize("off", None, 2, 1, environ={})
+  with pytest.raises(distributed.DistributedError, match="needs --num_processes"):
+    distributed.initialize("off", "127.0.0.1:1234", None, None, environ={})
+  with pytest.raises(distributed.DistributedError, match="--process_id: must be in"):
+    distributed.initialize("off", "127.0.0.1:1234", 2, 2, environ={})
+  assert distributed.initialize("off", environ={}) is False  # a single process: nothing to do
+
+
+def test_points_are_split_without_gaps():
+  for n, p in ((20, 2), (9, 4), (1000, 3)):
+    ranges = [distributed.point_range(n, i, p) for i in range(p)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(b - a in (n // p, n // p + 1) for a, b in ranges)
+  with pytest.raises(ValueError, match="cannot be split"):
+    distributed.point_range(3, 0, 4)
