@@ -35,8 +35,9 @@ from fastadv_jax import evaluation, methods, models, parallel, train_step, xla_c
 from fastadv_jax import train_state as ts
 from fastadv_jax.configs import common, default
 
-# Every preset of the method registry, plus GradAlign differentiating through both gradients.
-METHODS = tuple(methods.PRESETS) + ("gradalign_full",)
+# Every preset of the method registry, plus variants of GradAlign. gradalign_full: through g1 too; gradalign_double / gradalign_jvp: GradAlign with its derivative
+# forced to one formulation (the `gradalign` row uses the config default, `auto`).
+METHODS = tuple(methods.PRESETS) + ("gradalign_full", "gradalign_double", "gradalign_jvp")
 INPUT_SHAPE = {"small_cnn": (28, 28, 1), "cnn": (32, 32, 3), "preact_resnet18": (32, 32, 3)}
 
 
@@ -46,10 +47,12 @@ def row_config(model: str, method: str, batch: int, dtype: str, width: int = 16)
   c.model, c.batch_size, c.half_precision = model, batch, dtype == "bfloat16"
   c.n_filters = width if model == "small_cnn" else 4
   c.eps = 8 / 255
-  preset = "gradalign" if method == "gradalign_full" else method
+  preset = "gradalign" if method.startswith("gradalign") else method
   common.apply_preset(c, preset)
   common.finish(c, preset, {}, gradalign_lambda=lambda eps: 0.2)
   c.grad_align_backprop_g1 = method == "gradalign_full"
+  c.grad_align_derivative = {"gradalign_jvp": "jvp", "gradalign_double": "double_backprop"
+                             }.get(method, c.grad_align_derivative)
   return c
 
 
@@ -180,7 +183,21 @@ def run_torch(torch_python: str, rows: list[dict], windows: int, steps: int,
   raise RuntimeError(f"PyTorch baseline failed ({proc.returncode}): {proc.stderr[-2000:]}")
 
 
-def add_ratios(rows: list[dict]) -> None:
+def measure_peak_flops(n: int = 2048, reps: int = 10) -> float:
+  """This machine's attainable float32 FLOP/s: the best of `reps` timed n x n matmuls (2 n^3
+  FLOPs each) on one device; the yardstick for each row's fraction of peak."""
+  a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32))
+  matmul = jax.jit(lambda u: u @ u)
+  matmul(a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * n ** 3 / best
+
+
+def add_ratios(rows: list[dict], peak_flops: float | None = None) -> None:
   """cost relative to FGSM (same model/batch/dtype/framework) and JAX/PyTorch speed ratio."""
   key = lambda r: (r["model"], r["batch"], r["dtype"], r["framework"])  # noqa: E731
   fgsm = {key(r): r["step_s"] for r in rows if r["method"] == "fgsm"}
@@ -189,14 +206,17 @@ def add_ratios(rows: list[dict]) -> None:
   for r in rows:
     if key(r) in fgsm:
       r["cost_vs_fgsm"] = r["step_s"] / fgsm[key(r)]
+    if peak_flops and r.get("flops_per_step"):
+      r["fraction_of_peak"] = r["flops_per_step"] / r["step_s"] / peak_flops
     t = torch_rows.get((r["model"], r["batch"], r["dtype"], r["method"]))
     if r["framework"] == "jax" and t is not None:
       r["jax_over_torch"] = r["images_per_s"] / t["images_per_s"]
 
 
 def table(rows: list[dict]) -> str:
-  lines = ["| model | method | batch | dtype | JAX img/s | JAX vs FGSM | compile s | PyTorch img/s "
-           "| PyTorch vs FGSM | JAX/PyTorch |", "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| model | method | batch | dtype | JAX img/s | JAX vs FGSM | compile s | % of peak "
+           "| PyTorch img/s | PyTorch vs FGSM | JAX/PyTorch |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   torch_rows = {(r["model"], r["batch"], r["dtype"], r["method"]): r for r in rows
                 if r["framework"] == "torch"}
   for r in rows:
@@ -208,8 +228,12 @@ def table(rows: list[dict]) -> str:
     lines.append(
         f"| {r['model']} | {r['method']} | {r['batch']} | {r['dtype']} | "
         f"{r['images_per_s']:.0f} | {r.get('cost_vs_fgsm', float('nan')):.2f}x | "
-        f"{r['compile_s']:.1f} | {torch_cells} |")
+        f"{r['compile_s']:.1f} | {_percent(r.get('fraction_of_peak'))} | {torch_cells} |")
   return "\n".join(lines)
+
+
+def _percent(v: float | None) -> str:
+  return "-" if v is None else f"{100 * v:.1f}"
 
 
 def environment() -> dict:
@@ -237,6 +261,8 @@ def main(argv=None) -> None:
   p.add_argument("--out", default="bench.json")
   args = p.parse_args(argv)
   xla_cpu.apply()  # before the first JAX computation starts the backend
+  peak = measure_peak_flops()
+  print(f"peak: {peak / 1e9:.1f} GFLOP/s (float32 2048 x 2048 matmul, one device)", flush=True)
   methods = METHODS if args.methods == "all" else tuple(args.methods.split(","))
   unknown = set(methods) - set(METHODS)
   if unknown:
@@ -265,10 +291,10 @@ def main(argv=None) -> None:
             f"{t['images_per_s']:9.1f} img/s", flush=True)
       t.pop("width", None)
       rows.append(t)
-  add_ratios(rows)
+  add_ratios(rows, peak)
   evals = [bench_eval(m, args.eval_points, args.width) for m in args.models.split(",")
            ] if args.eval_points else []
-  result = {"environment": environment(), "rows": rows, "eval": evals,
+  result = {"environment": dict(environment(), peak_flops=peak), "rows": rows, "eval": evals,
             "command": " ".join(["python -m fastadv_jax.benchmark"] + (argv or sys.argv[1:]))}
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)

@@ -63,6 +63,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   _check(c.multigrad_samples >= 1, "multigrad_samples", f"must be >= 1, got {c.multigrad_samples}")
   _check(0 <= c.guided_init <= 1, "guided_init", f"must be in [0, 1], got {c.guided_init}")
   _check(0 < c.nuat_ramp <= 1, "nuat_ramp", f"must be in (0, 1], got {c.nuat_ramp}")
+  _check(c.grad_align_derivative in ("auto", "double_backprop", "jvp"), "grad_align_derivative",
+         f"must be auto, double_backprop or jvp, got {c.grad_align_derivative!r}")
+  _check(not (c.grad_align_derivative == "jvp" and c.grad_align_backprop_g1),
+         "grad_align_derivative", "jvp does not differentiate through g1 "
+         "(grad_align_backprop_g1=True needs double_backprop)")
   _check(c.eval_step_alpha > 0, "eval_step_alpha", f"must be > 0, got {c.eval_step_alpha}")
   _check(c.crop_padding >= 0, "crop_padding", f"must be >= 0, got {c.crop_padding}")
   for field in ("log_every", "eval_every", "checkpoint_every", "n_eval_points", "eval_pgd_steps",

@@ -66,6 +66,46 @@ def gradalign_regularizer(cos: jax.Array, mask: jax.Array, lam, axis_name: str |
   return n_devices * local_share, reg
 
 
+def derivative_mode(config) -> str:
+  """'jvp' or 'double_backprop' for this config (config.grad_align_derivative, 'auto' resolved:
+  jvp for the ResNets, where XLA:CPU ran GradAlign 1.6-1.7x faster with it; double
+  backpropagation for the CNNs, where it was as fast or faster (BENCHMARKS.md, optimisation
+  log); never jvp when g1 is differentiated too, which only double backpropagation does)."""
+  mode = config.grad_align_derivative
+  if config.grad_align_backprop_g1:
+    return "double_backprop"
+  if mode == "auto":
+    return "jvp" if config.model in ("preact_resnet18", "wide_resnet") else "double_backprop"
+  return mode
+
+
+def regularizer_by_jvp(loss_fn: attacks.LossFn, x: jax.Array, keys: jax.Array, eps,
+                       g1: jax.Array | None, lam, axis_name: str | None = None
+                       ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """GradAlign with its parameter gradient as the reverse derivative of a forward-mode one.
+
+  With v = d reg / d g2 held fixed, d reg / d theta = v . d g2 / d theta = d/d theta of the
+  directional derivative jvp_x(sum l)(x + eta; v): reverse over forward mode instead of reverse
+  over reverse (double backpropagation). The returned local term has the value of
+  `gradalign_regularizer`'s and the same parameter gradient (up to rounding); g1's gradient is
+  stopped (`backprop_g1` is not supported here). Returns (local, reg, cos, mask).
+  """
+  g1 = jax.lax.stop_gradient(attacks.input_grad(loss_fn, x) if g1 is None else g1)
+  z = x + randomness.uniform_like(keys, x, -eps, eps)
+  g2 = jax.lax.stop_gradient(attacks.input_grad(loss_fn, z))
+
+  def local_of(g2_):
+    cos_, mask_ = masked_cosine(g1, g2_)
+    return gradalign_regularizer(cos_, mask_, lam, axis_name)[0]
+
+  v = jax.lax.stop_gradient(jax.grad(local_of)(g2))
+  cos, mask = masked_cosine(g1, g2)
+  local, reg = gradalign_regularizer(cos, mask, lam, axis_name)
+  _, directional = jax.jvp(lambda zz: jnp.sum(loss_fn(zz)), (z,), (v.astype(z.dtype),))
+  local = jax.lax.stop_gradient(local) + directional - jax.lax.stop_gradient(directional)
+  return local, reg, cos, mask
+
+
 def gradient_alignment(loss_fn: attacks.LossFn, x: jax.Array, keys: jax.Array, eps
                        ) -> jax.Array:
   """Diagnostic: masked mean of cos(grad l(x), grad l(x + eta)) over the batch."""

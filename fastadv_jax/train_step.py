@@ -86,7 +86,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
             progress, axis_name))
         total, method_reg, method_state = total + out.local, out.value, out.state
       local_reg, reg = jnp.zeros(()), jnp.zeros(())
-      if lam > 0:
+      if lam > 0 and gradalign.derivative_mode(config) == "jvp":
+        local_reg, reg, _, _ = gradalign.regularizer_by_jvp(
+            per_example_loss(params), x, noise_keys, eps, pert.clean_grad, lam, axis_name)
+      elif lam > 0:
         g1, g2 = gradalign.input_gradients(per_example_loss(params), x, noise_keys, eps,
                                            g1=pert.clean_grad,
                                            backprop_g1=config.grad_align_backprop_g1)

@@ -148,3 +148,39 @@ def test_reused_fgsm_gradient_equals_a_fresh_clean_gradient():
   g1b, g2b = gradalign.input_gradients(loss_fn, x, keys, 0.1)
   np.testing.assert_allclose(g1a, g1b, rtol=1e-6)
   np.testing.assert_allclose(g2a, g2b, rtol=1e-6)
+
+
+def test_the_jvp_derivative_equals_double_backpropagation(x64):
+  """Reverse over forward mode (grad_align_derivative=jvp) gives GradAlign's value and
+  parameter gradient as double backpropagation does, BatchNorm batch statistics included."""
+  model = models.SmallCNN(num_classes=3, width=2, use_batch_norm=True, dtype=jnp.float64)
+  x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1), jnp.float64)
+  y = jnp.array([0, 1, 2, 1])
+  variables = model.init(jax.random.key(1), x, train=False)
+  params = jax.tree.map(lambda p: p.astype(jnp.float64), variables["params"])
+  keys = jax.random.split(jax.random.key(2), 4)
+  g1 = attacks.input_grad(_per_example_loss(model, params, variables["batch_stats"], y), x)
+  double = _reg_fn(model, variables["batch_stats"], x, y, keys, 0.1, 0.7, False, fixed_g1=g1)
+
+  def by_jvp(p):
+    loss = _per_example_loss(model, p, variables["batch_stats"], y)
+    return gradalign.regularizer_by_jvp(loss, x, keys, 0.1, g1, 0.7)[0]
+
+  v_d, g_d = jax.value_and_grad(double)(params)
+  v_j, g_j = jax.value_and_grad(by_jvp)(params)
+  assert float(v_j) == pytest.approx(float(v_d), rel=1e-12)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12), g_d, g_j)
+
+
+def test_auto_picks_the_derivative_per_model():
+  from conftest import tiny_config
+  from fastadv_jax.config_validation import ConfigError, validate_config
+  assert gradalign.derivative_mode(tiny_config(model="preact_resnet18")) == "jvp"
+  assert gradalign.derivative_mode(tiny_config(model="small_cnn")) == "double_backprop"
+  assert gradalign.derivative_mode(tiny_config(model="cnn", grad_align_derivative="jvp")) == "jvp"
+  assert gradalign.derivative_mode(tiny_config(model="preact_resnet18",
+                                               grad_align_backprop_g1=True)) == "double_backprop"
+  with pytest.raises(ConfigError, match="grad_align_derivative"):
+    validate_config(tiny_config(grad_align_derivative="forward"))
+  with pytest.raises(ConfigError, match="jvp does not differentiate through g1"):
+    validate_config(tiny_config(grad_align_derivative="jvp", grad_align_backprop_g1=True))

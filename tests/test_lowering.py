@@ -15,8 +15,9 @@ from fastadv_jax import train_state as ts
 SHAPE = (16, 28, 28, 1)
 
 
-def _step_program(platform):
-  c = tiny_config(method="fgsm", grad_align_lambda=0.5, half_precision=True)
+def _step_program(platform, derivative="double_backprop"):
+  c = tiny_config(method="fgsm", grad_align_lambda=0.5, half_precision=True,
+                  grad_align_derivative=derivative)
   model = models.create_model(c, 10)
   state = ts.create_train_state(c, model, jax.random.key(0), SHAPE[1:], 10)
   step = jax.jit(train_step.make_train_step(c, model, 10, axis_name=None))
@@ -33,9 +34,10 @@ def _operand_types(line):
   return re.findall(r"tensor<[^>]*x(bf16|f32|f16|f64)>", sig)
 
 
-@pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_bf16_gradalign_step_lowers_with_bf16_compute_and_f32_state(platform):
-  exp = _step_program(platform)
+@pytest.mark.parametrize("platform,derivative", [("cuda", "double_backprop"),
+                                                 ("tpu", "double_backprop"), ("cuda", "jvp")])
+def test_bf16_gradalign_step_lowers_with_bf16_compute_and_f32_state(platform, derivative):
+  exp = _step_program(platform, derivative)
   text = exp.mlir_module()
   convs, dots = _ops(text, "convolution"), _ops(text, "dot_general")
   assert convs and dots

@@ -187,24 +187,22 @@ def test_diagnostics_use_the_full_eps_during_warmup(tmp_path, mock_fashion_mnist
   assert [r["eval_eps"] for r in records if "eval_eps" in r] == pytest.approx([0.1] * 3)
 
 
-def test_evaluate_with_autoattack_and_pgd(tmp_path, mock_fashion_mnist, capsys):
-  train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+def test_autoattack_at_the_end_of_a_run_and_from_the_evaluate_command(tmp_path,
+                                                                       mock_fashion_mnist, capsys):
+  results = train.train_and_evaluate(tiny_config(num_epochs=1, final_attack="apgd-ce,square"),
+                                     str(tmp_path))
+  assert "pgd_acc" not in results  # AutoAttack instead of PGD
+  assert list(results["autoattack_robust_counts"]) == ["apgd-ce", "square"]
+  assert results["autoattack_acc"] <= results["clean_acc"]
+  assert "autoattack_acc" in results["best"] and "pgd_acc" not in results["best"]
+  with pytest.raises(config_validation.ConfigError, match="config.final_attack: unknown attack"):
+    config_validation.validate_config(tiny_config(final_attack="pgd,cw"))
   out = _evaluate([f"--workdir={tmp_path}", "--n_eval=16", "--pgd_steps=3", "--pgd_restarts=2",
                    "--attack=pgd,autoattack"], capsys)
   counts = list(out["autoattack_robust_counts"].values())
   assert list(out["autoattack_robust_counts"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
   assert counts == sorted(counts, reverse=True)  # each attack only removes robust points
   assert out["autoattack_acc"] == counts[-1] / 16 <= out["clean_acc"]
-  assert out["autoattack_clean_acc"] == out["clean_acc"] and "pgd_acc" in out
+  assert out["autoattack_clean_acc"] == out["clean_acc"] == results["clean_acc"]
+  assert "pgd_acc" in out
   assert (tmp_path / "eval_last_eps0.1000_n16_pgd3x2+aa-standard.json").exists()
-
-
-def test_a_run_can_end_with_autoattack_instead_of_pgd(tmp_path, mock_fashion_mnist):
-  results = train.train_and_evaluate(tiny_config(num_epochs=1, final_attack="apgd-ce,square"),
-                                     str(tmp_path))
-  assert "pgd_acc" not in results
-  assert list(results["autoattack_robust_counts"]) == ["apgd-ce", "square"]
-  assert results["autoattack_acc"] <= results["clean_acc"]
-  assert "autoattack_acc" in results["best"] and "pgd_acc" not in results["best"]
-  with pytest.raises(config_validation.ConfigError, match="config.final_attack: unknown attack"):
-    config_validation.validate_config(tiny_config(final_attack="pgd,cw"))

@@ -39,6 +39,7 @@ def _max_rel_err(a, b):
 
 @pytest.mark.parametrize("method,lam,extra", [
     ("fgsm", 0.5, {}),
+    ("fgsm", 0.5, {"grad_align_derivative": "jvp"}),
     ("fgsm_rs", 0.5, {"grad_align_backprop_g1": True}),
     ("pgd", 0.0, {"pgd_steps": 2}),
     ("free", 0.0, {"free_replay": 2}),
