@@ -29,16 +29,21 @@ def _reg_fn(model, batch_stats, x, y, keys, eps, lam, backprop_g1, fixed_g1=None
   return reg
 
 
-@pytest.mark.parametrize("backprop_g1", [False, True])
-def test_gradalign_gradient_matches_finite_differences(x64, backprop_g1):
-  # Smooth activations would hide nothing here: ReLU kinks are measure-zero for random inputs,
-  # and the step h is far below the distance to any kink for this seed.
+def _float64_problem():
+  """A small BatchNorm CNN in float64 with a batch, its variables and noise keys."""
   model = models.SmallCNN(num_classes=3, width=2, use_batch_norm=True, dtype=jnp.float64)
   x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1), jnp.float64)
   y = jnp.array([0, 1, 2, 1])
   variables = model.init(jax.random.key(1), x, train=False)
   params = jax.tree.map(lambda p: p.astype(jnp.float64), variables["params"])
-  keys = jax.random.split(jax.random.key(2), 4)
+  return model, x, y, variables, params, jax.random.split(jax.random.key(2), 4)
+
+
+@pytest.mark.parametrize("backprop_g1", [False, True])
+def test_gradalign_gradient_matches_finite_differences(x64, backprop_g1):
+  # Smooth activations would hide nothing here: ReLU kinks are measure-zero for random inputs,
+  # and the step h is far below the distance to any kink for this seed.
+  model, x, y, variables, params, keys = _float64_problem()
   reg = _reg_fn(model, variables["batch_stats"], x, y, keys, 0.1, 0.7, backprop_g1)
   value, grad = jax.value_and_grad(reg)(params)
   assert 0.0 < float(value) < 1.4  # lam * (1 - cos), cos in (-1, 1)
@@ -153,12 +158,7 @@ def test_reused_fgsm_gradient_equals_a_fresh_clean_gradient():
 def test_the_jvp_derivative_equals_double_backpropagation(x64):
   """Reverse over forward mode (grad_align_derivative=jvp) gives GradAlign's value and
   parameter gradient as double backpropagation does, BatchNorm batch statistics included."""
-  model = models.SmallCNN(num_classes=3, width=2, use_batch_norm=True, dtype=jnp.float64)
-  x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1), jnp.float64)
-  y = jnp.array([0, 1, 2, 1])
-  variables = model.init(jax.random.key(1), x, train=False)
-  params = jax.tree.map(lambda p: p.astype(jnp.float64), variables["params"])
-  keys = jax.random.split(jax.random.key(2), 4)
+  model, x, y, variables, params, keys = _float64_problem()
   g1 = attacks.input_grad(_per_example_loss(model, params, variables["batch_stats"], y), x)
   double = _reg_fn(model, variables["batch_stats"], x, y, keys, 0.1, 0.7, False, fixed_g1=g1)
 
