@@ -89,9 +89,10 @@ def main() -> None:
     for wd in args.workdirs.split(","):
       rows.append(compare(wd, args.n, args.torch_python, tmp, args.seed))
       r = rows[-1]
-      print(f"{wd}: AutoAttack jax {100 * r['jax']['autoattack_acc']:.1f} % "
-            f"({r['jax']['total_seconds']:.0f} s) vs torch {100 * r['torch']['autoattack_acc']:.1f} %"
-            f" ({r['torch']['total_seconds']:.0f} s)", flush=True)
+      jax_, torch_ = r["jax"], r["torch"]
+      print(f"{wd}: AutoAttack jax {100 * jax_['autoattack_acc']:.1f} % "
+            f"({jax_['total_seconds']:.0f} s) vs torch {100 * torch_['autoattack_acc']:.1f} % "
+            f"({torch_['total_seconds']:.0f} s)", flush=True)
   out = {"rows": rows, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                    "jax": jax.__version__, "platform": platform.platform()}}
   print(json.dumps(out, indent=1))

@@ -35,8 +35,9 @@ from fastadv_jax import evaluation, methods, models, parallel, train_step, xla_c
 from fastadv_jax import train_state as ts
 from fastadv_jax.configs import common, default
 
-# Every preset of the method registry, plus variants of GradAlign. gradalign_full: through g1 too; gradalign_double / gradalign_jvp: GradAlign with its derivative
-# forced to one formulation (the `gradalign` row uses the config default, `auto`).
+# Every preset of the method registry, plus variants of GradAlign. gradalign_full: through g1
+# too; gradalign_double / gradalign_jvp: its derivative forced to one formulation (the
+# `gradalign` row uses the config default, `auto`).
 METHODS = tuple(methods.PRESETS) + ("gradalign_full", "gradalign_double", "gradalign_jvp")
 INPUT_SHAPE = {"small_cnn": (28, 28, 1), "cnn": (32, 32, 3), "preact_resnet18": (32, 32, 3)}
 

@@ -51,8 +51,8 @@ def initialize(mode: str = "off", coordinator_address: str | None = None,
       raise DistributedError("--coordinator_address needs --num_processes and --process_id")
     if not 0 <= process_id < num_processes:
       raise DistributedError(f"--process_id: must be in [0, {num_processes}), got {process_id}")
-  if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Cross-process collectives of the CPU backend (GPU/TPU backends use their own).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
     if address is None:
       jax.distributed.initialize()

@@ -76,9 +76,11 @@ def main(argv):
   n_eval = config.n_final_eval if FLAGS.n_eval is None else FLAGS.n_eval
   run_pgd, aa_attacks = check_flags(eps, n_eval, FLAGS.pgd_steps, FLAGS.pgd_restarts,
                                     FLAGS.attack)
-  num_classes = datasets.NUM_CLASSES[config.dataset]
-  if set(aa_attacks) & set(autoattack.TARGETED) and num_classes < 4:
-    raise UsageError(f"--attack: {autoattack.targeted_error(num_classes)}")
+  if aa_attacks:
+    try:
+      autoattack.check_classes(aa_attacks, datasets.NUM_CLASSES[config.dataset])
+    except ValueError as e:
+      raise UsageError(f"--attack: {e}") from None
   workdir.check_writable(FLAGS.workdir)  # fail now, not after the whole evaluation
   test = datasets.load_split(config.dataset, "test", config.data_dir, config.download)
   config, variables, step = load_run(FLAGS.workdir, FLAGS.weights, config)

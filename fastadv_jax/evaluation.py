@@ -5,8 +5,8 @@ multiple of the device count and spread over devices with pmap (parallel.py); ra
 example (keyed by the example's position in the evaluated set), so results do not depend on the
 number of devices or on the chunk size. In a multi-process run every process evaluates its own
 contiguous share of the points on its own devices, and the per-point results are gathered
-(distributed.py), so every process returns the same numbers. PGD's step is `step_alpha * eps` (config.eval_step_alpha,
-1/4 in the paper's protocol).
+(distributed.py), so every process returns the same numbers. PGD's step is `step_alpha * eps`
+(config.eval_step_alpha, 1/4 in the paper's protocol).
 """
 from __future__ import annotations
 
@@ -164,12 +164,10 @@ class Evaluator:
                  pgd_acc: float | None = None, progress: bool = True
                  ) -> autoattack.AutoAttackResult:
     """AutoAttack (autoattack/) on uint8 images, over this evaluator's devices."""
+    apply_fn = lambda v, x, _key: self.model.apply(v, x, train=False)  # noqa: E731
     aa = autoattack.AutoAttack(
-        lambda v, x, _key: self.model.apply(v, x, train=False),
-        int(jax.eval_shape(lambda x: self.model.apply(variables, x, train=False),
-                           jax.ShapeDtypeStruct((1,) + images.shape[1:], jnp.float32)
-                           ).shape[-1]),
-        eps, attacks_, batch_size=self.batch_size, devices=self.devices, progress=progress)
+        apply_fn, autoattack.output_classes(apply_fn, variables, images.shape[1:]), eps,
+        attacks_, batch_size=self.batch_size, devices=self.devices, progress=progress)
     return aa.run(variables, np.asarray(images, np.float32) / 255.0, labels, seed, pgd_acc)
 
   def clean_accuracy(self, variables: Variables, images: np.ndarray, labels: np.ndarray

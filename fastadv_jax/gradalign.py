@@ -81,29 +81,27 @@ def derivative_mode(config) -> str:
 
 def regularizer_by_jvp(loss_fn: attacks.LossFn, x: jax.Array, keys: jax.Array, eps,
                        g1: jax.Array | None, lam, axis_name: str | None = None
-                       ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+                       ) -> tuple[jax.Array, jax.Array]:
   """GradAlign with its parameter gradient as the reverse derivative of a forward-mode one.
 
   With v = d reg / d g2 held fixed, d reg / d theta = v . d g2 / d theta = d/d theta of the
   directional derivative jvp_x(sum l)(x + eta; v): reverse over forward mode instead of reverse
   over reverse (double backpropagation). The returned local term has the value of
   `gradalign_regularizer`'s and the same parameter gradient (up to rounding); g1's gradient is
-  stopped (`backprop_g1` is not supported here). Returns (local, reg, cos, mask).
+  stopped (`backprop_g1` is not supported here). Returns (local, reg) as that function.
   """
   g1 = jax.lax.stop_gradient(attacks.input_grad(loss_fn, x) if g1 is None else g1)
   z = x + randomness.uniform_like(keys, x, -eps, eps)
   g2 = jax.lax.stop_gradient(attacks.input_grad(loss_fn, z))
 
-  def local_of(g2_):
-    cos_, mask_ = masked_cosine(g1, g2_)
-    return gradalign_regularizer(cos_, mask_, lam, axis_name)[0]
+  def local_and_reg(g2_):
+    return gradalign_regularizer(*masked_cosine(g1, g2_), lam, axis_name)
 
-  v = jax.lax.stop_gradient(jax.grad(local_of)(g2))
-  cos, mask = masked_cosine(g1, g2)
-  local, reg = gradalign_regularizer(cos, mask, lam, axis_name)
+  (local, reg), v = jax.value_and_grad(local_and_reg, has_aux=True)(g2)
+  v = jax.lax.stop_gradient(v)
   _, directional = jax.jvp(lambda zz: jnp.sum(loss_fn(zz)), (z,), (v.astype(z.dtype),))
   local = jax.lax.stop_gradient(local) + directional - jax.lax.stop_gradient(directional)
-  return local, reg, cos, mask
+  return local, reg
 
 
 def gradient_alignment(loss_fn: attacks.LossFn, x: jax.Array, keys: jax.Array, eps

@@ -23,7 +23,7 @@ def main(argv):
   cli_logging.setup()
   from fastadv_jax import saved_run  # pylint: disable=import-outside-toplevel
   config = saved_run.run_config(FLAGS.workdir)
-  torch_interop.torch_spec(config, 1, (1, 1, 1))  # an unsupported model fails before any work
+  torch_interop.check_supported(config)  # before any work
   shape = datasets.IMAGE_SHAPES[config.dataset]
   config, variables, step = saved_run.load_run(FLAGS.workdir, FLAGS.weights, config)
   paths = torch_interop.write_export(

@@ -43,8 +43,16 @@ class _Entry:
   flat_hwc: tuple = ()  # dense_flat: the (h, w, c) shape that was flattened
 
 
+def check_supported(config: ml_collections.ConfigDict) -> None:
+  """InteropError unless config.model has a PyTorch layout here."""
+  if config.model not in SUPPORTED:
+    raise InteropError(f"config.model: PyTorch interop supports {SUPPORTED}, not "
+                       f"{config.model!r}")
+
+
 def _layout(config: ml_collections.ConfigDict, params: Mapping, image_shape: tuple
             ) -> list[_Entry]:
+  check_supported(config)
   h, w, _ = image_shape
   if config.model == "preact_resnet18":
     out = [_Entry("conv1", ("conv1",), "conv")]
@@ -62,15 +70,14 @@ def _layout(config: ml_collections.ConfigDict, params: Mapping, image_shape: tup
       out += [_Entry(f"_model.{2 * i}", (f"conv{i}",), "conv_bias")]
     return out + [_Entry(f"_model.{2 * config.n_layers + 1}", ("linear",), "dense_flat",
                          (h, w, config.n_filters))]
-  if config.model == "small_cnn":
-    out = []
-    for i in range(2):
-      out.append(_Entry(f"conv{i}", (f"conv{i}",), "conv" if config.use_batch_norm else "conv_bias"))
-      if config.use_batch_norm:
-        out.append(_Entry(f"bn{i}", (f"bn{i}",), "bn"))
-    return out + [_Entry("fc", ("fc",), "dense_flat", (h // 4, w // 4, 2 * config.n_filters)),
-                  _Entry("linear", ("linear",), "dense")]
-  raise InteropError(f"config.model: PyTorch interop supports {SUPPORTED}, not {config.model!r}")
+  out = []  # small_cnn
+  kind = "conv" if config.use_batch_norm else "conv_bias"
+  for i in range(2):
+    out.append(_Entry(f"conv{i}", (f"conv{i}",), kind))
+    if config.use_batch_norm:
+      out.append(_Entry(f"bn{i}", (f"bn{i}",), "bn"))
+  return out + [_Entry("fc", ("fc",), "dense_flat", (h // 4, w // 4, 2 * config.n_filters)),
+                _Entry("linear", ("linear",), "dense")]
 
 
 def _get(tree: Mapping, path: tuple) -> Any:
@@ -109,7 +116,8 @@ def to_torch_state_dict(config: ml_collections.ConfigDict, variables: Mapping,
       sd[f"{e.torch}.bias"] = np.asarray(p["bias"])
     else:
       s = _get(stats, e.flax)
-      sd.update({f"{e.torch}.weight": np.asarray(p["scale"]), f"{e.torch}.bias": np.asarray(p["bias"]),
+      sd.update({f"{e.torch}.weight": np.asarray(p["scale"]),
+                 f"{e.torch}.bias": np.asarray(p["bias"]),
                  f"{e.torch}.running_mean": np.asarray(s["mean"]),
                  f"{e.torch}.running_var": np.asarray(s["var"]),
                  f"{e.torch}.num_batches_tracked": np.zeros((), np.int64)})
@@ -164,17 +172,16 @@ def _copy_tree(tree: Mapping) -> dict:
 
 def torch_spec(config: ml_collections.ConfigDict, num_classes: int, image_shape: tuple) -> dict:
   """The architecture and arguments of torch_models.build for this config."""
+  check_supported(config)
   h, w, c = image_shape
   if config.model == "preact_resnet18":
     kwargs = dict(num_classes=num_classes, in_channels=c, stage_widths=list(config.resnet_widths))
   elif config.model == "cnn":
     kwargs = dict(num_classes=num_classes, in_channels=c, height=h, width=w,
                   n_filters=config.n_filters, n_layers=config.n_layers)
-  elif config.model == "small_cnn":
+  else:  # small_cnn
     kwargs = dict(num_classes=num_classes, in_channels=c, height=h, width=w,
                   n_filters=config.n_filters, use_batch_norm=config.use_batch_norm)
-  else:
-    raise InteropError(f"config.model: PyTorch interop supports {SUPPORTED}, not {config.model!r}")
   return {"architecture": config.model, "kwargs": kwargs}
 
 
@@ -220,7 +227,7 @@ def import_to_workdir(config: ml_collections.ConfigDict, state_dict_path: str, w
   """Converts a state_dict file, then writes <workdir_>/config.json and checkpoint 0 (the
   weights as both last and early-stopped ones); returns the number of tensors read."""
   config_validation.validate_config(config)
-  torch_spec(config, 1, (1, 1, 1))  # an unsupported model fails first
+  check_supported(config)
   if not os.path.exists(state_dict_path):
     raise InteropError(f"--state_dict: {state_dict_path} does not exist")
   if os.path.isdir(os.path.join(workdir_, "checkpoints")):

@@ -87,7 +87,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
         total, method_reg, method_state = total + out.local, out.value, out.state
       local_reg, reg = jnp.zeros(()), jnp.zeros(())
       if lam > 0 and gradalign.derivative_mode(config) == "jvp":
-        local_reg, reg, _, _ = gradalign.regularizer_by_jvp(
+        local_reg, reg = gradalign.regularizer_by_jvp(
             per_example_loss(params), x, noise_keys, eps, pert.clean_grad, lam, axis_name)
       elif lam > 0:
         g1, g2 = gradalign.input_gradients(per_example_loss(params), x, noise_keys, eps,

@@ -16,6 +16,19 @@ import pytest  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+# `python -c MOCK_DATA_CLI <module> <flags...>` runs `<module>.run()` (a command line of the
+# package) with TFDS's mock data in place of the real datasets, in a fresh process.
+MOCK_DATA_CLI = r"""
+import sys
+import tensorflow_datasets as tfds
+sys.path.insert(0, "tests")
+module = sys.argv[1]
+sys.argv = ["prog"] + sys.argv[2:]
+with tfds.testing.mock_data(num_examples=48):
+  import importlib
+  importlib.import_module(module).run()
+"""
+
 
 def load_config(name: str = "default", arg: str | None = None):
   """get_config() of configs/<name>.py, imported as the package fastadv_jax.configs."""

@@ -121,7 +121,7 @@ def test_apgd_halves_the_step_when_the_loss_stalls():
   x = jnp.full((3, 2, 2, 1), 0.5)
   y = jnp.zeros(3, jnp.int32)
   const = lambda z, key: jnp.tile(jnp.array([[1.0, 0.0, 0.0, 0.0]]), (z.shape[0], 1))  # noqa
-  grad_fn = apgd.gradient_fn(const, apgd.loss_for("ce", y), 1, None)
+  grad_fn = apgd.gradient_fn(const, apgd.loss_for("ce", y), 1, jax.random.key(0))
   keys = jax.random.split(jax.random.key(0), 3)
   s = apgd.init(grad_fn, x, y, keys, 0.1, 100)
   for i in range(100):
@@ -173,9 +173,10 @@ def test_square_schedule_and_squares():
   keys = jax.random.split(jax.random.key(3), 4)
   always_better = lambda z, key: jnp.stack(  # noqa: E731  margin falls with every change
       [-jnp.sum(jnp.abs(z - 0.5), (1, 2, 3)), jnp.zeros(z.shape[0])], 1)
-  s = square.init(always_better, x, y, keys, 0.1)
+  model_key = jax.random.key(0)
+  s = square.init(always_better, x, y, keys, 0.1, model_key)
   s["x_best"], s["margin"] = x, jnp.ones(4)
-  s = square.body(always_better, x, y, keys, 0.1, jnp.int32(100), s, 5000)
+  s = square.body(always_better, x, y, keys, 0.1, jnp.int32(100), s, model_key, 5000)
   changed = np.abs(np.asarray(s["x_best"]) - 0.5) > 1e-6
   side = max(int(round(np.sqrt(0.8 / 4 * 64))), 1)  # iteration 100 of 5000 = 200 of 10 000
   assert list(changed.sum((1, 2, 3))) == [side * side * 2] * 4

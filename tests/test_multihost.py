@@ -11,17 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import MOCK_DATA_CLI, ROOT
 from fastadv_jax import distributed
 
-_CLI = r"""
-import sys
-import tensorflow_datasets as tfds
-with tfds.testing.mock_data(num_examples=48):
-  sys.argv = ["main"] + sys.argv[1:]
-  from fastadv_jax import main
-  main.run()
-"""
 _TINY = ["--config.n_filters=4", "--config.batch_size=16", "--config.num_epochs=2",
          "--config.log_every=2", "--config.eval_every=3", "--config.checkpoint_every=3",
          "--config.n_eval_points=16", "--config.eval_pgd_steps=2", "--config.n_final_eval=20",
@@ -43,7 +35,8 @@ def _train(workdir, n_proc: int, devices: int, extra=()):
   for i in range(n_proc):
     dist = ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n_proc}",
              f"--process_id={i}"] if n_proc > 1 else [])
-    argv = [sys.executable, "-c", _CLI, f"--config={ROOT}/configs/default.py",
+    argv = [sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.main",
+            f"--config={ROOT}/configs/default.py",
             f"--workdir={workdir}"] + _TINY + list(extra) + dist
     env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices))
     procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import MOCK_DATA_CLI, ROOT, tiny_config
 from fastadv_jax import checkpointing, evaluation, metric_writers, monitoring, train, workdir
 
 # 6 iterations; diagnostics at 4 and 6; checkpoints at 2, 4, 6 (the last two kept).
@@ -165,17 +165,7 @@ def test_a_nan_stop_closes_everything(tmp_path):
   _assert_one_line_error(proc, "non-finite loss or gradient")
 
 
-# Command lines on mock data, in a subprocess (as users run them).
-_CLI = r"""
-import sys
-import tensorflow_datasets as tfds
-sys.path.insert(0, "tests")
-module = sys.argv[1]
-sys.argv = ["prog"] + sys.argv[2:]
-with tfds.testing.mock_data(num_examples=48):
-  import importlib
-  importlib.import_module(module).run()
-"""
+# Command lines on mock data, in a subprocess (as users run them): MOCK_DATA_CLI (conftest).
 _TINY = ["--config.n_filters=4", "--config.batch_size=16", "--config.num_epochs=1",
          "--config.n_eval_points=16", "--config.eval_pgd_steps=2", "--config.n_final_eval=16",
          "--config.final_pgd_steps=2", "--config.final_pgd_restarts=1",
@@ -184,7 +174,7 @@ _TINY = ["--config.n_filters=4", "--config.batch_size=16", "--config.num_epochs=
 
 
 def _cli(args, timeout=120, env=None):
-  argv = [sys.executable, "-c", _CLI, args[0]]
+  argv = [sys.executable, "-c", MOCK_DATA_CLI, args[0]]
   if args[0] == "fastadv_jax.main":
     argv += [f"--config={ROOT}/configs/default.py"] + _TINY
   return subprocess.run(argv + args[1:], capture_output=True, text=True, cwd=ROOT,
@@ -297,7 +287,8 @@ def test_evaluate_without_checkpoints_or_on_a_read_only_workdir(tmp_path, finish
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_saves_a_checkpoint_and_exits_with_the_shell_code(sig, code, tmp_path):
   wd = tmp_path / "wd"
-  argv = [sys.executable, "-c", _CLI, "fastadv_jax.main", f"--config={ROOT}/configs/default.py",
+  argv = [sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.main",
+          f"--config={ROOT}/configs/default.py",
           f"--workdir={wd}"] + _TINY + ["--config.num_epochs=1000", "--config.checkpoint_every=1000"]
   proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, env=dict(os.environ, JAX_NUM_CPU_DEVICES="1"))
@@ -321,7 +312,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_cli_run(tmp_path):
   full = tmp_path / "full"
   assert _cli(["fastadv_jax.main", f"--workdir={full}"] + args, timeout=300).returncode == 0
   cut = tmp_path / "cut"
-  argv = [sys.executable, "-c", _CLI, "fastadv_jax.main", f"--config={ROOT}/configs/default.py",
+  argv = [sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.main",
+          f"--config={ROOT}/configs/default.py",
           f"--workdir={cut}"] + _TINY + args
   proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           env=dict(os.environ, JAX_NUM_CPU_DEVICES="1"))

@@ -13,12 +13,12 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from fastadv_jax.autoattack.losses import targeted_error
 from fastadv_jax.autoattack.runner import (ATTACKS, TARGETED, VERSIONS, AttackRecord, AutoAttack,
-                                           AutoAttackResult, parse_attacks)
+                                           AutoAttackResult, check_classes, output_classes,
+                                           parse_attacks)
 
-__all__ = ["ATTACKS", "TARGETED", "VERSIONS", "AttackRecord", "AutoAttack", "AutoAttackResult", "evaluate",
-           "parse_attacks", "targeted_error"]
+__all__ = ["ATTACKS", "TARGETED", "VERSIONS", "AttackRecord", "AutoAttack", "AutoAttackResult",
+           "check_classes", "evaluate", "output_classes", "parse_attacks"]
 
 
 def evaluate(logits_fn: Callable[..., jax.Array], images: np.ndarray, labels: np.ndarray,
@@ -34,9 +34,7 @@ def evaluate(logits_fn: Callable[..., jax.Array], images: np.ndarray, labels: np
   apply_fn = ((lambda _, x, key: logits_fn(x, key)) if takes_key
               else (lambda _, x, key: logits_fn(x)))
   if num_classes is None:
-    num_classes = int(jax.eval_shape(lambda x: apply_fn(None, x, jax.random.key(0)),
-                                     jax.ShapeDtypeStruct((1,) + np.shape(images)[1:],
-                                                          np.float32)).shape[-1])
+    num_classes = output_classes(apply_fn, (), np.shape(images)[1:])
   attack = AutoAttack(apply_fn, num_classes, eps, attacks, batch_size=batch_size,
                       progress=progress, **kwargs)
   return attack.run((), images, labels, seed)

@@ -54,11 +54,10 @@ def _project(z: jax.Array, x: jax.Array, eps) -> jax.Array:
 
 
 def gradient_fn(logits_fn: LogitsFn, loss: Callable[[jax.Array], jax.Array], eot_iter: int,
-                model_key: jax.Array | None) -> Callable:
+                model_key: jax.Array) -> Callable:
   """(z, i) -> (per-example loss, logits, input gradient of the summed loss); with `eot_iter`
   > 1 the gradient is the mean over that many calls of a randomised `logits_fn` (EOT), each
   drawing from `model_key` (one key per call: a randomised model draws for the whole batch)."""
-  base = jax.random.key(0) if model_key is None else model_key
 
   def total(z, key):
     logits = logits_fn(z, key)
@@ -68,7 +67,7 @@ def gradient_fn(logits_fn: LogitsFn, loss: Callable[[jax.Array], jax.Array], eot
   def value_and_grad(z, i):
     grads, values = 0.0, None
     for e in range(eot_iter):
-      key = jax.random.fold_in(jax.random.fold_in(base, i), e)
+      key = jax.random.fold_in(jax.random.fold_in(model_key, i), e)
       (_, values), g = jax.value_and_grad(total, has_aux=True)(z, key)
       grads = grads + g
     return values[0], values[1], grads / eot_iter
@@ -126,7 +125,8 @@ def apgd(logits_fn: LogitsFn, loss: Callable[[jax.Array], jax.Array], x: jax.Arr
   where one was found, else the best-loss point), under stop_gradient. (AutoAttack's runner
   drives init / body / finish from the host in blocks of unrolled iterations instead.)
   """
-  grad_fn = gradient_fn(logits_fn, loss, eot_iter, model_key)
+  grad_fn = gradient_fn(logits_fn, loss, eot_iter,
+                        jax.random.key(0) if model_key is None else model_key)
   state = init(grad_fn, x, y, keys, eps, steps)
   state = jax.lax.fori_loop(0, steps, lambda i, s: body(grad_fn, x, y, eps, i, s, rho), state)
   return finish(state, x)

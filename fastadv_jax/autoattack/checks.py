@@ -16,7 +16,7 @@ def randomised(logits_a: np.ndarray, logits_b: np.ndarray, version: str) -> str 
   diff = float(np.max(np.abs(logits_a - logits_b)))
   if diff > 1e-5 and version != "rand":
     return (f"the model's outputs change between calls (max |difference| {diff:.3g}): it is "
-            "randomised, so use version='rand' (EOT over 20 draws)")
+            "randomised, so use the rand version (--attack=autoattack-rand; EOT over 20 draws)")
   return None
 
 

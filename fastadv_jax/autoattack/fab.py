@@ -65,11 +65,10 @@ def init(x: jax.Array) -> dict:
 
 
 def body(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, target: jax.Array, s: dict,
-         alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
-         model_key: jax.Array | None = None) -> dict:
+         key: jax.Array, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9) -> dict:
   """One FAB step: project onto the linearised y-vs-target boundary, keep the closest
-  misclassified point, pull misclassified iterates back towards x by beta."""
-  key = jax.random.key(0) if model_key is None else model_key
+  misclassified point, pull misclassified iterates back towards x by beta. `key`: the model's
+  (for a randomised one)."""
   x0, x1 = _flat(x), s["x1"]
 
   def diff(z):
@@ -95,11 +94,10 @@ def body(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, target: jax.Array, s: 
               best=jnp.where(closer, norm, s["best"]))
 
 
-def finish(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, eps, s: dict,
-           model_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def finish(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, eps, s: dict, key: jax.Array
+           ) -> tuple[jax.Array, jax.Array]:
   """(robust, x_adv): the closest misclassified point, projected onto the eps-ball, if that
   projection is still misclassified."""
-  key = jax.random.key(0) if model_key is None else model_key
   x0 = _flat(x)
   adv = jnp.clip(s["adv"], x0 - eps, x0 + eps).reshape(x.shape)
   broken = jnp.isfinite(s["best"]) & (jnp.argmax(logits_fn(adv, key), -1) != y)
@@ -112,6 +110,7 @@ def fab_targeted(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, target: jax.Ar
                  beta: float = 0.9, model_key: jax.Array | None = None
                  ) -> tuple[jax.Array, jax.Array]:
   """FAB-T towards `target` (n,) as one jittable function. Returns (robust (n,) bool, x_adv)."""
-  state = jax.lax.fori_loop(0, steps, lambda _, s: body(logits_fn, x, y, target, s, alpha_max,
-                                                        eta, beta, model_key), init(x))
-  return finish(logits_fn, x, y, eps, state, model_key)
+  key = jax.random.key(0) if model_key is None else model_key
+  state = jax.lax.fori_loop(0, steps, lambda _, s: body(logits_fn, x, y, target, s, key,
+                                                        alpha_max, eta, beta), init(x))
+  return finish(logits_fn, x, y, eps, state, key)

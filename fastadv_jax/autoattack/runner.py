@@ -74,6 +74,20 @@ class AutoAttackResult:
     }
 
 
+def check_classes(attacks: Sequence[str], num_classes: int) -> None:
+  """ValueError unless the attacks can run on a `num_classes`-way classifier."""
+  if num_classes < 2:
+    raise ValueError(f"need at least 2 classes, got {num_classes}")
+  if any(a in TARGETED for a in attacks) and num_classes < aa_losses.MIN_CLASSES_TARGETED:
+    raise ValueError(aa_losses.targeted_error(num_classes))
+
+
+def output_classes(apply_fn: ApplyFn, variables: Any, image_shape: tuple) -> int:
+  """The number of logits `apply_fn` gives for one image (traced, not run)."""
+  probe = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+  return int(jax.eval_shape(lambda z: apply_fn(variables, z, jax.random.key(0)), probe).shape[-1])
+
+
 def parse_attacks(spec: str | Sequence[str]) -> tuple[str, ...]:
   """'standard' | 'rand' | a comma-separated list of ATTACKS -> the attack names, validated."""
   if isinstance(spec, str):
@@ -107,10 +121,7 @@ class AutoAttack:
                     ("square_queries", square_queries), ("n_target_classes", n_target_classes)):
       if v < 1:
         raise ValueError(f"{name} must be >= 1, got {v}")
-    if num_classes < 2:
-      raise ValueError(f"need at least 2 classes, got {num_classes}")
-    if any(a in TARGETED for a in self.attacks) and num_classes < aa_losses.MIN_CLASSES_TARGETED:
-      raise ValueError(aa_losses.targeted_error(num_classes))
+    check_classes(self.attacks, num_classes)
     self.apply_fn, self.num_classes, self.eps = apply_fn, num_classes, float(eps)
     self.apgd_steps, self.fab_steps, self.square_queries = apgd_steps, fab_steps, square_queries
     self.n_targets = min(n_target_classes, num_classes - 1)
@@ -164,13 +175,13 @@ class AutoAttack:
         return dict(state, attack=fab_lib.init(x))
       if phase == "block":
         return dict(state, attack=loop(lambda _, s: fab_lib.body(logits_fn, x, y, target, s,
-                                                                 model_key=model_key)))
+                                                                 model_key)))
       return fab_lib.finish(logits_fn, x, y, eps, state["attack"], model_key)
     if phase == "init":
       return dict(state, attack=square_lib.init(logits_fn, x, y, keys, eps, model_key))
     if phase == "block":
       return dict(state, attack=loop(lambda i, s: square_lib.body(
-          logits_fn, x, y, keys, eps, i, s, self.square_queries, model_key=model_key)))
+          logits_fn, x, y, keys, eps, i, s, model_key, self.square_queries)))
     return square_lib.finish(logits_fn, y, state["attack"], model_key)
 
   def _probe_chunk(self, variables, x, y):

@@ -33,9 +33,9 @@ def square_fraction(i: jax.Array, n_queries: int, p_init: float = 0.8) -> jax.Ar
 
 
 def init(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, keys: jax.Array, eps,
-         model_key: jax.Array | None = None) -> dict:
-  """Vertical stripes of +-eps (one sign per column and channel), and their margin."""
-  key = jax.random.key(0) if model_key is None else model_key
+         key: jax.Array) -> dict:
+  """Vertical stripes of +-eps (one sign per column and channel), and their margin. `keys`:
+  per example; `key`: the model's (for a randomised one)."""
   _, _, w, c = x.shape
   stripes = jax.vmap(lambda k: jnp.sign(jax.random.uniform(k, (1, w, c)) * 2 - 1))(keys)
   x_best = jnp.clip(x + eps * stripes, 0.0, 1.0)
@@ -44,11 +44,9 @@ def init(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, keys: jax.Array, eps,
 
 
 def body(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, keys: jax.Array, eps, i, s: dict,
-         n_queries: int = 5000, p_init: float = 0.8, model_key: jax.Array | None = None
-         ) -> dict:
+         key: jax.Array, n_queries: int = 5000, p_init: float = 0.8) -> dict:
   """Iteration i: one random square per example still classified correctly; kept if it lowers
   the margin. Examples already broken (margin <= 0) are left as they are."""
-  key = jax.random.key(0) if model_key is None else model_key
   _, h, w, c = x.shape
   p = square_fraction(i, n_queries, p_init)
   side = jnp.minimum(jnp.maximum(jnp.round(jnp.sqrt(p * h * w)).astype(jnp.int32), 1), min(h, w))
@@ -69,9 +67,8 @@ def body(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, keys: jax.Array, eps, 
               queries=s["queries"] + active.astype(jnp.int32))
 
 
-def finish(logits_fn: LogitsFn, y: jax.Array, s: dict, model_key: jax.Array | None = None
+def finish(logits_fn: LogitsFn, y: jax.Array, s: dict, key: jax.Array
            ) -> tuple[jax.Array, jax.Array]:
-  key = jax.random.key(0) if model_key is None else model_key
   robust = jnp.argmax(logits_fn(s["x_best"], key), -1) == y
   return jax.lax.stop_gradient(robust), jax.lax.stop_gradient(s["x_best"])
 
@@ -82,15 +79,16 @@ def square(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, keys: jax.Array, eps
   """Square as one jittable function, stopping once every example is broken.
 
   Returns (robust (n,) bool, x_adv, queries used per example (n,))."""
+  key = jax.random.key(0) if model_key is None else model_key
+
   def cond(carry):
     i, s = carry
     return (i < n_queries) & jnp.any(s["margin"] > 0.0)
 
   def step(carry):
     i, s = carry
-    return i + 1, body(logits_fn, x, y, keys, eps, i, s, n_queries, p_init, model_key)
+    return i + 1, body(logits_fn, x, y, keys, eps, i, s, key, n_queries, p_init)
 
-  _, s = jax.lax.while_loop(cond, step, (jnp.int32(0), init(logits_fn, x, y, keys, eps,
-                                                             model_key)))
-  robust, x_adv = finish(logits_fn, y, s, model_key)
+  _, s = jax.lax.while_loop(cond, step, (jnp.int32(0), init(logits_fn, x, y, keys, eps, key)))
+  robust, x_adv = finish(logits_fn, y, s, key)
   return robust, x_adv, s["queries"]
