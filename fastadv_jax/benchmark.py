@@ -261,7 +261,12 @@ def main(argv=None) -> None:
   p.add_argument("--torch_python", default="")
   p.add_argument("--out", default="bench.json")
   args = p.parse_args(argv)
-  xla_cpu.apply()  # before the first JAX computation starts the backend
+  model_names = args.models.split(",")
+  profiles = {json.dumps(xla_cpu.flags_for(m), sort_keys=True) for m in model_names}
+  if len(profiles) > 1:  # XLA reads its flags once per process
+    raise SystemExit(f"--models={args.models}: these models train under different XLA:CPU flags "
+                     "(xla_cpu.flags_for); benchmark them in separate invocations")
+  xla_cpu.apply(model=model_names[0])  # before the first JAX computation starts the backend
   peak = measure_peak_flops()
   print(f"peak: {peak / 1e9:.1f} GFLOP/s (float32 2048 x 2048 matmul, one device)", flush=True)
   methods = METHODS if args.methods == "all" else tuple(args.methods.split(","))

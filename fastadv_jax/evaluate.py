@@ -72,6 +72,7 @@ def main(argv):
   del argv
   cli_logging.setup()
   config = run_config(FLAGS.workdir)
+  xla_cpu.apply(model=config.model)  # before the first JAX computation starts the backend
   eps = config.eps if FLAGS.eps is None else FLAGS.eps
   n_eval = config.n_final_eval if FLAGS.n_eval is None else FLAGS.n_eval
   run_pgd, aa_attacks = check_flags(eps, n_eval, FLAGS.pgd_steps, FLAGS.pgd_restarts,
@@ -107,7 +108,6 @@ def main(argv):
 
 
 def run() -> None:
-  xla_cpu.apply()  # before the first JAX computation starts the backend
   cli.run(main, (UsageError, checkpointing.CheckpointError, datasets.DatasetUnavailableError,
                  workdir.WorkdirError))
 

@@ -22,7 +22,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from fastadv_jax import cli_logging, distributed, train  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from fastadv_jax import cli_logging, distributed, train, xla_cpu
+  xla_cpu.apply(model=FLAGS.config.model)  # before the first JAX computation starts the backend
   cli_logging.setup()
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)  # before any JAX computation
@@ -30,8 +32,6 @@ def main(argv):
 
 
 def run() -> None:
-  from fastadv_jax import xla_cpu
-  xla_cpu.apply()  # before the first JAX computation starts the backend
   from fastadv_jax import (  # pylint: disable=import-outside-toplevel
       checkpointing, cli, config_validation, datasets, distributed, train, workdir)
   cli.run(main, (config_validation.ConfigError, checkpointing.CheckpointError,

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from fastadv_jax import xla_cpu
+
 Dtype = Any
 
 # PreAct ResNet-18 init (SPEC §3): conv N(0, 2/(k*k*C_out)), linear N(0, 2/fan_in), biases 0.
@@ -34,6 +36,11 @@ def _torch_default_bias(fan_in: int) -> Callable:
   return init
 
 
+# The ResNets' convolution: on CPU its input is written out first (xla_cpu.materialize: it keeps
+# XLA:CPU from fusing BatchNorm-ReLU into the slow transpose its weight gradient needs).
+ResNetConv = functools.partial(nn.Conv, conv_general_dilated=xla_cpu.conv_materialized_input)
+
+
 def _batch_norm(train: bool, dtype: Dtype, axis_name: str | None, name: str | None = None):
   # PyTorch BatchNorm2d defaults: momentum 0.1 (= Flax 0.9), eps 1e-5, affine.
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
@@ -50,8 +57,8 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 def _conv(features: int, kernel: int, stride: int, name: str, dtype: Dtype) -> nn.Conv:
   """A bias-free 'same' conv with the ResNets' init (SPEC §3)."""
   pad = ((kernel // 2, kernel // 2), (kernel // 2, kernel // 2))
-  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=pad, use_bias=False,
-                 kernel_init=_conv_init, dtype=dtype, name=name)
+  return ResNetConv(features, (kernel, kernel), (stride, stride), padding=pad, use_bias=False,
+                    kernel_init=_conv_init, dtype=dtype, name=name)
 
 
 class PreActBlock(nn.Module):
@@ -87,8 +94,8 @@ class PreActResNet18(nn.Module):
   def __call__(self, x, train: bool = False):
     x = x.astype(self.dtype)
     w0 = self.stage_widths[0]
-    out = nn.Conv(w0, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=_conv_init,
-                  dtype=self.dtype, name="conv1")(x)
+    out = ResNetConv(w0, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                     kernel_init=_conv_init, dtype=self.dtype, name="conv1")(x)
     for stage, width in enumerate(self.stage_widths):
       for block in range(2):
         stride = 1 if (stage == 0 or block > 0) else 2
@@ -118,8 +125,8 @@ class WideResNet(nn.Module):
     if (self.depth - 4) % 6:
       raise ValueError(f"WideResNet depth must be 6n + 4 (e.g. 28, 34), got {self.depth}")
     n = (self.depth - 4) // 6
-    out = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=_conv_init,
-                  dtype=self.dtype, name="conv1")(x.astype(self.dtype))
+    out = ResNetConv(16, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                     kernel_init=_conv_init, dtype=self.dtype, name="conv1")(x.astype(self.dtype))
     for group, (width, stride) in enumerate(((16, 1), (32, 2), (64, 2))):
       for block in range(n):
         # RobustBench's WRN block is the same pre-activation block as PreAct ResNet's.

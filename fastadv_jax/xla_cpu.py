@@ -4,44 +4,92 @@ On GPUs and TPUs none of this changes what runs (the flag is CPU-only, loops sta
 JAX's own Threefry lowering is already straight-line there). Measurements: BENCHMARKS.md, on
 this project's 2-core machine.
 
-1. `apply()`: `--xla_cpu_experimental_onednn_custom_call=true` hands convolutions to oneDNN (the
-   library PyTorch uses on CPU) instead of XLA's own kernels: the paper's 4-filter CNN trains
-   1.5x to 3.2x faster, the default small CNN 1.07x to 1.30x. XLA reads XLA_FLAGS once, when the
-   first JAX computation starts the backend, so `apply()` must run before that: `main`,
-   `evaluate` and `benchmark` call it first thing; your own scripts should too.
-   FASTADV_XLA_CPU_FLAGS=0 opts out; a flag already set in XLA_FLAGS is left as the user set it.
+1. `apply(model)`: which library runs the convolutions, chosen per model. XLA:CPU hands each
+   convolution to YNNPACK by default; `--xla_cpu_experimental_onednn_custom_call=true` gives
+   oneDNN the ones YNNPACK declines. That is the best set for the two CNNs (the paper's 4-filter
+   CNN trains 1.5x to 3.2x faster than with XLA's own kernels). On the ResNets, YNNPACK's
+   weight-gradient convolutions run at half the speed of XLA's Eigen ones (89 vs 40 ms for a
+   64-channel 3x3 layer at batch 128) and oneDNN's are slower still, so there YNNPACK's
+   convolutions are switched off and Eigen runs them: a PreAct ResNet-18 step is 1.1x to 1.4x
+   faster (`flags_for`). XLA reads XLA_FLAGS once, when the first JAX computation starts the
+   backend, so `apply()` must run before that: `main`, `evaluate` and `benchmark` call it
+   first thing with the run's model; your own scripts should too. FASTADV_XLA_CPU_FLAGS=0 opts
+   out; a flag already set in XLA_FLAGS is left as the user set it.
 2. `attack_loop_unroll()`: attack loops (PGD) are fully unrolled on CPU. XLA:CPU runs
    convolutions inside a while-loop body several times slower than in straight-line code
    (jax-ml/jax#12868): PGD-50 on the small CNN took 229 ms/step rolled vs 48 ms/step unrolled,
    for 1.4 s more compile time.
-3. `uniform01()`: per-example uniform noise through a straight-line Threefry-2x32 with exactly
+3. `materialize()`: on CPU, the input of each ResNet convolution is written out once before
+   the convolution (an optimization barrier). XLA:CPU transposes that input into another layout
+   for the weight-gradient convolution, and without the barrier it fuses the preceding
+   BatchNorm and ReLU into the transposing loop, which then runs about 4x slower than a plain
+   transpose: 384 of a 1370 ms ResNet-18 step (batch 128) went to these loops, 140 ms after.
+   Values are unchanged; the CNNs do not use it (no gain there, measured).
+4. `uniform01()`: per-example uniform noise through a straight-line Threefry-2x32 with exactly
    the bits of `jax.random.uniform` (tested). JAX lowers its Threefry primitive on CPU to a
    rolled 5-iteration loop, ~15x slower (5.13 vs 0.34 ms for a 128 x 32x32x3 batch;
    experiments/noise_bench.py). `randomness.uniform_like` uses it when the bits agree.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-DEFAULT_FLAGS = {"xla_cpu_experimental_onednn_custom_call": "true"}
+# XLA_FLAGS by model: measured per convolution pass and per training step in BENCHMARKS.md
+# ("Convolution backends on XLA:CPU"). Models not listed get CNN_FLAGS.
+CNN_FLAGS = {"xla_cpu_experimental_onednn_custom_call": "true"}
+RESNET_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "-individual_convolution"}
+MODEL_FLAGS = {"preact_resnet18": RESNET_FLAGS, "wide_resnet": RESNET_FLAGS}
+DEFAULT_FLAGS = CNN_FLAGS
 OPT_OUT = "FASTADV_XLA_CPU_FLAGS"
 
 
-def apply(environ: dict | None = None) -> str:
-  """Adds DEFAULT_FLAGS to XLA_FLAGS (unless opted out or already set); returns the result."""
+def flags_for(model: str | None = None) -> dict[str, str]:
+  """The XLA:CPU flags this library runs `model` with (CNN_FLAGS when None or unlisted)."""
+  return MODEL_FLAGS.get(model, CNN_FLAGS) if model else CNN_FLAGS
+
+
+def apply(environ: dict | None = None, model: str | None = None) -> str:
+  """Adds `flags_for(model)` to XLA_FLAGS (unless opted out or already set); returns the result.
+
+  Warns when JAX's backend has already started in this process: XLA has read its flags then,
+  and the new ones would only reach processes started later."""
   env = os.environ if environ is None else environ
   current = env.get("XLA_FLAGS", "")
   if env.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
     return current
-  extra = [f"--{name}={value}" for name, value in DEFAULT_FLAGS.items()
+  extra = [f"--{name}={value}" for name, value in flags_for(model).items()
            if f"--{name}=" not in current]
   if extra:
     env["XLA_FLAGS"] = " ".join([current] + extra).strip()
+    if environ is None and _backend_started():
+      logging.warning("xla_cpu.apply(model=%r) after JAX's backend started: %s will not take "
+                      "effect in this process", model, " ".join(extra))
   return env.get("XLA_FLAGS", "")
+
+
+def _backend_started() -> bool:
+  try:
+    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):  # a JAX without it: no warning rather than an error
+    return False
+
+
+def materialize(x: jax.Array) -> jax.Array:
+  """`x` written out as it is, on CPU (an optimization barrier); unchanged on GPUs and TPUs.
+
+  Decided per platform at lowering time (see the module docstring, item 3)."""
+  return jax.lax.platform_dependent(x, cpu=jax.lax.optimization_barrier, default=lambda v: v)
+
+
+def conv_materialized_input(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
+  """`jax.lax.conv_general_dilated` with its input materialized on CPU (for `nn.Conv`)."""
+  return jax.lax.conv_general_dilated(materialize(lhs), rhs, *args, **kwargs)
 
 
 def attack_loop_unroll(platform: str | None = None) -> bool | int:

@@ -1,13 +1,19 @@
-"""The default XLA:CPU flags: how they are applied, and that oneDNN convolutions change no result."""
+"""The XLA:CPU flags: how they are applied per model, that oneDNN convolutions change no result,
+and that the ResNets' materialised convolution input changes no value or derivative."""
 import json
 import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
-from fastadv_jax import xla_cpu
+import pytest
+
+from fastadv_jax import benchmark, xla_cpu
 
 ONEDNN = "--xla_cpu_experimental_onednn_custom_call=true"
+NO_YNN_CONV = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
 
 def test_apply_adds_the_flags_once():
@@ -16,6 +22,52 @@ def test_apply_adds_the_flags_once():
   assert xla_cpu.apply(env) == ONEDNN  # idempotent
   env = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}
   assert xla_cpu.apply(env) == f"--xla_cpu_multi_thread_eigen=false {ONEDNN}"
+
+
+def test_apply_chooses_the_flags_by_model():
+  for model in ("preact_resnet18", "wide_resnet"):
+    env = {}
+    assert xla_cpu.apply(env, model=model) == NO_YNN_CONV
+  for model in ("cnn", "small_cnn", None):
+    env = {}
+    assert xla_cpu.apply(env, model=model) == ONEDNN
+  env = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}  # the user's choice stays
+  assert xla_cpu.apply(env, model="preact_resnet18") == "--xla_cpu_experimental_ynn_fusion_type="
+
+
+def test_benchmark_refuses_models_with_different_flags():
+  with pytest.raises(SystemExit, match="different XLA:CPU flags"):
+    benchmark.main(["--models=cnn,preact_resnet18", "--methods=standard"])
+
+
+def _conv(x, w, materialized):
+  fn = xla_cpu.conv_materialized_input if materialized else jax.lax.conv_general_dilated
+  return jnp.sum(jnp.sin(fn(x, w, (2, 2), ((1, 1), (1, 1)),
+                            dimension_numbers=("NHWC", "HWIO", "NHWC"))))
+
+
+def test_materialized_conv_input_changes_no_value_or_derivative():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 6, 6, 3)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  for derivative in (  # value, both gradients, GradAlign's reverse-over-reverse and jvp forms
+      lambda f: f,
+      lambda f: jax.grad(f, argnums=(0, 1)),
+      lambda f: jax.grad(lambda x, w: jnp.vdot(jax.grad(f)(x, w), v), argnums=1),
+      lambda f: jax.grad(lambda x, w: jax.jvp(lambda x: f(x, w), (x,), (v,))[1], argnums=1)):
+    got = jax.jit(derivative(lambda x, w: _conv(x, w, True)))(x, w)
+    want = jax.jit(derivative(lambda x, w: _conv(x, w, False)))(x, w)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_materialize_is_a_barrier_on_cpu_only():
+  x = jnp.ones((2, 4))
+  for platform, barrier in (("cpu", True), ("cuda", False), ("tpu", False)):
+    text = jax.export.export(jax.jit(lambda x: xla_cpu.materialize(x) * 2),
+                             platforms=[platform])(x).mlir_module()
+    assert ("optimization_barrier" in text) == barrier, platform
 
 
 def test_apply_respects_the_user():
@@ -66,3 +118,17 @@ def test_onednn_convolutions_give_the_same_step():
   for model in ("cnn", "small_cnn"):
     assert np.all(np.isfinite(xla[model])) and xla[model][-2] > 0, model  # GradAlign term active
     np.testing.assert_allclose(onednn[model], xla[model], rtol=2e-4, err_msg=model)
+
+
+@pytest.mark.parametrize("model_name,materialized", [("preact_resnet18", True),
+                                                     ("small_cnn", False)])
+def test_resnet_convolutions_materialize_their_input(model_name, materialized):
+  from conftest import tiny_config
+  from fastadv_jax import models
+  model = models.create_model(tiny_config(model=model_name), 10)
+  x = jnp.zeros((2, 32, 32, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  text = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).as_text()
+  convolutions = text.count("stablehlo.convolution")
+  assert convolutions >= 2
+  assert text.count("stablehlo.optimization_barrier") == (convolutions if materialized else 0)
