@@ -124,6 +124,10 @@ class StepTimer:
     self.row.update(compile_s=max(first - self.one_step_s, 0.0),
                     **_compiled_costs(c, model_name), **_memory(devices[0]))
 
+  def compiled_text(self) -> str:
+    """The optimised HLO of the step as XLA compiled it (for profiles: experiments/)."""
+    return self.step.lower(self.state, self.batch_dev, self.key).compile().as_text()
+
   def window(self, steps: int) -> float:
     """Seconds per step over `steps` steps, closed by block_until_ready."""
     t = time.perf_counter()

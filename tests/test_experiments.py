@@ -107,3 +107,36 @@ def test_torch_baseline_smoke():
   out = json.loads(line[0][len("RESULTS_JSON "):])
   assert [r["method"] for r in out] == ["pgd2", "gradalign_full"]
   assert all(np.isfinite(r["images_per_s"]) and r["images_per_s"] > 0 for r in out)
+
+
+def test_conv_pass_bench_reads_the_models_convolutions_and_times_their_passes():
+  import conv_pass_bench
+  specs = conv_pass_bench.conv_shapes("small_cnn", 8)
+  # small_cnn (width 16) on 28x28x1: conv 1->16 at 28x28, conv 16->32 at 14x14 after pooling.
+  assert [(s["x"], s["w"], s["count"]) for s in specs] == [
+      ([8, 28, 28, 1], [3, 3, 1, 16], 1), ([8, 14, 14, 16], [3, 3, 16, 32], 1)]
+  resnet = conv_pass_bench.conv_shapes("preact_resnet18", 2)
+  assert sum(s["count"] for s in resnet) == 20  # stem, 16 block convolutions, 3 shortcuts
+  rows = conv_pass_bench.time_jax(specs[:1], reps=1, min_s=0.0)
+  assert set(rows[0]["seconds"]) == set(conv_pass_bench.PASSES)
+  assert all(t > 0 for t in rows[0]["seconds"].values())
+  assert conv_pass_bench._flops(specs[0]) == 2 * 8 * 28 * 28 * 9 * 1 * 16
+
+
+def test_profile_step_kinds():
+  import profile_step
+  text = """
+  %transpose_copy_fusion.3 = f32[4,2]{1,0} fusion(%a), kind=kLoop, calls=%c
+  %ynn_fusion.1 = f32[3]{0} fusion(%b), kind=kCustom, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
+  ROOT %convolution.2 = f32[1,2,2,1]{3,2,1,0} convolution(%x, %w), window={size=3x3}
+  %add_maximum_fusion = f32[8]{0} fusion(%psum.1), kind=kLoop
+"""
+  lines = profile_step.hlo_lines(text)
+  kinds = {n: profile_step.kind_of(n, lines.get(n, "")) for n in (
+      "transpose_copy_fusion.3", "ynn_fusion.1", "convolution.2", "add_maximum_fusion",
+      "custom-call.4.clone__onednn$convolution")}
+  assert kinds == {"transpose_copy_fusion.3": "layout transposes/copies",
+                   "ynn_fusion.1": "YNNPACK fusions",
+                   "convolution.2": "convolutions (XLA's own)",
+                   "add_maximum_fusion": "other fusions (elementwise, reductions)",
+                   "custom-call.4.clone__onednn$convolution": "oneDNN calls"}
