@@ -39,7 +39,8 @@ from fastadv_jax.configs import common, default
 # too; gradalign_double / gradalign_jvp: its derivative forced to one formulation (the
 # `gradalign` row uses the config default, `auto`).
 METHODS = tuple(methods.PRESETS) + ("gradalign_full", "gradalign_double", "gradalign_jvp")
-INPUT_SHAPE = {"small_cnn": (28, 28, 1), "cnn": (32, 32, 3), "preact_resnet18": (32, 32, 3)}
+INPUT_SHAPE = {"small_cnn": (28, 28, 1), "cnn": (32, 32, 3), "preact_resnet18": (32, 32, 3),
+               "wide_resnet": (32, 32, 3)}
 
 
 def row_config(model: str, method: str, batch: int, dtype: str, width: int = 16):

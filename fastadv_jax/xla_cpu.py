@@ -1,8 +1,8 @@
 """Everything in this library that exists only because of XLA:CPU, with its measured effect.
 
-On GPUs and TPUs none of this changes what runs (the flag is CPU-only, loops stay rolled, and
-JAX's own Threefry lowering is already straight-line there). Measurements: BENCHMARKS.md, on
-this project's 2-core machine.
+On GPUs and TPUs none of this changes what runs (the flags are CPU-only, loops stay rolled, the
+barrier is left out, and JAX's own Threefry lowering is already straight-line there).
+Measurements: BENCHMARKS.md, on this project's 2-core machine.
 
 1. `apply(model)`: which library runs the convolutions, chosen per model. XLA:CPU hands each
    convolution to YNNPACK by default; `--xla_cpu_experimental_onednn_custom_call=true` gives
@@ -10,10 +10,11 @@ this project's 2-core machine.
    CNN trains 1.5x to 3.2x faster than with XLA's own kernels). On the ResNets, YNNPACK's
    weight-gradient convolutions run at half the speed of XLA's Eigen ones (89 vs 40 ms for a
    64-channel 3x3 layer at batch 128) and oneDNN's are slower still, so there YNNPACK's
-   convolutions are switched off and Eigen runs them: a PreAct ResNet-18 step is 1.1x to 1.4x
-   faster (`flags_for`). XLA reads XLA_FLAGS once, when the first JAX computation starts the
-   backend, so `apply()` must run before that: `main`, `evaluate` and `benchmark` call it
-   first thing with the run's model; your own scripts should too. FASTADV_XLA_CPU_FLAGS=0 opts
+   convolutions are switched off and Eigen runs them: a PreAct ResNet-18 step is 1.03x to
+   1.27x faster, a WRN-28-10 step 1.20x to 1.26x (`flags_for`). XLA reads XLA_FLAGS once,
+   when the first JAX computation starts the backend, so `apply()` must run before that:
+   `main`, `evaluate` and `benchmark` call it first thing with the run's model; your own
+   scripts should too. FASTADV_XLA_CPU_FLAGS=0 opts
    out; a flag already set in XLA_FLAGS is left as the user set it.
 2. `attack_loop_unroll()`: attack loops (PGD) are fully unrolled on CPU. XLA:CPU runs
    convolutions inside a while-loop body several times slower than in straight-line code
@@ -22,7 +23,7 @@ this project's 2-core machine.
 3. `materialize()`: on CPU, the input of each ResNet convolution is written out once before
    the convolution (an optimization barrier). XLA:CPU transposes that input into another layout
    for the weight-gradient convolution, and without the barrier it fuses the preceding
-   BatchNorm and ReLU into the transposing loop, which then runs about 4x slower than a plain
+   BatchNorm and ReLU into the transposing loop, which then runs about 5x slower than a plain
    transpose: 384 of a 1370 ms ResNet-18 step (batch 128) went to these loops, 140 ms after.
    Values are unchanged; the CNNs do not use it (no gain there, measured).
 4. `uniform01()`: per-example uniform noise through a straight-line Threefry-2x32 with exactly

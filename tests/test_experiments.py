@@ -125,9 +125,10 @@ def test_conv_pass_bench_reads_the_models_convolutions_and_times_their_passes():
 
 def test_profile_step_kinds():
   import profile_step
+  ynn = '  %ynn_fusion.1 = f32[3]{0} fusion(%b), backend_config={"fusion_config":{"kind":"__ynn_fusion"}}'
   text = """
   %transpose_copy_fusion.3 = f32[4,2]{1,0} fusion(%a), kind=kLoop, calls=%c
-  %ynn_fusion.1 = f32[3]{0} fusion(%b), kind=kCustom, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
+""" + ynn + """
   ROOT %convolution.2 = f32[1,2,2,1]{3,2,1,0} convolution(%x, %w), window={size=3x3}
   %add_maximum_fusion = f32[8]{0} fusion(%psum.1), kind=kLoop
 """
