@@ -90,7 +90,8 @@ def main(argv):
   ev = evaluation.Evaluator(model, config.eval_batch_size, step_alpha=config.eval_step_alpha)
   x, y = test.images[:n], test.labels[:n]
   result = {"weights": FLAGS.weights, "iteration": step, "eps": eps, "n_eval": n,
-            "clean_acc": ev.clean_accuracy(variables, x, y)}
+            "clean_acc": ev.clean_accuracy(variables, x, y),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
   if run_pgd:
     start = time.perf_counter()
     result.update(pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts,

@@ -231,6 +231,7 @@ class _Run:
         "devices": [str(d) for d in parallel.local_devices()],
         "final_train_metrics": self.flush_train_metrics(self.total),
         "step_time_s": self.monitor.record.step_seconds / max(self.monitor.record.timed_steps, 1),
+        "jax_version": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
     })
     if distributed.is_main():
       workdir.write_json(os.path.join(self.workdir, "results.json"), results)

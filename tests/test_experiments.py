@@ -125,7 +125,8 @@ def test_conv_pass_bench_reads_the_models_convolutions_and_times_their_passes():
 
 def test_profile_step_kinds():
   import profile_step
-  ynn = '  %ynn_fusion.1 = f32[3]{0} fusion(%b), backend_config={"fusion_config":{"kind":"__ynn_fusion"}}'
+  ynn = ('  %ynn_fusion.1 = f32[3]{0} fusion(%b), '
+         'backend_config={"fusion_config":{"kind":"__ynn_fusion"}}')
   text = """
   %transpose_copy_fusion.3 = f32[4,2]{1,0} fusion(%a), kind=kLoop, calls=%c
 """ + ynn + """

@@ -132,3 +132,29 @@ def test_resnet_convolutions_materialize_their_input(model_name, materialized):
   convolutions = text.count("stablehlo.convolution")
   assert convolutions >= 2
   assert text.count("stablehlo.optimization_barrier") == (convolutions if materialized else 0)
+
+
+def test_main_runs_a_resnet_under_the_resnet_flags(tmp_path):
+  """`main` applies the flags of the config's model before JAX starts, and records them."""
+  from conftest import MOCK_DATA_CLI, ROOT
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as a user's shell has it
+  env["JAX_NUM_CPU_DEVICES"] = "1"
+  argv = [sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.main",
+          f"--config={ROOT}/configs/default.py", f"--workdir={tmp_path / 'wd'}",
+          "--config.model=preact_resnet18", "--config.resnet_widths=(4,4,4,4)",
+          "--config.batch_size=16", "--config.num_epochs=1", "--config.n_eval_points=16",
+          "--config.eval_pgd_steps=2", "--config.n_final_eval=16", "--config.final_pgd_steps=2",
+          "--config.final_pgd_restarts=1", "--config.eval_batch_size=16",
+          "--config.progress_bar=False", "--config.data_dir=/nonexistent-use-mock"]
+  proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((tmp_path / "wd" / "results.json").read_text())
+  assert results["xla_flags"] == NO_YNN_CONV
+  assert "will not take effect" not in proc.stderr  # applied before the backend started
+  proc = subprocess.run([sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.evaluate",
+                         f"--workdir={tmp_path / 'wd'}", "--n_eval=16", "--pgd_steps=2",
+                         "--pgd_restarts=1"], capture_output=True, text=True, cwd=ROOT,
+                        timeout=300, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  evaluated = json.loads(next((tmp_path / "wd").glob("eval_last_*.json")).read_text())
+  assert evaluated["xla_flags"] == NO_YNN_CONV
