@@ -14,8 +14,8 @@ Measurements: BENCHMARKS.md, on this project's 2-core machine.
    1.27x faster, a WRN-28-10 step 1.20x to 1.26x (`flags_for`). XLA reads XLA_FLAGS once,
    when the first JAX computation starts the backend, so `apply()` must run before that:
    `main`, `evaluate` and `benchmark` call it first thing with the run's model; your own
-   scripts should too. FASTADV_XLA_CPU_FLAGS=0 opts
-   out; a flag already set in XLA_FLAGS is left as the user set it.
+   scripts should too. FASTADV_XLA_CPU_FLAGS=0 opts out; a flag already set in XLA_FLAGS is
+   left as the user set it.
 2. `attack_loop_unroll()`: attack loops (PGD) are fully unrolled on CPU. XLA:CPU runs
    convolutions inside a while-loop body several times slower than in straight-line code
    (jax-ml/jax#12868): PGD-50 on the small CNN took 229 ms/step rolled vs 48 ms/step unrolled,
@@ -45,7 +45,6 @@ import numpy as np
 CNN_FLAGS = {"xla_cpu_experimental_onednn_custom_call": "true"}
 RESNET_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "-individual_convolution"}
 MODEL_FLAGS = {"preact_resnet18": RESNET_FLAGS, "wide_resnet": RESNET_FLAGS}
-DEFAULT_FLAGS = CNN_FLAGS
 OPT_OUT = "FASTADV_XLA_CPU_FLAGS"
 
 
