@@ -29,6 +29,14 @@ with tfds.testing.mock_data(num_examples=48):
   importlib.import_module(module).run()
 """
 
+# The default config shrunk for a command-line run on MOCK_DATA_CLI's data: 3 iterations of 16,
+# diagnostics and the final PGD on 16 points. A later --config.<field> overrides one of these.
+TINY_CLI = ["--config.n_filters=4", "--config.batch_size=16", "--config.num_epochs=1",
+            "--config.n_eval_points=16", "--config.eval_pgd_steps=2", "--config.n_final_eval=16",
+            "--config.final_pgd_steps=2", "--config.final_pgd_restarts=1",
+            "--config.eval_batch_size=16", "--config.progress_bar=False",
+            "--config.data_dir=/nonexistent-use-mock"]
+
 
 def load_config(name: str = "default", arg: str | None = None):
   """get_config() of configs/<name>.py, imported as the package fastadv_jax.configs."""

@@ -11,15 +11,12 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import MOCK_DATA_CLI, ROOT
+from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI
 from fastadv_jax import distributed
 
-_TINY = ["--config.n_filters=4", "--config.batch_size=16", "--config.num_epochs=2",
-         "--config.log_every=2", "--config.eval_every=3", "--config.checkpoint_every=3",
-         "--config.n_eval_points=16", "--config.eval_pgd_steps=2", "--config.n_final_eval=20",
-         "--config.final_pgd_steps=2", "--config.final_pgd_restarts=1",
-         "--config.eval_batch_size=8", "--config.progress_bar=False",
-         "--config.data_dir=/nonexistent-use-mock"]
+_TINY = TINY_CLI + ["--config.num_epochs=2", "--config.log_every=2", "--config.eval_every=3",
+                    "--config.checkpoint_every=3", "--config.n_final_eval=20",
+                    "--config.eval_batch_size=8"]
 
 
 def _free_port() -> int:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import MOCK_DATA_CLI, ROOT, tiny_config
+from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, tiny_config
 from fastadv_jax import checkpointing, evaluation, metric_writers, monitoring, train, workdir
 
 # 6 iterations; diagnostics at 4 and 6; checkpoints at 2, 4, 6 (the last two kept).
@@ -166,17 +166,10 @@ def test_a_nan_stop_closes_everything(tmp_path):
 
 
 # Command lines on mock data, in a subprocess (as users run them): MOCK_DATA_CLI (conftest).
-_TINY = ["--config.n_filters=4", "--config.batch_size=16", "--config.num_epochs=1",
-         "--config.n_eval_points=16", "--config.eval_pgd_steps=2", "--config.n_final_eval=16",
-         "--config.final_pgd_steps=2", "--config.final_pgd_restarts=1",
-         "--config.eval_batch_size=16", "--config.progress_bar=False",
-         "--config.data_dir=/nonexistent-use-mock"]
-
-
 def _cli(args, timeout=120, env=None):
   argv = [sys.executable, "-c", MOCK_DATA_CLI, args[0]]
   if args[0] == "fastadv_jax.main":
-    argv += [f"--config={ROOT}/configs/default.py"] + _TINY
+    argv += [f"--config={ROOT}/configs/default.py"] + TINY_CLI
   return subprocess.run(argv + args[1:], capture_output=True, text=True, cwd=ROOT,
                         timeout=timeout, env=dict(os.environ, JAX_NUM_CPU_DEVICES="1", **(env or {})))
 
@@ -289,7 +282,8 @@ def test_a_signal_saves_a_checkpoint_and_exits_with_the_shell_code(sig, code, tm
   wd = tmp_path / "wd"
   argv = [sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.main",
           f"--config={ROOT}/configs/default.py",
-          f"--workdir={wd}"] + _TINY + ["--config.num_epochs=1000", "--config.checkpoint_every=1000"]
+          f"--workdir={wd}"] + TINY_CLI + ["--config.num_epochs=1000",
+                                           "--config.checkpoint_every=1000"]
   proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, env=dict(os.environ, JAX_NUM_CPU_DEVICES="1"))
   metrics = wd / "metrics.jsonl"
@@ -314,7 +308,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_cli_run(tmp_path):
   cut = tmp_path / "cut"
   argv = [sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.main",
           f"--config={ROOT}/configs/default.py",
-          f"--workdir={cut}"] + _TINY + args
+          f"--workdir={cut}"] + TINY_CLI + args
   proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           env=dict(os.environ, JAX_NUM_CPU_DEVICES="1"))
   deadline = time.time() + 240

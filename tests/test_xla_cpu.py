@@ -136,16 +136,12 @@ def test_resnet_convolutions_materialize_their_input(model_name, materialized):
 
 def test_main_runs_a_resnet_under_the_resnet_flags(tmp_path):
   """`main` applies the flags of the config's model before JAX starts, and records them."""
-  from conftest import MOCK_DATA_CLI, ROOT
+  from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as a user's shell has it
   env["JAX_NUM_CPU_DEVICES"] = "1"
   argv = [sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.main",
-          f"--config={ROOT}/configs/default.py", f"--workdir={tmp_path / 'wd'}",
-          "--config.model=preact_resnet18", "--config.resnet_widths=(4,4,4,4)",
-          "--config.batch_size=16", "--config.num_epochs=1", "--config.n_eval_points=16",
-          "--config.eval_pgd_steps=2", "--config.n_final_eval=16", "--config.final_pgd_steps=2",
-          "--config.final_pgd_restarts=1", "--config.eval_batch_size=16",
-          "--config.progress_bar=False", "--config.data_dir=/nonexistent-use-mock"]
+          f"--config={ROOT}/configs/default.py", f"--workdir={tmp_path / 'wd'}"] + TINY_CLI + [
+              "--config.model=preact_resnet18", "--config.resnet_widths=(4,4,4,4)"]
   proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((tmp_path / "wd" / "results.json").read_text())
