@@ -128,7 +128,6 @@ def time_jax(specs: list[dict], reps: int, min_s: float) -> list[dict]:
 
 
 def time_torch(specs: list[dict], reps: int, min_s: float) -> list[dict]:
-  import numpy as np
   import torch
   torch.manual_seed(0)
   rows = []
@@ -152,7 +151,6 @@ def time_torch(specs: list[dict], reps: int, min_s: float) -> list[dict]:
              "weight_grad": lambda: backward([False, True, False])}
       times = {p: _time(fns[p], (), reps, min_s) for p in PASSES}
     rows.append({**spec, "seconds": times})
-  del np
   return rows
 
 

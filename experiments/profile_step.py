@@ -25,7 +25,6 @@ import time
 from fastadv_jax import xla_cpu
 
 
-
 def kind_of(name: str, line: str) -> str:
   """A coarse kind for one compiled operation, from its name and HLO line."""
   m = re.search(r"= \S+ ([a-z\-]+)\(", line)
@@ -86,8 +85,8 @@ def main(argv=None) -> None:
   started = time.time()
   with jax.profiler.trace(args.trace_dir):
     timer.window(args.steps)
-  paths = [p for p in glob.glob(f"{args.trace_dir}/**/*.xplane.pb", recursive=True)
-           if os.path.getmtime(p) >= started - 1]
+  paths = [path for path in glob.glob(f"{args.trace_dir}/**/*.xplane.pb", recursive=True)
+           if os.path.getmtime(path) >= started - 1]
   if not paths:
     sys.exit(f"no trace written under {args.trace_dir}")
   times = op_times(sorted(paths)[-1])
