@@ -87,10 +87,8 @@ class Checkpointer:
   def save(self, step: int, state: Any, best: Any, meta: dict) -> None:
     """`state` and `best` are host pytrees (e.g. an unreplicated TrainState). With several
     processes only process 0 writes, and every process waits until it has."""
-    if not distributed.is_main():
-      distributed.barrier(f"checkpoint_{step}")
-      return
-    self._save(step, state, best, meta)
+    if distributed.is_main():
+      self._save(step, state, best, meta)
     distributed.barrier(f"checkpoint_{step}")
 
   def _save(self, step: int, state: Any, best: Any, meta: dict) -> None:
