@@ -1,4 +1,4 @@
-"""CIFAR-10, PreAct ResNet-18: the paper's Figure 1 / Table 4 runs (SPEC §3, §5).
+"""CIFAR-10, PreAct ResNet-18: the paper's Figure 1 / Table 4 runs (docs/algorithms.md §3, §5).
 
 Command (argument: method, then optional eps in 1/255 and other fields):
   python -m fastadv_jax.main --config=configs/cifar10.py:gradalign,eps=8 --workdir=runs/c10/ga_8_s0
@@ -32,5 +32,5 @@ def get_config(arg: str = "gradalign,eps=8"):
   common.apply_preset(c, preset)
   c.lr_max = 0.30 if preset == "gradalign" else 0.2
   if preset == "free":
-    c.num_epochs, c.lr_max, c.free_replay = 96, 0.04, 8
+    c.num_epochs, c.lr_max, c.method_args.free.replay = 96, 0.04, 8
   return common.finish(c, preset, kv, lambda eps: schedules.grad_align_lambda(eps, "cifar10"))

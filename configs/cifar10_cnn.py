@@ -1,4 +1,4 @@
-"""CIFAR-10, the single-layer CNN with few filters (paper Section 4; SPEC §3).
+"""CIFAR-10, the single-layer CNN with few filters (paper Section 4; docs/algorithms.md §3).
 
 Command:
   python -m fastadv_jax.main --config=configs/cifar10_cnn.py:fgsm,eps=10 --workdir=runs/cnn/fgsm

@@ -12,9 +12,15 @@ Every other config imports this one and overrides what differs.
 """
 import ml_collections
 
+from fastadv_jax import methods
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  # Modules to import before anything else (comma-separated): code outside the package that
+  # registers methods, models or attacks (fastadv_jax/plugins.py). Recorded, so `evaluate`
+  # imports them again.
+  c.plugins = ""
   # Data. Pixels in [0, 1]; augmentation as the original (none for MNIST-like data).
   c.dataset = "fashion_mnist"   # cifar10 | svhn_cropped | mnist | fashion_mnist
   c.data_dir = ""               # TFDS data_dir; "" = TFDS default (~/tensorflow_datasets)
@@ -32,33 +38,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.use_batch_norm = True       # small_cnn only
   c.half_precision = False      # bfloat16 compute, float32 parameters
 
-  # Training perturbation (SPEC §1). eps in pixel units ([0, 1]); step sizes are multiples of eps.
-  c.method = "fgsm"             # a name in fastadv_jax.methods.NAMES (README, "Methods")
+  # Training perturbation (docs/algorithms.md §1). eps in pixel units ([0, 1]).
+  c.method = "fgsm"             # a registered method: fastadv_jax.methods.names() (README)
   c.eps = 0.1
   c.attack_init = ""            # "" = the method's default; zero | uniform | corner
-  c.fgsm_alpha = 1.25           # FGSM / FGSM-RS step = fgsm_alpha * eps
-  c.pgd_steps = 10              # training PGD iterations
-  c.pgd_alpha = 0.2             # training PGD step = pgd_alpha * eps (PGD-10: 1/5, PGD-2: 1/2)
-  c.free_replay = 8             # Free-AT minibatch replays m
-  c.free_alpha = 1.0            # Free-AT step = free_alpha * eps
   c.eps_warmup_epochs = 0.0     # linear ramp of eps (and so of the FGSM step) over these epochs
+  # Each method's own hyperparameters, owned by its module (its `Method.args` record, whose
+  # defaults are the published values): method_args.<method>.<field>, e.g.
+  # --config.method_args.nfgsm.noise=3 or --config.method_args.pgd.steps=2. Built from the live
+  # registry, so a plugin method's (--config.plugins) are fields here too.
+  c.method_args = methods.args_config()
 
-  # Post-2020 fast-AT methods (SPEC §8); each preset (configs/common.py) sets its paper values.
-  c.nfgsm_noise = 2.0           # N-FGSM: noise U(-k eps, k eps) with k = nfgsm_noise
-  c.nfgsm_step = 1.0            # N-FGSM: step = nfgsm_step * eps
-  c.nfgsm_clip = 0.0            # N-FGSM: > 0 projects onto the (nfgsm_clip * eps)-ball; 0 = none
-  c.elle_lambda = 1000.0        # ELLE: weight of the linearity error (preset: by eps, 1000-10000)
-  c.elle_lambda_aux = 4000.0    # ELLE-A: lambda after an error spike
-  c.elle_decay = 0.99           # ELLE-A: lambda decay per step without a spike
-  c.elle_sensitivity = 2.0      # ELLE-A: spike = error > mean + sensitivity x std of past errors
-  c.zerograd_quantile = 0.4     # ZeroGrad: per-example quantile of |g| below which g is zeroed
-  c.multigrad_samples = 3       # MultiGrad: random starts whose gradient signs must agree
-  c.gat_lambda = 10.0           # GAT: weight of the softmax distance (attack and training loss)
-  c.guided_init = 0.5           # GAT / NuAT: Bernoulli start +-guided_init * eps
-  c.nuat_lambda_max = 4.5       # NuAT: final weight of the nuclear norm
-  c.nuat_ramp = 0.9             # NuAT: fraction of training over which lambda ramps up from 0
-
-  # GradAlign (SPEC §2). 0 disables it.
+  # GradAlign (docs/algorithms.md §2). 0 disables it.
   c.grad_align_lambda = 0.2
   c.grad_align_backprop_g1 = False  # True: differentiate through the clean gradient too
   # How GradAlign's parameter gradient is computed (same value, rounding aside): double_backprop
@@ -66,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   # XLA:CPU ran it 1.6-1.7x faster, double_backprop for the CNNs (BENCHMARKS.md).
   c.grad_align_derivative = "auto"
 
-  # Optimisation (SPEC §3); learning rate set per iteration.
+  # Optimisation (docs/algorithms.md §3); learning rate set per iteration.
   c.optimizer = "sgd"           # sgd | adam
   c.momentum = 0.9
   c.weight_decay = 5e-4
@@ -94,7 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.co_alignment_drop = 0.7
   c.co_fgsm_pgd_gap = 0.3
 
-  # Final evaluation (SPEC §4): PGD-50-10, step eps/4, on the first n_final_eval test points.
+  # Final evaluation (docs/algorithms.md §4): PGD-50-10, step eps/4, on the first n_final_eval test points.
   c.eval_step_alpha = 0.25      # evaluation PGD step = eval_step_alpha * eps (diagnostics too)
   c.n_final_eval = 1000         # -1 = the whole test set
   c.final_pgd_steps = 50

@@ -26,5 +26,5 @@ def get_config(arg: str = "gradalign,eps=64"):
   c.progress_bar = False
   common.apply_preset(c, preset)
   if preset == "free":
-    c.free_replay = 4
+    c.method_args.free.replay = 4
   return common.finish(c, preset, kv, lambda eps: 1.0)

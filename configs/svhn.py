@@ -1,4 +1,4 @@
-"""SVHN, PreAct ResNet-18: the paper's SVHN runs (Table 5; SPEC §3).
+"""SVHN, PreAct ResNet-18: the paper's SVHN runs (Table 5; docs/algorithms.md §3).
 
 Command:
   python -m fastadv_jax.main --config=configs/svhn.py:gradalign,eps=8 --workdir=runs/svhn/ga_8_s0
@@ -6,7 +6,9 @@ Command:
 
 Settings: 15 epochs, lr_max 0.05 for every method (Free-AT: 45 epochs, lr 0.01), random crop
 without flip, eps (and so the FGSM step) ramped linearly over the first 5 epochs, lambda(eps) =
-1.5625 * 1.6**(eps/8).
+1.5625 * 1.6**(eps/8). The GradAlign authors ramp PGD's eps, but for the FGSM family only the
+step factor (0 -> 1.25, with the ball and the noise at full eps), and over 5 epochs for every
+method; here eps itself ramps (so the step with it), over 15 of Free-AT's 45 epochs.
 Expected (paper, eps 8/255, clean / PGD-50-10): GradAlign ~92.4 / ~42.2, PGD-10 ~91.8 / ~52.2.
 Run time on one modern GPU: not measured in this project yet (no GPU was available).
 """
@@ -27,6 +29,6 @@ def get_config(arg: str = "gradalign,eps=8"):
   c.n_final_eval = 1000
   common.apply_preset(c, preset)
   if preset == "free":
-    c.num_epochs, c.lr_max, c.free_replay, c.eps_warmup_epochs = 45, 0.01, 8, 15.0
+    c.num_epochs, c.lr_max, c.method_args.free.replay, c.eps_warmup_epochs = 45, 0.01, 8, 15.0
   return common.finish(c, preset, kv,
                        lambda eps: schedules.grad_align_lambda(eps, "svhn_cropped"))

@@ -45,7 +45,7 @@ def conv_shapes(model_name: str, batch: int) -> list[dict]:
   from fastadv_jax import benchmark, models
   c = benchmark.row_config(model_name, "standard", batch, "float32")
   model = models.create_model(c, 10)
-  shape = (batch,) + benchmark.INPUT_SHAPE[model_name]
+  shape = (batch,) + benchmark.input_shape(model_name)
   variables = model.init(jax.random.key(0), jnp.zeros((1,) + shape[1:]), train=False)
   jaxpr = jax.make_jaxpr(lambda x: model.apply(variables, x, train=True,
                                               mutable=["batch_stats"]))(jnp.zeros(shape))

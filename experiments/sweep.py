@@ -7,7 +7,7 @@ Each run is `python -m fastadv_jax.main --config=<config>:<method>,eps=<e>,seed=
 --workdir=<root>/<method>_eps<e>_s<s>`. Finished runs (results.json present) are skipped; an
 interrupted one resumes from its checkpoint when the sweep is started again. `--workers` runs
 that many at once: on a CPU each worker is pinned to one XLA thread (two single-threaded
-processes gave about twice the throughput of one two-threaded one on 2 cores, SPEC §7); on a
+processes gave about twice the throughput of one two-threaded one on 2 cores, as measured on this project's machines); on a
 multi-GPU host, `--gpus_per_worker` gives each worker its own CUDA_VISIBLE_DEVICES. `--shard=i/n`
 takes every n-th run, to split one grid over several machines.
 """
@@ -33,7 +33,7 @@ def plan(args) -> list[tuple[str, list[str], dict]]:
   shard, n_shards = (int(v) for v in args.shard.split("/"))
   # Seed-major order: a sweep cut short still has every method at the seeds it reached.
   grid = [(m, e, s) for s, e, m in itertools.product(args.seeds.split(","), args.eps.split(","),
-                                                     method_names(args.methods))]
+                                                     method_names(args.methods, args.plugins))]
   runs = []
   for i, (method, eps, seed) in enumerate(grid):
     if i % n_shards != shard:
@@ -43,16 +43,19 @@ def plan(args) -> list[tuple[str, list[str], dict]]:
       continue
     arg = ",".join([method, f"eps={eps}", f"seed={seed}"] + ([args.extra] if args.extra else []))
     cmd = [sys.executable, "-m", "fastadv_jax.main", f"--config={args.config}:{arg}",
-           f"--workdir={workdir}"]
+           f"--workdir={workdir}"] + ([f"--config.plugins={args.plugins}"] if args.plugins else [])
     runs.append((workdir, cmd, {}))
   return runs
 
 
-def method_names(spec: str) -> list[str]:
-  """'all' = every preset of the method registry except plain training; else a comma list."""
+def method_names(spec: str, plugin_modules: str = "") -> list[str]:
+  """'all' = every preset of the method registry (plugins included) except plain training;
+  else a comma list."""
   if spec == "all":
-    from fastadv_jax import methods  # pylint: disable=import-outside-toplevel
-    return [p for p in methods.PRESETS if p != "standard"]
+    from fastadv_jax import methods, plugins  # pylint: disable=import-outside-toplevel
+    plugins.load_entry_points()
+    plugins.load(plugin_modules)
+    return [p for p in methods.presets() if p != "standard"]
   return spec.split(",")
 
 
@@ -83,6 +86,8 @@ def main(argv=None) -> int:
   p.add_argument("--seeds", default="0")
   p.add_argument("--root", required=True)
   p.add_argument("--extra", default="", help="more key=value pairs for the config argument")
+  p.add_argument("--plugins", default="", help="modules registering methods or models, passed "
+                 "to every run as --config.plugins (comma-separated)")
   p.add_argument("--workers", type=int, default=1)
   p.add_argument("--gpus_per_worker", type=int, default=0)
   p.add_argument("--shard", default="0/1")

@@ -31,16 +31,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastadv_jax import evaluation, methods, models, parallel, train_step, xla_cpu
+from fastadv_jax import (evaluation, methods, models, parallel, plugins, timing, train_step,
+                         xla_cpu)
 from fastadv_jax import train_state as ts
 from fastadv_jax.configs import common, default
 
 # Every preset of the method registry, plus variants of GradAlign. gradalign_full: through g1
 # too; gradalign_double / gradalign_jvp: its derivative forced to one formulation (the
 # `gradalign` row uses the config default, `auto`).
-METHODS = tuple(methods.PRESETS) + ("gradalign_full", "gradalign_double", "gradalign_jvp")
-INPUT_SHAPE = {"small_cnn": (28, 28, 1), "cnn": (32, 32, 3), "preact_resnet18": (32, 32, 3),
-               "wide_resnet": (32, 32, 3)}
+GRADALIGN_VARIANTS = ("gradalign_full", "gradalign_double", "gradalign_jvp")
+
+
+def method_rows() -> tuple[str, ...]:
+  """Every preset of the live method registry (plugins included), then the GradAlign variants."""
+  return tuple(methods.presets()) + GRADALIGN_VARIANTS
+def input_shape(model_name: str) -> tuple[int, int, int]:
+  """The (H, W, C) a model is timed on: its record's (the data it is usually trained on)."""
+  return tuple(models.get(model_name).input_shape)
 
 
 def row_config(model: str, method: str, batch: int, dtype: str, width: int = 16):
@@ -78,9 +85,9 @@ def _compiled_costs(c, model_name: str) -> dict:
   out = {"flops_per_step": None}
   try:
     model = models.create_model(c, 10)
-    state = ts.create_train_state(c, model, jax.random.key(0), INPUT_SHAPE[model_name], 1000)
+    state = ts.create_train_state(c, model, jax.random.key(0), input_shape(model_name), 1000)
     fn = jax.jit(train_step.make_train_step(c, model, 1000, axis_name=None))
-    batch = {"image": jnp.zeros((c.batch_size,) + INPUT_SHAPE[model_name], jnp.uint8),
+    batch = {"image": jnp.zeros((c.batch_size,) + input_shape(model_name), jnp.uint8),
              "label": jnp.zeros((c.batch_size,), jnp.int32)}
     compiled = fn.lower(state, batch, jax.random.key(0)).compile()
     cost = compiled.cost_analysis()
@@ -110,11 +117,11 @@ class StepTimer:
     devices = jax.local_devices()
     n = len(devices)
     model = models.create_model(c, 10, bn_axis_name=parallel.AXIS)
-    state = ts.create_train_state(c, model, jax.random.key(0), INPUT_SHAPE[model_name], 1000)
+    state = ts.create_train_state(c, model, jax.random.key(0), input_shape(model_name), 1000)
     self.step = parallel.pmap_train_step(train_step.make_train_step(c, model, 1000))
     self.state = parallel.replicate(state, n)
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (n, batch // n) + INPUT_SHAPE[model_name], dtype=np.uint8)
+    images = rng.integers(0, 256, (n, batch // n) + input_shape(model_name), dtype=np.uint8)
     labels = rng.integers(0, 10, (n, batch // n)).astype(np.int32)
     self.batch_dev = {"image": jax.device_put(images), "label": jax.device_put(labels)}
     self.key = jax.random.key(1)
@@ -131,11 +138,10 @@ class StepTimer:
 
   def window(self, steps: int) -> float:
     """Seconds per step over `steps` steps, closed by block_until_ready."""
-    t = time.perf_counter()
+    clock = timing.Stopwatch()
     for _ in range(steps):
       self.state, metrics = self.step(self.state, self.batch_dev, self.key)
-    jax.block_until_ready((self.state, metrics))
-    return (time.perf_counter() - t) / steps
+    return clock.stop(wait_for=(self.state, metrics)) / steps
 
 
 def bench_group(specs: list[dict], windows: int, steps: int, width: int = 16,
@@ -160,10 +166,10 @@ def bench_group(specs: list[dict], windows: int, steps: int, width: int = 16,
 def bench_eval(model_name: str, n_points: int, width: int = 16) -> dict:
   c = row_config(model_name, "standard", 128, "float32", width)
   model = models.create_model(c, 10, half_precision=False)
-  variables = model.init(jax.random.key(0), jnp.zeros((1,) + INPUT_SHAPE[model_name]),
+  variables = model.init(jax.random.key(0), jnp.zeros((1,) + input_shape(model_name)),
                          train=False)
   ev = evaluation.Evaluator(model, batch_size=min(500, n_points))
-  x = np.random.default_rng(0).integers(0, 256, (n_points,) + INPUT_SHAPE[model_name],
+  x = np.random.default_rng(0).integers(0, 256, (n_points,) + input_shape(model_name),
                                         dtype=np.uint8)
   y = np.zeros(n_points, np.int32)
   ev.robust_accuracy(variables, x[: ev.batch_size], y[: ev.batch_size], 8 / 255, 50, 1,
@@ -265,7 +271,14 @@ def main(argv=None) -> None:
   p.add_argument("--eval_points", type=int, default=0)
   p.add_argument("--torch_python", default="")
   p.add_argument("--out", default="bench.json")
+  p.add_argument("--plugins", default="", help="modules registering methods or models to "
+                 "benchmark too (comma-separated; installed entry points are always loaded)")
   args = p.parse_args(argv)
+  try:
+    plugins.load_entry_points()
+    plugins.load(args.plugins)
+  except plugins.PluginError as e:
+    raise SystemExit(f"--plugins: {e}") from None
   model_names = args.models.split(",")
   profiles = {json.dumps(xla_cpu.flags_for(m), sort_keys=True) for m in model_names}
   if len(profiles) > 1:  # XLA reads its flags once per process
@@ -274,13 +287,14 @@ def main(argv=None) -> None:
   xla_cpu.apply(model=model_names[0])  # before the first JAX computation starts the backend
   peak = measure_peak_flops()
   print(f"peak: {peak / 1e9:.1f} GFLOP/s (float32 2048 x 2048 matmul, one device)", flush=True)
-  methods = METHODS if args.methods == "all" else tuple(args.methods.split(","))
-  unknown = set(methods) - set(METHODS)
+  known = method_rows()
+  methods_ = known if args.methods == "all" else tuple(args.methods.split(","))
+  unknown = set(methods_) - set(known)
   if unknown:
-    raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {known}")
   specs = [{"model": m, "method": meth, "batch": int(b), "dtype": dt}
            for m in args.models.split(",") for b in args.batches.split(",")
-           for dt in args.dtypes.split(",") for meth in methods]
+           for dt in args.dtypes.split(",") for meth in methods_]
   for s in specs:
     if s["batch"] % jax.local_device_count():
       raise SystemExit(f"batch {s['batch']} is not divisible by {jax.local_device_count()} devices")

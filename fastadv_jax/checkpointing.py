@@ -7,15 +7,21 @@ it, and a checkpoint whose bytes changed (or that cannot be read) is moved to
 `<workdir>/corrupt_checkpoints/` with a warning and the previous one is used. A checkpoint that
 does not fit the config is an error, not a fallback. Failures are CheckpointErrors naming the
 folder and what to do, not library tracebacks.
+
+A checkpoint of model variables alone (`save_variables`, e.g. imported weights) has the same
+items; its `state` is just {'params', 'batch_stats'}. `restore_variables` reads the weights of
+either kind without an optimiser to restore into; `restore` fills the rest of a train state
+from its template (a run started on such a workdir trains from those weights).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from absl import logging
 
@@ -31,8 +37,21 @@ class CheckpointError(RuntimeError):
   """A checkpoint exists but cannot be used (corrupt, or written by an incompatible config)."""
 
 
+# meta key of a checkpoint whose `state` item holds the model variables alone
+VARIABLES_ONLY = "variables_only"
+_VARIABLE_KEYS = ("params", "batch_stats")
+
+
 def _to_numpy_tree(tree: Any) -> Any:
   return jax.tree.map(np.asarray, tree)
+
+
+def _state_dict(tree: Any) -> Any:
+  return _to_numpy_tree(flax.serialization.to_state_dict(tree))
+
+
+def _abstract(state_dict: Any) -> Any:
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, state_dict)
 
 
 class CheckpointCorrupt(CheckpointError):
@@ -91,10 +110,16 @@ class Checkpointer:
       self._save(step, state, best, meta)
     distributed.barrier(f"checkpoint_{step}")
 
+  def save_variables(self, step: int, variables: Any, meta: dict) -> None:
+    """Checkpoints model variables ({'params', 'batch_stats'}) alone, as both the last and the
+    early-stopped weights: weights that never trained here (an import) have no optimiser or
+    method state, and none is made up for them."""
+    self.save(step, variables, variables, {**meta, VARIABLES_ONLY: True})
+
   def _save(self, step: int, state: Any, best: Any, meta: dict) -> None:
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_to_numpy_tree(flax.serialization.to_state_dict(state))),
-        best=ocp.args.StandardSave(_to_numpy_tree(flax.serialization.to_state_dict(best))),
+        state=ocp.args.StandardSave(_state_dict(state)),
+        best=ocp.args.StandardSave(_state_dict(best)),
         meta=ocp.args.JsonSave(meta)))
     self.manager.wait_until_finished()
     os.makedirs(self.checksums, exist_ok=True)
@@ -153,23 +178,13 @@ class Checkpointer:
     self.manager.close()
     self._open()
 
-  def restore(self, step: int, state_template: Any, best_template: Any
-              ) -> tuple[Any, Any, dict]:
-    """Restores into the structures of the templates; raises CheckpointError on any mismatch."""
+  @contextlib.contextmanager
+  def _reading(self, step: int) -> Iterator[None]:
+    """Turns what goes wrong while reading checkpoint `step` into a CheckpointError (does not
+    fit the templates) or a CheckpointCorrupt (anything else), instead of a library traceback."""
     where = os.path.join(self.directory, str(step))
     try:
-      state_sd = _to_numpy_tree(flax.serialization.to_state_dict(state_template))
-      best_sd = _to_numpy_tree(flax.serialization.to_state_dict(best_template))
-      abstract = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)  # noqa: E731
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract(state_sd)),
-          best=ocp.args.StandardRestore(abstract(best_sd)),
-          meta=ocp.args.JsonRestore()))
-      _check_same_structure(state_sd, restored["state"], "state")
-      _check_same_structure(best_sd, restored["best"], "best")
-      state = flax.serialization.from_state_dict(state_template, restored["state"])
-      best = flax.serialization.from_state_dict(best_template, restored["best"])
-      meta = dict(restored["meta"])
+      yield
     except CheckpointError as e:
       raise CheckpointError(f"checkpoint {where} does not match this config: {e}. Use a fresh "
                             f"--workdir, or delete {self.directory} to start over.") from None
@@ -178,8 +193,56 @@ class Checkpointer:
       raise CheckpointCorrupt(
           f"checkpoint {where} could not be restored ({type(e).__name__}: {first}); it is corrupt "
           f"or was written by an incompatible version") from None
-    _check_finite(state, where)
+
+  def _variables_only(self, step: int) -> bool:
+    """Whether checkpoint `step` was written by `save_variables` (its meta says so)."""
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return bool(dict(meta["meta"]).get(VARIABLES_ONLY, False))
+
+  def restore(self, step: int, state_template: Any, best_template: Any
+              ) -> tuple[Any, Any, dict]:
+    """Restores into the structures of the templates; raises CheckpointError on any mismatch.
+    A checkpoint of variables alone fills the template's params and batch_stats and keeps the
+    rest of it (optimiser, step, method state) as it is."""
+    with self._reading(step):
+      state_sd = _state_dict(state_template)
+      best_sd = _state_dict(best_template)
+      variables_only = self._variables_only(step)
+      saved_sd = ({k: state_sd[k] for k in _VARIABLE_KEYS if k in state_sd} if variables_only
+                  else state_sd)
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_abstract(saved_sd)),
+          best=ocp.args.StandardRestore(_abstract(best_sd)),
+          meta=ocp.args.JsonRestore()))
+      _check_same_structure(saved_sd, restored["state"], "state")
+      _check_same_structure(best_sd, restored["best"], "best")
+      state = flax.serialization.from_state_dict(
+          state_template,
+          {**state_sd, **restored["state"]} if variables_only else restored["state"])
+      best = flax.serialization.from_state_dict(best_template, restored["best"])
+      meta = dict(restored["meta"])
+    _check_finite(state, os.path.join(self.directory, str(step)))
     return state, best, meta
+
+  def restore_variables(self, step: int, template: Any) -> tuple[Any, Any, dict]:
+    """(last, best, meta) of checkpoint `step`, the weights as model variables shaped like
+    `template` ({'params', 'batch_stats'}). Reads a training checkpoint and one of variables
+    alone alike, so a reader of weights needs no optimiser to restore into; the rest of a
+    training state is read but not kept."""
+    with self._reading(step):
+      sd = _state_dict(template)
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(),  # whatever was saved: a train state or variables
+          best=ocp.args.StandardRestore(_abstract(sd)),
+          meta=ocp.args.JsonRestore()))
+      last_sd = {k: dict(restored["state"]).get(k) for k in sd}
+      _check_same_structure(sd, last_sd, "state")
+      _check_same_structure(sd, restored["best"], "best")
+      last = flax.serialization.from_state_dict(template, last_sd)
+      best = flax.serialization.from_state_dict(template, restored["best"])
+      meta = dict(restored["meta"])
+    _check_finite(last, os.path.join(self.directory, str(step)))
+    return last, best, meta
 
   def close(self) -> None:
     self.manager.close()

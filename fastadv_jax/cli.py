@@ -35,7 +35,9 @@ def describe_flag_error(e: BaseException, argv: list[str]) -> str:
     name = text.split("'")[1] if "'" in text else text
     where = next((o for o in overrides if o.endswith("." + name) or o == f"--config.{name}"),
                  "--config")
-    return f"{where}: unknown config field {name!r} (every field is declared in configs/default.py)"
+    from fastadv_jax import config_validation  # pylint: disable=import-outside-toplevel
+    return (f"{where}: unknown config field {name!r} (every field is declared in "
+            f"configs/default.py{config_validation.moved_field_hint(name)})")
   if isinstance(root, OSError) and "config" in str(e):
     return f"--config: cannot load the config file: {text}"
   return text if isinstance(e, flags.Error) else f"{type(root).__name__}: {text}"

@@ -13,21 +13,69 @@ class ConfigError(ValueError):
   """A config field has a value the library cannot run with."""
 
 
+# Method hyperparameters that were top-level config fields before they moved to the methods
+# (config.method_args.<method>.<field>): for each built-in method, old name -> its field now.
+_FGSM = {"fgsm_alpha": "alpha"}
+_GUIDED = {**_FGSM, "guided_init": "init"}
+_MOVED_FIELDS = {
+    "fgsm": _FGSM, "fgsm_rs": _FGSM, "random_corner": _FGSM,
+    "free": {"free_replay": "replay", "free_alpha": "alpha"},
+    "pgd": {"pgd_steps": "steps", "pgd_alpha": "alpha"},
+    "pgd_corner": {"pgd_steps": "steps", "pgd_alpha": "alpha"},
+    "nfgsm": {"nfgsm_noise": "noise", "nfgsm_step": "step", "nfgsm_clip": "clip"},
+    "zerograd": {**_FGSM, "zerograd_quantile": "quantile"},
+    "multigrad": {**_FGSM, "multigrad_samples": "samples"},
+    "elle": {**_FGSM, "elle_lambda": "lam"},
+    "elle_a": {**_FGSM, "elle_lambda_aux": "lam_aux", "elle_decay": "decay",
+               "elle_sensitivity": "sensitivity"},
+    "gat": {**_GUIDED, "gat_lambda": "lam"},
+    "nuat": {**_GUIDED, "nuat_lambda_max": "lam_max", "nuat_ramp": "ramp"},
+}
+MOVED_FIELDS = {old: new for table in _MOVED_FIELDS.values() for old, new in table.items()}
+
+
+def moved_field_hint(name: str) -> str:
+  """'' or where a former top-level method field lives now."""
+  new = MOVED_FIELDS.get(name)
+  return f"; method hyperparameters are config.method_args.<method>.{new} now" if new else ""
+
+
+def migrate_stored_config(stored: dict) -> dict:
+  """A config.json written before method hyperparameters moved: the fields its method read
+  become `method_args.<method>.<field>`; the others are dropped."""
+  if "method_args" in stored:
+    return stored
+  table = _MOVED_FIELDS.get(stored.get("method"), {})
+  own = {new: stored[old] for old, new in table.items() if old in stored}
+  migrated = {k: v for k, v in stored.items() if k not in MOVED_FIELDS}
+  migrated["method_args"] = {stored["method"]: own} if table else {}
+  return migrated
+
+
 def _check(cond: bool, field: str, msg: str) -> None:
   if not cond:
     raise ConfigError(f"config.{field}: {msg}")
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-  """Raises ConfigError naming the first offending field."""
-  from fastadv_jax import methods  # pylint: disable=import-outside-toplevel
-  from fastadv_jax.models import MODEL_NAMES  # local import: keep this module light
+  """Raises ConfigError naming the first offending field. Imports `config.plugins` first, so
+  the registries it reads hold what the run's plugins register."""
+  from fastadv_jax import methods, plugins  # pylint: disable=import-outside-toplevel
+  from fastadv_jax import models  # local import: keep this module light
 
   c = config
+  try:
+    plugins.load(c.get("plugins", ""))
+  except plugins.PluginError as e:
+    raise ConfigError(f"config.plugins: {e}") from None
   _check(c.dataset in DATASETS, "dataset", f"unknown dataset {c.dataset!r}; choose from {DATASETS}")
-  _check(c.model in MODEL_NAMES, "model", f"unknown model {c.model!r}; choose from {MODEL_NAMES}")
-  _check(c.method in methods.NAMES, "method",
-         f"unknown method {c.method!r}; choose from {methods.NAMES}")
+  _check(c.model in models.names(), "model", f"unknown model {c.model!r}; choose from {models.names()}")
+  _check(c.method in methods.names(), "method",
+         f"unknown method {c.method!r}; choose from {methods.names()}")
+  try:
+    methods.get(c.method).args_from(c)
+  except methods.ArgError as e:
+    raise ConfigError(f"config.method_args.{c.method}.{e.field}: {e.message}") from None
   _check(c.attack_init in INITS, "attack_init", f"unknown init {c.attack_init!r}; choose from {INITS}")
   _check(c.optimizer in OPTIMIZERS, "optimizer", f"unknown optimizer {c.optimizer!r}; choose from {OPTIMIZERS}")
   _check(c.lr_schedule in LR_SCHEDULES, "lr_schedule",
@@ -40,10 +88,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
          f"{c.batch_size} is not divisible by the {num_devices} devices")
   _check(c.lr_max > 0, "lr_max", f"must be > 0, got {c.lr_max}")
   _check(c.weight_decay >= 0, "weight_decay", f"must be >= 0, got {c.weight_decay}")
-  _check(c.fgsm_alpha > 0, "fgsm_alpha", f"must be > 0, got {c.fgsm_alpha}")
-  _check(c.pgd_alpha > 0, "pgd_alpha", f"must be > 0, got {c.pgd_alpha}")
-  _check(c.pgd_steps >= 1, "pgd_steps", f"must be >= 1, got {c.pgd_steps}")
-  _check(c.free_replay >= 1, "free_replay", f"must be >= 1, got {c.free_replay}")
   _check(c.eps_warmup_epochs >= 0, "eps_warmup_epochs", f"must be >= 0, got {c.eps_warmup_epochs}")
   _check(c.grad_align_lambda >= 0, "grad_align_lambda", f"must be >= 0, got {c.grad_align_lambda}")
   _check(c.n_filters >= 1, "n_filters", f"must be >= 1, got {c.n_filters}")
@@ -53,16 +97,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   _check(c.wrn_widen >= 1, "wrn_widen", f"must be >= 1, got {c.wrn_widen}")
   _check(len(c.resnet_widths) == 4 and min(c.resnet_widths) >= 1, "resnet_widths",
          f"must be 4 positive stage widths, got {tuple(c.resnet_widths)}")
-  for field in ("nfgsm_noise", "nfgsm_clip", "elle_lambda", "elle_lambda_aux",
-                "elle_sensitivity", "gat_lambda", "nuat_lambda_max"):
-    _check(c[field] >= 0, field, f"must be >= 0, got {c[field]}")
-  _check(c.nfgsm_step > 0, "nfgsm_step", f"must be > 0, got {c.nfgsm_step}")
-  _check(0 < c.elle_decay <= 1, "elle_decay", f"must be in (0, 1], got {c.elle_decay}")
-  _check(0 <= c.zerograd_quantile < 1, "zerograd_quantile",
-         f"must be in [0, 1), got {c.zerograd_quantile}")
-  _check(c.multigrad_samples >= 1, "multigrad_samples", f"must be >= 1, got {c.multigrad_samples}")
-  _check(0 <= c.guided_init <= 1, "guided_init", f"must be in [0, 1], got {c.guided_init}")
-  _check(0 < c.nuat_ramp <= 1, "nuat_ramp", f"must be in (0, 1], got {c.nuat_ramp}")
   _check(c.grad_align_derivative in ("auto", "double_backprop", "jvp"), "grad_align_derivative",
          f"must be auto, double_backprop or jvp, got {c.grad_align_derivative!r}")
   _check(not (c.grad_align_derivative == "jvp" and c.grad_align_backprop_g1),

@@ -1,6 +1,10 @@
 """Evaluate a trained run: python -m fastadv_jax.evaluate --workdir=<dir> [--weights=last|best]
 [--eps=0.0314] [--n_eval=1000] [--attack=pgd|autoattack|pgd,autoattack|apgd-ce,apgd-t,...]
-[--pgd_steps=50] [--pgd_restarts=10].
+[--pgd_steps=50] [--pgd_restarts=10] [--plugins=my_pkg.my_attack,...].
+
+`--attack` takes any registered AutoAttack component: the built-in ones, those of installed
+plugins (entry points), of the run's own `config.plugins` (config.json) and of `--plugins`, all
+imported before `--attack` is checked.
 
 Reads the run's config.json and latest checkpoint; prints and writes
 `<workdir>/eval_<weights>_eps<eps>_n<n>_<attacks>.json` (e.g. `..._pgd50x10.json`,
@@ -16,7 +20,7 @@ import jax
 from absl import flags
 
 from fastadv_jax import (autoattack, checkpointing, cli, cli_logging, datasets, evaluation, models,
-                         saved_run, workdir, xla_cpu)
+                         plugins, saved_run, workdir, xla_cpu)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -24,10 +28,14 @@ flags.DEFINE_enum("weights", "last", ["last", "best"], "Last weights, or early-s
 flags.DEFINE_float("eps", None, "L-inf radius in pixel units; default: the training eps.")
 flags.DEFINE_integer("n_eval", None, "First n test points (-1 = all); default: n_final_eval.")
 flags.DEFINE_string("attack", "pgd", "pgd, autoattack (standard), autoattack-rand, or AutoAttack "
-                    "components (apgd-ce, apgd-t, fab-t, square, apgd-dlr), comma-separated.")
+                    "components (apgd-ce, apgd-t, fab-t, square, apgd-dlr, or any registered by "
+                    "a plugin), comma-separated.")
 flags.DEFINE_integer("pgd_steps", 50, "PGD iterations.")
 flags.DEFINE_integer("pgd_restarts", 10, "PGD restarts.")
 flags.DEFINE_integer("seed", 0, "Seed of the attacks' random starts.")
+flags.DEFINE_string("plugins", "", "Modules to import first, comma-separated (e.g. ones that "
+                    "register AutoAttack components with autoattack.register), on top of the "
+                    "run's config.plugins and installed plugins.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -68,10 +76,24 @@ def output_name(weights: str, eps: float, n: int, run_pgd: bool, aa_attacks: tup
   return f"eval_{weights}_eps{eps:.4f}_n{n}_{'+'.join(parts)}.json"
 
 
+def load_plugins(extra: str) -> None:
+  """Installed plugins and `--plugins`, as UsageError on failure (the run's own config.plugins
+  are imported by run_config); before `--attack` is checked against the registry."""
+  try:
+    plugins.load_entry_points()
+  except plugins.PluginError as e:
+    raise UsageError(str(e)) from None
+  try:
+    plugins.load(extra)
+  except plugins.PluginError as e:
+    raise UsageError(f"--plugins: {e}") from None
+
+
 def main(argv):
   del argv
   cli_logging.setup()
-  config = run_config(FLAGS.workdir)
+  load_plugins(FLAGS.plugins)
+  config = run_config(FLAGS.workdir)  # imports config.plugins
   xla_cpu.apply(model=config.model)  # before the first JAX computation starts the backend
   eps = config.eps if FLAGS.eps is None else FLAGS.eps
   n_eval = config.n_final_eval if FLAGS.n_eval is None else FLAGS.n_eval

@@ -1,4 +1,4 @@
-"""Robust evaluation and catastrophic-overfitting diagnostics (SPEC §4), and AutoAttack.
+"""Robust evaluation and catastrophic-overfitting diagnostics (docs/algorithms.md §4), and AutoAttack.
 
 Always float32 with BatchNorm running statistics. Each chunk of examples is padded to a
 multiple of the device count and spread over devices with pmap (parallel.py); randomness is per
@@ -30,22 +30,24 @@ def parse_attack_spec(spec: str) -> tuple[bool, tuple[str, ...]]:
   """'pgd' | 'autoattack' | 'autoattack-rand' | AutoAttack components, comma-separated and
   combinable (e.g. 'pgd,autoattack', 'apgd-ce,apgd-t') -> (run PGD?, AutoAttack's attacks).
 
-  ValueError names the bad item."""
+  Components are those registered when it is called (plugins included). ValueError names the
+  bad item."""
+  known = autoattack.names()
   items = [s.strip() for s in str(spec).split(",") if s.strip()]
   if not items:
     raise ValueError("empty attack list: use pgd, autoattack, autoattack-rand or components "
-                     f"({', '.join(autoattack.ATTACKS)})")
+                     f"({', '.join(known)})")
   pgd, aa = False, []
   for item in items:
     if item == "pgd":
       pgd = True
     elif item in ("autoattack", "autoattack-rand"):
       aa += autoattack.VERSIONS["rand" if item.endswith("rand") else "standard"]
-    elif item in autoattack.ATTACKS:
+    elif item in known:
       aa.append(item)
     else:
       raise ValueError(f"unknown attack {item!r}: choose pgd, autoattack, autoattack-rand or "
-                       f"AutoAttack components ({', '.join(autoattack.ATTACKS)})")
+                       f"AutoAttack components ({', '.join(known)})")
   return pgd, tuple(dict.fromkeys(aa))
 
 
@@ -61,7 +63,7 @@ class Evaluator:
     self.step_alpha = float(step_alpha)  # PGD step = step_alpha * eps
     self.devices = devices or parallel.local_devices()
     self.n_dev = len(self.devices)
-    self.batch_size = max(self.n_dev, batch_size - batch_size % self.n_dev)
+    self.batch_size = parallel.device_batch_size(batch_size, self.n_dev)
     pm = functools.partial(jax.pmap, devices=self.devices)
     # (variables, carry, x, y, idx, rng, eps, restart, steps): only `steps` is static.
     self._restart = pm(self._restart_chunk, in_axes=(None, 0, 0, 0, 0, None, None, None),
@@ -120,7 +122,7 @@ class Evaluator:
     start, stop = distributed.point_range(len(labels))
     n = stop - start
     for m, idx in parallel.chunks_for_devices(n, self.batch_size, self.n_dev):
-      pos = start + idx % n
+      pos = start + idx
       yield m, *parallel.shard((images[pos], labels[pos], pos.astype(np.int32)), self.n_dev)
 
   def _per_point(self, outs: list, n: int):

@@ -10,10 +10,15 @@ the mean, through a double-`where` so that neither the value nor its gradient is
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from fastadv_jax import attacks, losses, randomness
+
+__all__ = ["Term", "derivative_mode", "gradalign_regularizer", "gradient_alignment",
+           "input_gradients", "masked_cosine", "regularizer_by_jvp", "term"]
 
 
 def masked_cosine(g1: jax.Array, g2: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -67,15 +72,17 @@ def gradalign_regularizer(cos: jax.Array, mask: jax.Array, lam, axis_name: str |
 
 
 def derivative_mode(config) -> str:
-  """'jvp' or 'double_backprop' for this config (config.grad_align_derivative, 'auto' resolved:
-  jvp for the ResNets, where XLA:CPU ran GradAlign 1.6-1.7x faster with it; double
-  backpropagation for the CNNs, where it was as fast or faster (BENCHMARKS.md, optimisation
-  log); never jvp when g1 is differentiated too, which only double backpropagation does)."""
+  """'jvp' or 'double_backprop' for this config (config.grad_align_derivative, 'auto' resolved
+  by the model's record, models.ModelSpec.gradalign_derivative: jvp for the ResNets, where
+  XLA:CPU ran GradAlign 1.6-1.7x faster with it; double backpropagation for the CNNs, where it
+  was as fast or faster (BENCHMARKS.md, optimisation log); never jvp when g1 is differentiated
+  too, which only double backpropagation does)."""
+  from fastadv_jax import models  # pylint: disable=import-outside-toplevel
   mode = config.grad_align_derivative
   if config.grad_align_backprop_g1:
     return "double_backprop"
   if mode == "auto":
-    return "jvp" if config.model in ("preact_resnet18", "wide_resnet") else "double_backprop"
+    return models.get(config.model).gradalign_derivative
   return mode
 
 
@@ -110,3 +117,42 @@ def gradient_alignment(loss_fn: attacks.LossFn, x: jax.Array, keys: jax.Array, e
   g1, g2 = input_gradients(loss_fn, x, keys, eps)
   cos, mask = masked_cosine(g1, g2)
   return jnp.sum(jnp.where(mask, cos, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+class Term(NamedTuple):
+  loss: jax.Array    # add this to the objective you differentiate (this device's share)
+  value: jax.Array   # lambda * (1 - mean cosine) over the global batch, to log
+
+
+def term(loss_fn: attacks.LossFn, x: jax.Array, key: jax.Array, eps, lam=1.0, *,
+         g1: jax.Array | None = None, backprop_g1: bool = False,
+         derivative: str = "double_backprop", axis_name: str | None = None) -> Term:
+  """The GradAlign term for any model: lambda * (1 - masked mean cos(grad l(x), grad l(x + eta))).
+
+  Args:
+    loss_fn: x (B, ...) -> per-example loss (B,), closed over the weights you differentiate
+      (a Flax linen `apply`, an NNX module, an Equinox model or plain JAX).
+    x: the clean batch, pixels in [0, 1].
+    key: one PRNG key for the batch (eta is drawn per example from fold_in(key, index)), or
+      (B,) per-example keys.
+    eps: L-inf radius in pixel units; eta ~ U[-eps, eps]^d (not clipped to [0, 1]).
+    lam: the weight lambda (the paper's CIFAR-10 schedule: schedules.grad_align_lambda).
+    g1: the input gradient at x if you have it (FGSM from zero computes it); its gradient is
+      stopped unless `backprop_g1`.
+    derivative: "double_backprop" (reverse over reverse, as the original) or "jvp" (reverse over
+      forward; same value and gradient up to rounding, faster for ResNets on CPU).
+    axis_name: the device axis inside pmap / shard_map: `loss` is then this device's share, so
+      that the mean of the devices' parameter gradients is the gradient of the global term.
+  Returns:
+    Term(loss, value); without an axis both are the same number.
+  """
+  keys = randomness.batch_keys(key, x.shape[0], axis_name)
+  if derivative == "jvp":
+    if backprop_g1:
+      raise ValueError("derivative='jvp' does not differentiate through g1; use "
+                       "derivative='double_backprop' with backprop_g1=True")
+    return Term(*regularizer_by_jvp(loss_fn, x, keys, eps, g1, lam, axis_name))
+  if derivative != "double_backprop":
+    raise ValueError(f"derivative must be 'double_backprop' or 'jvp', got {derivative!r}")
+  g1, g2 = input_gradients(loss_fn, x, keys, eps, g1=g1, backprop_g1=backprop_g1)
+  return Term(*gradalign_regularizer(*masked_cosine(g1, g2), lam, axis_name))

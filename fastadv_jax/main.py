@@ -33,7 +33,11 @@ def main(argv):
 
 def run() -> None:
   from fastadv_jax import (  # pylint: disable=import-outside-toplevel
-      checkpointing, cli, config_validation, datasets, distributed, train, workdir)
+      checkpointing, cli, config_validation, datasets, distributed, plugins, train, workdir)
+  try:  # before the config file is read: plugin methods' hyperparameters are config fields
+    plugins.load_for_command_line()
+  except plugins.PluginError as e:
+    cli.fail(f"--config.plugins: {e}")
   cli.run(main, (config_validation.ConfigError, checkpointing.CheckpointError,
                  datasets.DatasetUnavailableError, train.NonFiniteError, workdir.WorkdirError,
                  distributed.DistributedError))

@@ -1,4 +1,10 @@
-"""The paper's models in Flax Linen, chosen by name.
+"""The paper's models in Flax Linen, and the open registry that names them.
+
+Each model is one `ModelSpec` record: how to build it from a config, the XLA:CPU flags it runs
+with, what GradAlign's `grad_align_derivative="auto"` resolves to for it, and its PyTorch layout.
+Everything that depends on the model (create_model, config_validation, xla_cpu, gradalign,
+torch_interop) reads that record, so a model defined outside the package is one
+`models.register(ModelSpec(...))` in a plugin module (fastadv_jax/plugins.py).
 
 All models take images in [0, 1] (NHWC, no normalisation layer: eps lives in pixel space), compute
 in `dtype` (bfloat16 for mixed precision) with float32 parameters, and return float32 logits.
@@ -7,20 +13,28 @@ N-device step normalises with the statistics of the whole global batch.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fastadv_jax import xla_cpu
+from fastadv_jax import registry, xla_cpu
+
+__all__ = [
+    "ModelSpec", "TorchEntry", "TorchLayout", "register", "unregister", "get", "names",
+    "create_model",
+    "PreActResNet18", "PreActBlock", "WideResNet", "PaperCNN", "SmallCNN", "max_pool_2x2",
+    "ResNetConv", "DERIVATIVES", "TORCH_KINDS",
+]
 
 Dtype = Any
 
-# PreAct ResNet-18 init (SPEC §3): conv N(0, 2/(k*k*C_out)), linear N(0, 2/fan_in), biases 0.
+# PreAct ResNet-18 init (docs/algorithms.md §3): conv N(0, 2/(k*k*C_out)), linear N(0, 2/fan_in), biases 0.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 _linear_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 # PyTorch's default init for Conv2d / Linear (the paper's CNN uses it): U(+-1/sqrt(fan_in)).
@@ -55,7 +69,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
 
 def _conv(features: int, kernel: int, stride: int, name: str, dtype: Dtype) -> nn.Conv:
-  """A bias-free 'same' conv with the ResNets' init (SPEC §3)."""
+  """A bias-free 'same' conv with the ResNets' init (docs/algorithms.md §3)."""
   pad = ((kernel // 2, kernel // 2), (kernel // 2, kernel // 2))
   return ResNetConv(features, (kernel, kernel), (stride, stride), padding=pad, use_bias=False,
                     kernel_init=_conv_init, dtype=dtype, name=name)
@@ -195,7 +209,98 @@ class SmallCNN(nn.Module):
     return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
-MODEL_NAMES = ("preact_resnet18", "wide_resnet", "cnn", "small_cnn")
+# ----------------------------------------------------------------------------------------------
+# The registry: one record per model.
+
+DERIVATIVES = ("jvp", "double_backprop")
+TORCH_KINDS = ("conv", "conv_bias", "dense", "dense_flat", "bn")
+
+BuildFn = Callable[[ml_collections.ConfigDict, int, Dtype, "str | None"], nn.Module]
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchEntry:
+  """One layer of a PyTorch state_dict: which Flax module it is and how its arrays convert."""
+  torch: str            # key prefix in the state_dict, e.g. "layer1.0.conv1"
+  flax: tuple           # module path in the Flax params (and batch_stats for "bn")
+  kind: str             # conv | conv_bias | dense | dense_flat | bn (torch_interop converts each)
+  flat_hwc: tuple = ()  # dense_flat: the (h, w, c) feature map flattened before this layer
+
+  def __post_init__(self):
+    if self.kind not in TORCH_KINDS:
+      raise ValueError(f"TorchEntry {self.torch!r}: kind must be one of {TORCH_KINDS}, "
+                       f"got {self.kind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchLayout:
+  """A model's PyTorch layout, which torch_interop exports to and imports from.
+
+  `entries(config, params, image_shape)` lists its layers in the state_dict; `kwargs(config,
+  num_classes, image_shape)` are the constructor arguments written to the export's spec.json
+  (with `"architecture": <model name>`); `module_file` is the self-contained PyTorch file copied
+  next to the export as model.py, whose `load(export_dir)` rebuilds the module (None: this
+  package's torch_models.py, which defines the built-in models)."""
+  entries: Callable[[ml_collections.ConfigDict, Mapping, tuple], list[TorchEntry]]
+  kwargs: Callable[[ml_collections.ConfigDict, int, tuple], dict]
+  module_file: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Everything the library needs to know about one model, in one place.
+
+  name: the value of `config.model`.
+  build: `build(config, num_classes, dtype, bn_axis_name) -> nn.Module`; reads the config
+    fields it needs itself (images in [0, 1], NHWC; float32 logits).
+  xla_flags: the XLA_FLAGS it runs with on CPU (xla_cpu.CNN_FLAGS or RESNET_FLAGS; measured in
+    BENCHMARKS.md), applied by the command lines before JAX's backend starts.
+  gradalign_derivative: what `grad_align_derivative="auto"` resolves to: "jvp" or
+    "double_backprop" (whichever ran GradAlign faster for this model).
+  torch: its PyTorch layout, or None when it cannot be exported (torch_interop then says so).
+  input_shape: the (H, W, C) of the data it is usually trained on, for the benchmark's rows.
+  """
+  name: str
+  build: BuildFn
+  xla_flags: Mapping[str, str] = dataclasses.field(default_factory=lambda: xla_cpu.CNN_FLAGS)
+  gradalign_derivative: str = "double_backprop"
+  torch: TorchLayout | None = None
+  input_shape: tuple[int, int, int] = (32, 32, 3)
+
+  def __post_init__(self):
+    if not isinstance(self.name, str) or not self.name:
+      raise ValueError(f"ModelSpec.name must be a non-empty string, got {self.name!r}")
+    if not callable(self.build):
+      raise ValueError(f"ModelSpec {self.name!r}: build must be callable")
+    if self.gradalign_derivative not in DERIVATIVES:
+      raise ValueError(f"ModelSpec {self.name!r}: gradalign_derivative must be one of "
+                       f"{DERIVATIVES}, got {self.gradalign_derivative!r}")
+    if self.torch is not None and not isinstance(self.torch, TorchLayout):
+      raise ValueError(f"ModelSpec {self.name!r}: torch must be a TorchLayout or None")
+
+
+_REGISTRY: registry.Registry[ModelSpec] = registry.Registry(
+    "model", ModelSpec, " (or register one: models.register in a --config.plugins module)")
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+  """Adds `spec` under `spec.name`; returns it. The same record again is a no-op; a different
+  record under a taken name is a ValueError, so one model name never means two models."""
+  return _REGISTRY.register(spec)
+
+
+def unregister(name: str) -> None:
+  _REGISTRY.unregister(name)
+
+
+def names() -> tuple[str, ...]:
+  """The registered model names, in registration order (read at call time: plugins add)."""
+  return _REGISTRY.names()
+
+
+def get(name: str) -> ModelSpec:
+  """The record of model `name`; ValueError naming the registered models if there is none."""
+  return _REGISTRY.get(name)
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int,
@@ -203,16 +308,102 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
   """Builds the model named by `config.model`; `half_precision` overrides the config's."""
   half = config.half_precision if half_precision is None else half_precision
   dtype = jnp.bfloat16 if half else jnp.float32
-  if config.model == "preact_resnet18":
-    return PreActResNet18(num_classes=num_classes, dtype=dtype, bn_axis_name=bn_axis_name,
-                          stage_widths=tuple(config.resnet_widths))
-  if config.model == "wide_resnet":
-    return WideResNet(num_classes=num_classes, depth=config.wrn_depth, widen=config.wrn_widen,
-                      dtype=dtype, bn_axis_name=bn_axis_name)
-  if config.model == "cnn":
-    return PaperCNN(num_classes=num_classes, n_filters=config.n_filters,
-                    n_layers=config.n_layers, dtype=dtype, bn_axis_name=bn_axis_name)
-  if config.model == "small_cnn":
-    return SmallCNN(num_classes=num_classes, width=config.n_filters,
-                    use_batch_norm=config.use_batch_norm, dtype=dtype, bn_axis_name=bn_axis_name)
-  raise ValueError(f"config.model: unknown model {config.model!r}; choose from {MODEL_NAMES}")
+  try:
+    spec = get(config.model)
+  except ValueError as e:
+    raise ValueError(f"config.model: {e}") from None
+  return spec.build(config, num_classes, dtype, bn_axis_name)
+
+
+# ----------------------------------------------------------------------------------------------
+# The built-in models' records.
+
+def _build_preact_resnet18(config, num_classes, dtype, bn_axis_name) -> nn.Module:
+  return PreActResNet18(num_classes=num_classes, dtype=dtype, bn_axis_name=bn_axis_name,
+                        stage_widths=tuple(config.resnet_widths))
+
+
+def _build_wide_resnet(config, num_classes, dtype, bn_axis_name) -> nn.Module:
+  return WideResNet(num_classes=num_classes, depth=config.wrn_depth, widen=config.wrn_widen,
+                    dtype=dtype, bn_axis_name=bn_axis_name)
+
+
+def _build_cnn(config, num_classes, dtype, bn_axis_name) -> nn.Module:
+  return PaperCNN(num_classes=num_classes, n_filters=config.n_filters, n_layers=config.n_layers,
+                  dtype=dtype, bn_axis_name=bn_axis_name)
+
+
+def _build_small_cnn(config, num_classes, dtype, bn_axis_name) -> nn.Module:
+  return SmallCNN(num_classes=num_classes, width=config.n_filters,
+                  use_batch_norm=config.use_batch_norm, dtype=dtype, bn_axis_name=bn_axis_name)
+
+
+# PyTorch layouts of the original code (torch_models.py): Wong et al.'s PreActResNet18, the
+# paper's CNN as nn.Sequential `_model`, and the small CNN's named layers.
+
+def _preact_resnet18_torch_entries(config, params, image_shape) -> list[TorchEntry]:
+  del config, image_shape
+  out = [TorchEntry("conv1", ("conv1",), "conv")]
+  for stage in range(4):
+    for block in range(2):
+      t, f = f"layer{stage + 1}.{block}", f"layer{stage + 1}_{block}"
+      out += [TorchEntry(f"{t}.bn1", (f, "bn1"), "bn"),
+              TorchEntry(f"{t}.conv1", (f, "conv1"), "conv"),
+              TorchEntry(f"{t}.bn2", (f, "bn2"), "bn"),
+              TorchEntry(f"{t}.conv2", (f, "conv2"), "conv")]
+      if "shortcut" in params[f]:
+        out.append(TorchEntry(f"{t}.shortcut.0", (f, "shortcut"), "conv"))
+  return out + [TorchEntry("bn", ("bn",), "bn"), TorchEntry("linear", ("linear",), "dense")]
+
+
+def _preact_resnet18_torch_kwargs(config, num_classes, image_shape) -> dict:
+  return dict(num_classes=num_classes, in_channels=image_shape[2],
+              stage_widths=list(config.resnet_widths))
+
+
+def _cnn_torch_entries(config, params, image_shape) -> list[TorchEntry]:
+  del params
+  h, w, _ = image_shape
+  out = [TorchEntry(f"_model.{2 * i}", (f"conv{i}",), "conv_bias")
+         for i in range(config.n_layers)]
+  return out + [TorchEntry(f"_model.{2 * config.n_layers + 1}", ("linear",), "dense_flat",
+                           (h, w, config.n_filters))]
+
+
+def _cnn_torch_kwargs(config, num_classes, image_shape) -> dict:
+  h, w, c = image_shape
+  return dict(num_classes=num_classes, in_channels=c, height=h, width=w,
+              n_filters=config.n_filters, n_layers=config.n_layers)
+
+
+def _small_cnn_torch_entries(config, params, image_shape) -> list[TorchEntry]:
+  del params
+  h, w, _ = image_shape
+  out = []
+  kind = "conv" if config.use_batch_norm else "conv_bias"
+  for i in range(2):
+    out.append(TorchEntry(f"conv{i}", (f"conv{i}",), kind))
+    if config.use_batch_norm:
+      out.append(TorchEntry(f"bn{i}", (f"bn{i}",), "bn"))
+  return out + [TorchEntry("fc", ("fc",), "dense_flat", (h // 4, w // 4, 2 * config.n_filters)),
+                TorchEntry("linear", ("linear",), "dense")]
+
+
+def _small_cnn_torch_kwargs(config, num_classes, image_shape) -> dict:
+  h, w, c = image_shape
+  return dict(num_classes=num_classes, in_channels=c, height=h, width=w,
+              n_filters=config.n_filters, use_batch_norm=config.use_batch_norm)
+
+
+# The flags and derivative modes as measured (BENCHMARKS.md; xla_cpu's docstring, item 1): the
+# ResNets run with YNNPACK's convolutions off and GradAlign by jvp (1.6-1.7x faster there); the
+# CNNs with oneDNN and double backpropagation (as fast or faster). The WideResNet has no
+# PyTorch layout here.
+register(ModelSpec("preact_resnet18", _build_preact_resnet18, xla_cpu.RESNET_FLAGS, "jvp",
+                   TorchLayout(_preact_resnet18_torch_entries, _preact_resnet18_torch_kwargs)))
+register(ModelSpec("wide_resnet", _build_wide_resnet, xla_cpu.RESNET_FLAGS, "jvp"))
+register(ModelSpec("cnn", _build_cnn, xla_cpu.CNN_FLAGS, "double_backprop",
+                   TorchLayout(_cnn_torch_entries, _cnn_torch_kwargs)))
+register(ModelSpec("small_cnn", _build_small_cnn, xla_cpu.CNN_FLAGS, "double_backprop",
+                   TorchLayout(_small_cnn_torch_entries, _small_cnn_torch_kwargs),
+                   input_shape=(28, 28, 1)))

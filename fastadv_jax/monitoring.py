@@ -48,7 +48,7 @@ def track_catastrophic_overfitting(record: RunRecord, config: ml_collections.Con
                                    fgsm_acc: float | None = None) -> bool:
   """Updates `record` with one diagnostic; True when catastrophic overfitting is first detected.
 
-  Two signatures (SPEC §4; the paper's Figures 1 and 4), the first one that fires is recorded:
+  Two signatures (docs/algorithms.md §4.4; the paper's Figures 1 and 4), the first one that fires is recorded:
   - "pgd_collapse": test PGD accuracy falls below `co_pgd_drop` x its best so far (itself at
     least `co_min_best_pgd`) while the gradient alignment falls below `co_alignment_drop` x its
     value at that best point. Needs an earlier robust point.
@@ -77,7 +77,7 @@ def track_catastrophic_overfitting(record: RunRecord, config: ml_collections.Con
 
 
 class Monitor:
-  """Diagnostics every `eval_every` iterations on fixed train and test points (SPEC §4)."""
+  """Diagnostics every `eval_every` iterations on fixed train and test points (docs/algorithms.md §4.2)."""
 
   def __init__(self, config: ml_collections.ConfigDict, evaluator: evaluation.Evaluator,
                train_split: datasets.Split, test_split: datasets.Split, rng: jax.Array,

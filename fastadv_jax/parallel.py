@@ -13,7 +13,7 @@ Everything else in the library asks this module where arrays go:
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -132,10 +132,32 @@ def pmap_train_step(step_fn: Callable, devices: list | None = None) -> Callable:
                   donate_argnums=(0,))
 
 
-def chunks_for_devices(n: int, chunk: int, n_devices: int):
-  """Yields (m, idx): evaluation chunks of at most `chunk` points, each index array padded (by
-  wrapping) to a multiple of the device count; the first m entries are real."""
+def device_batch_size(batch_size: int, n_devices: int) -> int:
+  """The largest multiple of the device count not above `batch_size` (at least one per device):
+  the chunk size evaluations ask `chunks_for_devices` for."""
+  return max(n_devices, batch_size - batch_size % n_devices)
+
+
+def chunks_for_devices(n: int, chunk: int, n_devices: int, *, balanced: bool = False
+                       ) -> Iterator[tuple[int, np.ndarray]]:
+  """Yields (m, idx) over n points: idx, positions in 0..n-1, padded by wrapping around to a
+  multiple of the device count; its first m entries are real (the one chunking rule of the
+  Evaluator and AutoAttack's runner).
+
+  balanced=False: chunks of `chunk` points (a multiple of the device count), the last one
+  padded only to a multiple of the device count. balanced=True, for AutoAttack, whose attacks
+  run on a shrinking set of points: the n points are spread evenly over ceil(n / chunk) chunks
+  whose per-device size is rounded up to the form k * 2^j (k = 4..7, wasting under 25 %), every
+  chunk padded to that size, so the number of compiled programs stays small.
+  """
+  if balanced:
+    n_chunks = -(-n // chunk)
+    per_dev = -(-n // (n_chunks * n_devices))
+    if per_dev > 8:
+      grain = 2 ** (per_dev.bit_length() - 3)
+      per_dev = -(-per_dev // grain) * grain
+    chunk = per_dev * n_devices
   for start in range(0, n, chunk):
-    stop = min(start + chunk, n)
-    m = stop - start
-    yield m, np.arange(start, stop + (-m) % n_devices)
+    m = min(start + chunk, n) - start
+    padded = chunk if balanced else m + (-m) % n_devices
+    yield m, np.arange(start, start + padded) % n

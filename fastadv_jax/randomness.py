@@ -9,12 +9,24 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fastadv_jax import xla_cpu
+from fastadv_jax import parallel, xla_cpu
 
 
 def example_keys(rng: jax.Array, global_index: jax.Array) -> jax.Array:
   """One key per example: fold the example's index in the global batch into `rng`."""
   return jax.vmap(lambda i: jax.random.fold_in(rng, i))(global_index)
+
+
+def batch_keys(key: jax.Array, batch_size: int, axis_name: str | None = None) -> jax.Array:
+  """Per-example keys for a batch of the caller's: one key (typed, or raw uint32 key data)
+  -> `fold_in(key, global index)` for each example; (B,) keys are returned as they are. Under
+  pmap / shard_map (`axis_name` bound) the index is the example's place in the global batch,
+  so an example draws the same noise whatever the device split."""
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)
+  if key.ndim == 1:
+    return key
+  return example_keys(key, parallel.global_index(batch_size, axis_name))
 
 
 def uniform_like(keys: jax.Array, x: jax.Array, low, high) -> jax.Array:

@@ -43,7 +43,7 @@ def eps_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
 
 
 def grad_align_lambda(eps: float, dataset: str) -> float:
-  """The paper's lambda(eps) for GradAlign (SPEC §2); eps in pixel units.
+  """The paper's lambda(eps) for GradAlign (docs/algorithms.md §2); eps in pixel units.
 
   CIFAR-10: 0.02 * 10**(eps*255/8)  (0.2 at 8/255, 2.0 at 16/255).
   SVHN:     1.5625 * 1.6**(eps*255/8)  (2.5 at 8/255, 3.162 at 12/255).

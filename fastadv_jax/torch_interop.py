@@ -1,5 +1,9 @@
 """Models to and from PyTorch state_dicts, in the layout of the original code (torch_models.py).
 
+Which layers a model has in PyTorch is part of its record (models.ModelSpec.torch, a
+models.TorchLayout: the state_dict entries and the constructor arguments); a model without one
+(torch=None, e.g. wide_resnet) cannot be converted, and says so. This module only converts.
+
 The conversions are plain numpy, so exporting needs no PyTorch; writing or reading a `.pt` file
 does (`pip install fastadv_jax[torch]`), a `.npz` of the same arrays does not. What changes
 between the frameworks:
@@ -15,69 +19,45 @@ fit is an error naming it.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 from typing import Any, Mapping
 
-import jax
 import ml_collections
 import numpy as np
 
 from fastadv_jax import checkpointing, config_validation, datasets, models, monitoring, workdir
-from fastadv_jax import train_state as ts
-
-SUPPORTED = ("preact_resnet18", "cnn", "small_cnn")
-
 
 class InteropError(ValueError):
   """A state_dict or model that cannot be converted."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-  torch: str          # key prefix in the state_dict
-  flax: tuple         # module path in the Flax variables
-  kind: str           # conv | conv_bias | dense | dense_flat | bn
-  flat_hwc: tuple = ()  # dense_flat: the (h, w, c) shape that was flattened
+def exportable() -> tuple[str, ...]:
+  """The registered models that have a PyTorch layout (read at call time: plugins add)."""
+  return tuple(n for n in models.names() if models.get(n).torch is not None)
+
+
+def torch_layout(config: ml_collections.ConfigDict) -> models.TorchLayout:
+  """config.model's PyTorch layout, from its record; InteropError if it has none."""
+  try:
+    layout = models.get(config.model).torch
+  except ValueError as e:
+    raise InteropError(f"config.model: {e}") from None
+  if layout is None:
+    raise InteropError(f"config.model: PyTorch interop supports {exportable()}, not "
+                       f"{config.model!r} (its models.ModelSpec has no torch layout)")
+  return layout
 
 
 def check_supported(config: ml_collections.ConfigDict) -> None:
-  """InteropError unless config.model has a PyTorch layout here."""
-  if config.model not in SUPPORTED:
-    raise InteropError(f"config.model: PyTorch interop supports {SUPPORTED}, not "
-                       f"{config.model!r}")
+  """InteropError unless config.model has a PyTorch layout."""
+  torch_layout(config)
 
 
 def _layout(config: ml_collections.ConfigDict, params: Mapping, image_shape: tuple
-            ) -> list[_Entry]:
-  check_supported(config)
-  h, w, _ = image_shape
-  if config.model == "preact_resnet18":
-    out = [_Entry("conv1", ("conv1",), "conv")]
-    for stage in range(4):
-      for block in range(2):
-        t, f = f"layer{stage + 1}.{block}", f"layer{stage + 1}_{block}"
-        out += [_Entry(f"{t}.bn1", (f, "bn1"), "bn"), _Entry(f"{t}.conv1", (f, "conv1"), "conv"),
-                _Entry(f"{t}.bn2", (f, "bn2"), "bn"), _Entry(f"{t}.conv2", (f, "conv2"), "conv")]
-        if "shortcut" in params[f]:
-          out.append(_Entry(f"{t}.shortcut.0", (f, "shortcut"), "conv"))
-    return out + [_Entry("bn", ("bn",), "bn"), _Entry("linear", ("linear",), "dense")]
-  if config.model == "cnn":
-    out = []
-    for i in range(config.n_layers):
-      out += [_Entry(f"_model.{2 * i}", (f"conv{i}",), "conv_bias")]
-    return out + [_Entry(f"_model.{2 * config.n_layers + 1}", ("linear",), "dense_flat",
-                         (h, w, config.n_filters))]
-  out = []  # small_cnn
-  kind = "conv" if config.use_batch_norm else "conv_bias"
-  for i in range(2):
-    out.append(_Entry(f"conv{i}", (f"conv{i}",), kind))
-    if config.use_batch_norm:
-      out.append(_Entry(f"bn{i}", (f"bn{i}",), "bn"))
-  return out + [_Entry("fc", ("fc",), "dense_flat", (h // 4, w // 4, 2 * config.n_filters)),
-                _Entry("linear", ("linear",), "dense")]
+            ) -> list[models.TorchEntry]:
+  return list(torch_layout(config).entries(config, params, tuple(image_shape)))
 
 
 def _get(tree: Mapping, path: tuple) -> Any:
@@ -171,31 +151,25 @@ def _copy_tree(tree: Mapping) -> dict:
 
 
 def torch_spec(config: ml_collections.ConfigDict, num_classes: int, image_shape: tuple) -> dict:
-  """The architecture and arguments of torch_models.build for this config."""
-  check_supported(config)
-  h, w, c = image_shape
-  if config.model == "preact_resnet18":
-    kwargs = dict(num_classes=num_classes, in_channels=c, stage_widths=list(config.resnet_widths))
-  elif config.model == "cnn":
-    kwargs = dict(num_classes=num_classes, in_channels=c, height=h, width=w,
-                  n_filters=config.n_filters, n_layers=config.n_layers)
-  else:  # small_cnn
-    kwargs = dict(num_classes=num_classes, in_channels=c, height=h, width=w,
-                  n_filters=config.n_filters, use_batch_norm=config.use_batch_norm)
+  """The architecture (the model's name) and constructor arguments of this config, as the
+  export's model.py (torch_models.build for the built-in models) reads them from spec.json."""
+  kwargs = torch_layout(config).kwargs(config, num_classes, tuple(image_shape))
   return {"architecture": config.model, "kwargs": kwargs}
 
 
 def write_export(out_dir: str, config: ml_collections.ConfigDict, variables: Mapping,
                  num_classes: int, image_shape: tuple, info: dict | None = None) -> list[str]:
-  """Writes state_dict.npz, spec.json, model.py (torch_models.py) and, when PyTorch is
-  installed, model.pt. Returns the paths written."""
+  """Writes state_dict.npz, spec.json, model.py (the layout's module_file, by default
+  torch_models.py) and, when PyTorch is installed, model.pt. Returns the paths written."""
+  module_file = (torch_layout(config).module_file
+                 or os.path.join(os.path.dirname(__file__), "torch_models.py"))
   os.makedirs(out_dir, exist_ok=True)
   sd = to_torch_state_dict(config, variables, image_shape)
   paths = [os.path.join(out_dir, n) for n in ("state_dict.npz", "spec.json", "model.py")]
   np.savez(paths[0], **sd)
   with open(paths[1], "w") as f:
     json.dump({**torch_spec(config, num_classes, image_shape), **(info or {})}, f, indent=2)
-  shutil.copyfile(os.path.join(os.path.dirname(__file__), "torch_models.py"), paths[2])
+  shutil.copyfile(module_file, paths[2])
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -225,7 +199,9 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 def import_to_workdir(config: ml_collections.ConfigDict, state_dict_path: str, workdir_: str
                       ) -> int:
   """Converts a state_dict file, then writes <workdir_>/config.json and checkpoint 0 (the
-  weights as both last and early-stopped ones); returns the number of tensors read."""
+  weights as both last and early-stopped ones, variables alone: an import has no optimiser
+  state); returns the number of tensors read."""
+  from fastadv_jax import saved_run  # pylint: disable=import-outside-toplevel
   config_validation.validate_config(config)
   check_supported(config)
   if not os.path.exists(state_dict_path):
@@ -233,17 +209,14 @@ def import_to_workdir(config: ml_collections.ConfigDict, state_dict_path: str, w
   if os.path.isdir(os.path.join(workdir_, "checkpoints")):
     raise workdir.WorkdirError(f"--workdir: {workdir_} already has checkpoints; use a new folder")
   sd = read_state_dict(state_dict_path)
-  shape = datasets.IMAGE_SHAPES[config.dataset]
-  model = models.create_model(config, datasets.NUM_CLASSES[config.dataset], half_precision=False)
-  state = ts.create_train_state(config, model, jax.random.key(0), shape, 1)
-  variables = from_torch_state_dict(config, sd, ts.variables(state), shape)
-  state = state.replace(params=variables["params"],
-                        batch_stats=variables.get("batch_stats", {}))
+  converted = from_torch_state_dict(config, sd, saved_run.variables_template(config),
+                                    datasets.IMAGE_SHAPES[config.dataset])
+  variables = {"params": converted["params"], "batch_stats": converted.get("batch_stats", {})}
   workdir.prepare(workdir_)
   meta = {**monitoring.RunRecord().to_json(), "imported_from": os.path.abspath(state_dict_path)}
   ckpt = checkpointing.Checkpointer(workdir_)
   try:
-    ckpt.save(0, state, variables, meta)
+    ckpt.save_variables(0, variables, meta)
   finally:
     ckpt.close()
   workdir.record_config(config, workdir_)

@@ -11,6 +11,11 @@ Layouts: PreAct ResNet-18 as Wong et al.'s fast_adversarial and RobustBench's Pr
 (conv1, layer1..4.{0,1}.{bn1,conv1,bn2,conv2,shortcut.0}, bn, linear); the paper's CNN as
 Andriushchenko & Flammarion's code (_model.{0,2,..}: conv, ReLU, ..., Flatten, Linear); the small
 CNN as conv0, bn0, conv1, bn1, fc, linear. No normalisation layer: inputs are pixels in [0, 1].
+
+Which state_dict keys map to which Flax layers, and the constructor arguments written to
+spec.json, are part of each model's record in fastadv_jax (models.ModelSpec.torch); this file
+only has to build the module `spec["architecture"]` names. A model registered by a plugin brings
+its own self-contained file instead (models.TorchLayout.module_file), with its own `load`.
 """
 from __future__ import annotations
 
@@ -108,6 +113,9 @@ ARCHITECTURES = {"preact_resnet18": PreActResNet18, "cnn": PaperCNN, "small_cnn"
 def build(spec: dict) -> nn.Module:
   """The module described by an export's `spec.json` (architecture name and arguments)."""
   kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec["kwargs"].items()}
+  if spec["architecture"] not in ARCHITECTURES:
+    raise ValueError(f"architecture {spec['architecture']!r} is not defined in this file "
+                     f"({', '.join(ARCHITECTURES)}); a plugin model's export ships its own")
   return ARCHITECTURES[spec["architecture"]](**kwargs)
 
 

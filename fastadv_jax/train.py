@@ -25,7 +25,7 @@ from absl import logging
 
 from fastadv_jax import (checkpointing, config_validation, datasets, distributed, evaluation,
                          metric_writers, methods, models, monitoring, parallel, schedules,
-                         train_step, workdir)
+                         timing, train_step, workdir)
 from fastadv_jax import train_state as ts
 
 
@@ -47,28 +47,55 @@ def _load_data(config: ml_collections.ConfigDict
 
 
 class _Run:
-  """One training run's pieces; the methods below are the stages of `train_and_evaluate`."""
+  """One training run. Its construction reads as the stages below (data and schedule, models,
+  initial state, restore, writers, step function, evaluator and monitor); `train` and `finish`
+  are the stages of `train_and_evaluate` after it."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir_: str,
                splits: tuple[datasets.Split, datasets.Split]):
     self.config, self.workdir, self.wall_start = config, workdir_, time.time()
     self.n_dev = len(parallel.local_devices())
-    c = config
+    self._data_and_schedule(splits)
+    model, eval_model = self._models()
+    state, best, record = self._restore(*self._initial_state(model))
+    self._open_writers()
+    self._step_function(model, state)
+    self._evaluator_and_monitor(eval_model, record, best)
+
+  def _data_and_schedule(self, splits: tuple[datasets.Split, datasets.Split]) -> None:
+    """The splits, the batch order and the iteration counts (logged once)."""
+    c = self.config
     self.train_split, self.test_split = splits
     self.spe = schedules.steps_per_epoch(len(self.train_split), c.batch_size)
     self.total = schedules.total_steps(c, self.spe)
-    self.replay = methods.get(c.method).replays(c)
+    method = methods.get(c.method)
+    self.replay = method.replays(method.args_from(c))
     self.batches = datasets.TrainBatches(self.train_split, c.batch_size, c.seed)
     logging.info("%s: %d train / %d test examples, %d iterations (%d per epoch), %d device(s) "
                  "in %d process(es)", c.dataset, len(self.train_split), len(self.test_split),
                  self.total, self.spe, jax.device_count(), jax.process_count())
+
+  def _models(self) -> tuple[Any, Any]:
+    """The training model (BatchNorm statistics shared over the device axis) and the float32
+    one that evaluates."""
+    c = self.config
     num_classes = datasets.NUM_CLASSES[c.dataset]
-    model = models.create_model(c, num_classes, bn_axis_name=parallel.AXIS)
-    eval_model = models.create_model(c, num_classes, half_precision=False)
+    return (models.create_model(c, num_classes, bn_axis_name=parallel.AXIS),
+            models.create_model(c, num_classes, half_precision=False))
+
+  def _initial_state(self, model: Any) -> tuple[ts.TrainState, dict, monitoring.RunRecord]:
+    """A fresh run's state, early-stopped weights and record; also the run's step and
+    evaluation keys (all three keys are split from config.seed at once)."""
+    c = self.config
     init_rng, self.step_rng, self.eval_rng = jax.random.split(jax.random.key(c.seed), 3)
     state = ts.create_train_state(c, model, init_rng, self.train_split.images.shape[1:], self.spe)
-    best, record = ts.variables(state), monitoring.RunRecord()
-    self.ckpt = checkpointing.Checkpointer(self.workdir, c.keep_checkpoints)
+    return state, ts.variables(state), monitoring.RunRecord()
+
+  def _restore(self, state: ts.TrainState, best: dict, record: monitoring.RunRecord
+               ) -> tuple[ts.TrainState, dict, monitoring.RunRecord]:
+    """Opens the checkpoint manager and continues from its latest checkpoint, if any; the
+    fresh state and record otherwise. Sets `start`, the first iteration to run."""
+    self.ckpt = checkpointing.Checkpointer(self.workdir, self.config.keep_checkpoints)
     try:
       restored = self.ckpt.restore_latest(state, best)
     except BaseException:
@@ -79,15 +106,30 @@ class _Run:
       record = monitoring.RunRecord.from_json(meta)
       logging.info("Resumed from checkpoint at iteration %d", latest)
     self.start = int(state.step)
+    return state, best, record
+
+  def _open_writers(self) -> None:
+    """metrics.jsonl / TensorBoard, cut back to `start` (rows of iterations a resumed run
+    repeats are dropped); process 0 alone writes."""
     self.writer = metric_writers.MetricWriter(self.workdir, resume_step=self.start,
                                               enabled=distributed.is_main())
-    self.p_step = parallel.pmap_train_step(train_step.make_train_step(c, model, self.spe))
+
+  def _step_function(self, model: Any, state: ts.TrainState) -> None:
+    """The pmapped training step and the state laid over the local devices."""
+    self.p_step = parallel.pmap_train_step(
+        train_step.make_train_step(self.config, model, self.spe))
     self.rstate = parallel.replicate(state, self.n_dev)
+
+  def _evaluator_and_monitor(self, eval_model: Any, record: monitoring.RunRecord,
+                             best: dict) -> None:
+    """The float32 evaluator, the monitor (diagnostics, early stopping, overfitting flag) that
+    keeps `record` and `best`, and the per-step metrics not yet in a log row (a resumed run
+    starts with the ones its checkpoint saved)."""
+    c = self.config
     self.evaluator = evaluation.Evaluator(eval_model, c.eval_batch_size,
                                           step_alpha=c.eval_step_alpha)
     self.monitor = monitoring.Monitor(c, self.evaluator, self.train_split, self.test_split,
                                       self.eval_rng, record, best)
-    # Metrics of steps since the last log row; a resumed run starts with the saved ones.
     self.pending: list[dict] = [
         {k: np.asarray([v], dtype=dtype) for k, (v, dtype) in m.items()}
         for m in record.pending_train_metrics]
@@ -172,25 +214,46 @@ class _Run:
     batch = parallel.shard(parallel.process_rows(batch), self.n_dev)
     self.rstate, m = self.p_step(self.rstate, batch, self.step_rng)
     self.pending.append(m)
-    self.step_timer.tick(self.rstate)
+    self._time_step()
     s, c = step + 1, self.config
     if self.due(s, c.log_every):
       self.progress.train(self.flush_train_metrics(s))
     diagnose = self.due(s, c.eval_every)
     checkpoint = self.due(s, c.checkpoint_every)
     if diagnose or checkpoint:
-      self.step_timer.pause(self.rstate)
+      self._pause_step_clock()
       if diagnose:
         self.progress.diagnostics(s, self.diagnose(s))
       if checkpoint:
-        self.save(s, self.clock.seconds())
-      self.step_timer.resume()
+        self.save(s, self.train_clock.seconds())
+      self.step_clock.start()
     self.progress.update()
+
+  def _start_clocks(self) -> None:
+    """Two clocks, both continuing the restored run's counts (RunRecord): `train_clock`, the
+    training seconds (train_time_s, diagnostics and checkpoints included), and `step_clock`,
+    the seconds in training steps alone (step_seconds over timed_steps: the per-step cost of a
+    method in a real run). The step clock starts once this process's first step (its
+    compilation) is done, and stops, after the queued steps finish, for diagnostics and
+    checkpoints."""
+    self.train_clock = timing.Stopwatch(self.monitor.record.train_time_s)
+    self.step_clock = timing.Stopwatch(running=False)
+
+  def _time_step(self) -> None:
+    """After each step: the first one of this process starts the step clock, the others
+    count."""
+    if self.step_clock.running:
+      self.monitor.record.timed_steps += 1
+    else:
+      self.step_clock.start(wait_for=self.rstate)
+
+  def _pause_step_clock(self) -> None:
+    """Before diagnostics or a checkpoint: the steps queued so far count, what follows not."""
+    self.monitor.record.step_seconds += self.step_clock.stop(wait_for=self.rstate)
 
   def train(self) -> float:
     """The loop; Ctrl-C and SIGTERM save a checkpoint first. Returns the training time."""
-    self.clock = _Clock(self.monitor.record.train_time_s)
-    self.step_timer = _StepTimer(self.monitor.record)
+    self._start_clocks()
     self.progress = _Progress(self.config, self.total, self.start, distributed.is_main())
     try:
       with _StopOnSignal() as stop:
@@ -199,21 +262,35 @@ class _Run:
           self.step(step)
           stop.check()  # a signal stops the run here, between two whole iterations
     except KeyboardInterrupt:
-      try:
-        done = int(jax.device_get(self.rstate.step)[0])  # the iterations the state has seen
-      except RuntimeError:  # a second signal inside a step: its donated input state is gone
-        logging.warning("Interrupted inside a step; the last checkpoint is kept")
-        raise
-      if done > self.start and done != self.ckpt.latest_step():
-        logging.warning("Interrupted: saving a checkpoint at iteration %d", done)
-        self.save(done, self.clock.seconds())
+      self._save_interrupted()
       raise
     finally:
       self.progress.close()
-    return self.clock.seconds()
+    return self.train_clock.seconds()
+
+  def _save_interrupted(self) -> None:
+    """On Ctrl-C / SIGTERM: checkpoints the iterations done since the last checkpoint."""
+    try:
+      done = int(jax.device_get(self.rstate.step)[0])  # the iterations the state has seen
+    except RuntimeError:  # a second signal inside a step: its donated input state is gone
+      logging.warning("Interrupted inside a step; the last checkpoint is kept")
+      raise
+    if done > self.start and done != self.ckpt.latest_step():
+      logging.warning("Interrupted: saving a checkpoint at iteration %d", done)
+      self.save(done, self.train_clock.seconds())
 
   def finish(self, train_time: float) -> dict:
     """Final evaluation of the last and the early-stopped weights; writes results.json."""
+    results = self._final_evaluation()
+    results.update(self._run_summary(train_time))
+    if distributed.is_main():
+      workdir.write_json(os.path.join(self.workdir, "results.json"), results)
+    self._log_results(results)
+    return results
+
+  def _final_evaluation(self) -> dict:
+    """The last weights' final evaluation, the overfitting flag and, with
+    config.eval_early_stopped_model, the early-stopped weights' (same points, same noise)."""
     c = self.config
     rng = jax.random.fold_in(self.eval_rng, -1 % (2**31))
     results = evaluation.final_evaluation(c, self.evaluator, self.variables, self.test_split, rng)
@@ -225,16 +302,23 @@ class _Run:
                          "train_pgd_acc": float(self.monitor.record.best_train_pgd),
                          **{k: best[k] for k in ("clean_acc", "pgd_acc", "autoattack_acc")
                             if k in best}}
-    results.update({
+    return results
+
+  def _run_summary(self, train_time: float) -> dict:
+    """What results.json says about the run besides its accuracies."""
+    c, record = self.config, self.monitor.record
+    return {
         "config": workdir.config_dict(c), "iterations": self.total, "epochs": c.num_epochs,
+        "method": c.method, "method_args": dataclasses.asdict(methods.get(c.method).args_from(c)),
         "train_time_s": train_time, "wall_time_s": time.time() - self.wall_start,
         "devices": [str(d) for d in parallel.local_devices()],
         "final_train_metrics": self.flush_train_metrics(self.total),
-        "step_time_s": self.monitor.record.step_seconds / max(self.monitor.record.timed_steps, 1),
+        "step_time_s": record.step_seconds / max(record.timed_steps, 1),
         "jax_version": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    })
-    if distributed.is_main():
-      workdir.write_json(os.path.join(self.workdir, "results.json"), results)
+    }
+
+  def _log_results(self, results: dict) -> None:
+    """One log line with the headline accuracies and where results.json went."""
     robust = []
     if "pgd_acc" in results:
       robust.append(f"PGD-{results['pgd_steps']}-{results['pgd_restarts']} "
@@ -244,7 +328,6 @@ class _Run:
     logging.info("Results: clean %.4f, %s on %d test points; written to %s",
                  results["clean_acc"], ", ".join(robust), results["n_eval"],
                  os.path.join(self.workdir, "results.json"))
-    return results
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir_: str) -> dict:
@@ -270,40 +353,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir_: str) -> dict
         return run.finish(train_time)
     finally:
       run.close()
-
-
-class _Clock:
-  """Training seconds, continuing the restored run's count."""
-
-  def __init__(self, base: float):
-    self.base, self.t0 = float(base), time.time()
-
-  def seconds(self) -> float:
-    return self.base + time.time() - self.t0
-
-
-class _StepTimer:
-  """Seconds in training steps alone, kept in the RunRecord (so resumes add up): the first step
-  of a process (compilation) is not timed, and the clock is paused, after the queued steps
-  finish, for diagnostics and checkpoints. Gives the per-step cost of a method in a real run."""
-
-  def __init__(self, record: monitoring.RunRecord):
-    self.record, self.t = record, None
-
-  def tick(self, state: Any) -> None:
-    if self.t is None:  # first step of this process: wait for it, then start timing
-      jax.block_until_ready(state)
-      self.t = time.perf_counter()
-    else:
-      self.record.timed_steps += 1
-
-  def pause(self, state: Any) -> None:
-    jax.block_until_ready(state)
-    if self.t is not None:
-      self.record.step_seconds += time.perf_counter() - self.t
-
-  def resume(self) -> None:
-    self.t = time.perf_counter()
 
 
 class _Progress:

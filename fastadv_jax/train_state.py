@@ -42,7 +42,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, rng:
   carried = None
   if method.carries_delta:
     carried = jnp.zeros((config.batch_size,) + tuple(input_shape), jnp.float32)
-  method_state = method.init_state(config) if method.init_state else None
+  method_state = method.init_state(method.args_from(config)) if method.init_state else None
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
                            tx=make_optimizer(config, steps_per_epoch),
                            batch_stats=variables.get("batch_stats", {}), carried_delta=carried,

@@ -33,28 +33,49 @@ def _tree_l2(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+def _step_keys(rng: jax.Array, step: jax.Array, replay: int, n_local: int,
+               axis_name: str | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-example (augmentation, attack, noise) keys. Augmentation is keyed by the minibatch
+  (Free-AT replays the same augmented batch); attack and regulariser noise by the step."""
+  global_index = parallel.global_index(n_local, axis_name)
+  aug_keys = randomness.example_keys(jax.random.fold_in(rng, 2 * (step // replay)), global_index)
+  step_keys = randomness.example_keys(jax.random.fold_in(rng, 2 * step + 1), global_index)
+  attack_keys, noise_keys = randomness.split_keys(step_keys, 2)
+  return aug_keys, attack_keys, noise_keys
+
+
+def gradalign_term(config: ml_collections.ConfigDict, loss_fn: Callable, x: jax.Array,
+                   keys: jax.Array, eps: jax.Array, clean_grad: jax.Array | None,
+                   axis_name: str | None) -> tuple[jax.Array, jax.Array]:
+  """(this device's share, global value) of GradAlign as the config asks (gradalign.py):
+  lambda = config.grad_align_lambda, by double backpropagation or by the jvp formulation."""
+  lam = float(config.grad_align_lambda)
+  if gradalign.derivative_mode(config) == "jvp":
+    return gradalign.regularizer_by_jvp(loss_fn, x, keys, eps, clean_grad, lam, axis_name)
+  g1, g2 = gradalign.input_gradients(loss_fn, x, keys, eps, g1=clean_grad,
+                                     backprop_g1=config.grad_align_backprop_g1)
+  cos, mask = gradalign.masked_cosine(g1, g2)
+  return gradalign.gradalign_regularizer(cos, mask, lam, axis_name)
+
+
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_per_epoch: int,
                     axis_name: str | None = parallel.AXIS
                     ) -> Callable[..., tuple[TrainState, Metrics]]:
   """Returns the per-device step; `axis_name` must be bound (pmap) unless None."""
   del model  # the step applies state.apply_fn; kept in the signature for symmetry with create
   method = methods.get(config.method)
+  args = method.args_from(config)
   eps_at = schedules.eps_schedule(config, steps_per_epoch)
   lr_at = schedules.lr_schedule(config, steps_per_epoch)
-  lam = float(config.grad_align_lambda)
-  replay = method.replays(config)
+  use_gradalign = float(config.grad_align_lambda) > 0
+  replay = method.replays(args)
   total_steps = schedules.total_steps(config, steps_per_epoch)
 
   def step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
            ) -> tuple[TrainState, Metrics]:
-    n_local = batch["label"].shape[0]
-    global_index = parallel.global_index(n_local, axis_name)
-    # Augmentation is keyed by the minibatch (Free-AT replays the same augmented batch);
-    # attack and regulariser noise by the step.
-    aug_keys = randomness.example_keys(jax.random.fold_in(rng, 2 * (state.step // replay)),
-                                       global_index)
-    step_keys = randomness.example_keys(jax.random.fold_in(rng, 2 * state.step + 1), global_index)
-    attack_keys, noise_keys = randomness.split_keys(step_keys, 2)
+    # 1. The batch and its keys.
+    aug_keys, attack_keys, noise_keys = _step_keys(rng, state.step, replay,
+                                                   batch["label"].shape[0], axis_name)
     x = augment.augment(aug_keys, augment.to_float(batch["image"]), config.crop_padding,
                         config.flip)
     y = batch["label"]
@@ -71,7 +92,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
 
     # 2. Inner maximisation with the current weights (its statistics updates are discarded).
     pert = method.perturb(AttackInputs(
-        config, per_example_loss(state.params), lambda z: forward(state.params, z)[0], x, y,
+        args, per_example_loss(state.params), lambda z: forward(state.params, z)[0], x, y,
         attack_keys, eps, state.carried_delta, method.init_kind(config), state.step, progress,
         axis_name))
 
@@ -82,19 +103,13 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
       total, method_reg, method_state = ce, jnp.zeros(()), state.method_state
       if method.regularizer is not None:
         out = method.regularizer(RegularizerInputs(
-            config, forward, params, x, y, delta, logits, noise_keys, eps, state.method_state,
+            args, forward, params, x, y, delta, logits, noise_keys, eps, state.method_state,
             progress, axis_name))
         total, method_reg, method_state = total + out.local, out.value, out.state
       local_reg, reg = jnp.zeros(()), jnp.zeros(())
-      if lam > 0 and gradalign.derivative_mode(config) == "jvp":
-        local_reg, reg = gradalign.regularizer_by_jvp(
-            per_example_loss(params), x, noise_keys, eps, pert.clean_grad, lam, axis_name)
-      elif lam > 0:
-        g1, g2 = gradalign.input_gradients(per_example_loss(params), x, noise_keys, eps,
-                                           g1=pert.clean_grad,
-                                           backprop_g1=config.grad_align_backprop_g1)
-        cos, mask = gradalign.masked_cosine(g1, g2)
-        local_reg, reg = gradalign.gradalign_regularizer(cos, mask, lam, axis_name)
+      if use_gradalign:
+        local_reg, reg = gradalign_term(config, per_example_loss(params), x, noise_keys, eps,
+                                        pert.clean_grad, axis_name)
       return total + local_reg, (ce, reg, method_reg, logits, new_stats, method_state)
 
     (_, (ce, reg, method_reg, logits, new_stats, method_state)), (grads, g_delta) = (
@@ -107,8 +122,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
                                       method_state=method_state)
     if method.carries_delta:  # e.g. Free-AT's perturbation step reuses this backward pass
       new_state = new_state.replace(
-          carried_delta=method.next_carried(config, pert.delta, g_delta, x, eps))
+          carried_delta=method.next_carried(args, pert.delta, g_delta, x, eps))
 
+    # 5. What is logged.
     ce_g, acc = parallel.pmean(ce, axis_name), parallel.pmean(losses.accuracy(logits, y), axis_name)
     loss = ce_g + reg
     if method.regularizer is not None:

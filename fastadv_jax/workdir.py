@@ -42,6 +42,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict | None:
     return None
   with open(path) as f:
     stored = json.load(f)
+  from fastadv_jax import config_validation  # pylint: disable=import-outside-toplevel
+  stored = config_validation.migrate_stored_config(stored)
   config = default.get_config()
   config.update(stored)
   return config

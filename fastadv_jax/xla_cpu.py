@@ -11,7 +11,8 @@ Measurements: BENCHMARKS.md, on this project's 2-core machine.
    weight-gradient convolutions run at half the speed of XLA's Eigen ones (89 vs 40 ms for a
    64-channel 3x3 layer at batch 128) and oneDNN's are slower still, so there YNNPACK's
    convolutions are switched off and Eigen runs them: a PreAct ResNet-18 step is 1.03x to
-   1.27x faster, a WRN-28-10 step 1.20x to 1.26x (`flags_for`). XLA reads XLA_FLAGS once,
+   1.27x faster, a WRN-28-10 step 1.20x to 1.26x (`flags_for`: each model's record,
+   models.ModelSpec.xla_flags, names its family). XLA reads XLA_FLAGS once,
    when the first JAX computation starts the backend, so `apply()` must run before that:
    `main`, `evaluate` and `benchmark` call it first thing with the run's model; your own
    scripts should too. FASTADV_XLA_CPU_FLAGS=0 opts out; a flag already set in XLA_FLAGS is
@@ -40,17 +41,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# XLA_FLAGS by model: measured per convolution pass and per training step in BENCHMARKS.md
-# ("Convolution backends on XLA:CPU"). Models not listed get CNN_FLAGS.
+# The two XLA_FLAGS families, measured per convolution pass and per training step in
+# BENCHMARKS.md ("Convolution backends on XLA:CPU"). Which one a model runs with is part of its
+# record (models.ModelSpec.xla_flags); models not registered get CNN_FLAGS.
 CNN_FLAGS = {"xla_cpu_experimental_onednn_custom_call": "true"}
 RESNET_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "-individual_convolution"}
-MODEL_FLAGS = {"preact_resnet18": RESNET_FLAGS, "wide_resnet": RESNET_FLAGS}
 OPT_OUT = "FASTADV_XLA_CPU_FLAGS"
 
 
 def flags_for(model: str | None = None) -> dict[str, str]:
-  """The XLA:CPU flags this library runs `model` with (CNN_FLAGS when None or unlisted)."""
-  return MODEL_FLAGS.get(model, CNN_FLAGS) if model else CNN_FLAGS
+  """The XLA:CPU flags this library runs `model` with: its registered record's `xla_flags`
+  (CNN_FLAGS when None or not registered, e.g. a plugin not imported yet; the config check
+  names an unknown model later, in one line)."""
+  if not model:
+    return dict(CNN_FLAGS)
+  # Imported here: models imports this module. Importing it starts no JAX backend.
+  from fastadv_jax import models  # pylint: disable=import-outside-toplevel
+  try:
+    return dict(models.get(model).xla_flags)
+  except ValueError:
+    return dict(CNN_FLAGS)
 
 
 def apply(environ: dict | None = None, model: str | None = None) -> str:

@@ -11,6 +11,7 @@ xla_cpu.apply()  # tests run with the XLA flags users run with
 
 import importlib  # noqa: E402
 import pathlib  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -62,8 +63,35 @@ def tiny_config(**overrides):
   c.progress_bar = False
   c.data_dir = "/nonexistent-use-mock"
   for k, v in overrides.items():
-    c[k] = v
+    if k == "method_args":  # {method: {field: value}}: a method's own hyperparameters
+      for method, values in v.items():
+        c.method_args[method].update(values)
+    else:
+      c[k] = v
   return c
+
+
+PLUGIN_DIRS = (ROOT / "tests" / "plugins", ROOT / "experiments" / "examples")
+
+
+@pytest.fixture(autouse=True)
+def _registrations_end_with_the_test():
+  """What a test registers (directly, or by importing a plugin module) is removed after it, and
+  the plugin modules it imported are forgotten, so the next import registers them again: the
+  registries are process-wide and tests share a process."""
+  from fastadv_jax import methods, models  # pylint: disable=import-outside-toplevel
+  from fastadv_jax.autoattack import component  # pylint: disable=import-outside-toplevel
+  registries = (methods, models, component)
+  before = [set(r.names()) for r in registries]
+  modules = set(sys.modules)
+  yield
+  for registry, names in zip(registries, before):
+    for name in set(registry.names()) - names:
+      registry.unregister(name)
+  for name in set(sys.modules) - modules:
+    path = getattr(sys.modules[name], "__file__", None) or ""
+    if any(path.startswith(str(d)) for d in PLUGIN_DIRS):
+      del sys.modules[name]
 
 
 @pytest.fixture

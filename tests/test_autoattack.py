@@ -103,10 +103,51 @@ def test_randomised_models_are_flagged_unless_the_rand_version_runs():
   w, x, y, _ = _linear_problem(n=8)
   noisy = lambda z, key: (z.reshape(z.shape[0], -1) @ w  # noqa: E731
                           + 0.1 * jax.random.normal(key, (z.shape[0], w.shape[1])))
-  res = autoattack.evaluate(noisy, x, y, EPS, "apgd-ce", progress=False, apgd_steps=2)
+  res = autoattack.evaluate(noisy, x, y, EPS, "apgd-ce", progress=False, apgd_steps=2,
+                            randomized=True)
   assert any("randomised" in m for m in res.warnings)
-  res = autoattack.evaluate(noisy, x, y, EPS, "rand", progress=False, apgd_steps=2, eot_iter=2)
+  res = autoattack.evaluate(noisy, x, y, EPS, "rand", progress=False, apgd_steps=2, eot_iter=2,
+                            randomized=True)
   assert not any("randomised" in m for m in res.warnings)
+
+
+def test_the_calling_convention_is_what_randomized_says():
+  """Never guessed from the signature: a partial of a flax model's apply (which takes any
+  arguments; a key would land in `train`) is called as logits_fn(x), like a lambda."""
+  import functools
+
+  import flax.linen as nn
+
+  class BNNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      h = nn.Conv(4, (3, 3))(x)
+      h = nn.relu(nn.BatchNorm(use_running_average=not train)(h))
+      return nn.Dense(5)(h.reshape(h.shape[0], -1))
+
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(12, 6, 6, 1)).astype(np.float32)
+  model = BNNet()
+  variables = model.init(jax.random.key(0), x[:2])
+  y = np.asarray(np.argmax(model.apply(variables, x), -1))
+  run = lambda fn: autoattack.evaluate(fn, x, y, EPS, "apgd-ce,square", progress=False,  # noqa
+                                       apgd_steps=3, square_queries=20)
+  via_partial = run(functools.partial(model.apply, variables))
+  via_lambda = run(lambda z: model.apply(variables, z))
+  np.testing.assert_array_equal(via_partial.robust, via_lambda.robust)
+  np.testing.assert_array_equal(via_partial.x_adv, via_lambda.x_adv)
+  assert 0 < np.sum(via_partial.robust) < np.sum(via_partial.clean)  # a real attack ran
+
+  w, x, y, logits_fn = _linear_problem(n=8)
+  keyed = lambda z, key: logits_fn(z)  # noqa: E731
+  with pytest.raises(ValueError, match="pass randomized=True") as e:
+    autoattack.evaluate(keyed, x, y, EPS, "apgd-ce", progress=False)
+  assert "\n" not in str(e.value)
+  with pytest.raises(ValueError, match="pass randomized=False"):
+    autoattack.evaluate(logits_fn, x, y, EPS, "apgd-ce", progress=False, randomized=True)
+  broken = lambda z: z.reshape(z.shape[0], -1) @ w[:5]  # noqa: E731  (a bug of its own)
+  with pytest.raises(TypeError):
+    autoattack.evaluate(broken, x, y, EPS, "apgd-ce", progress=False)
 
 
 def test_apgd_checkpoints_follow_the_reference_rule():

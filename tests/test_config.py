@@ -22,7 +22,6 @@ def test_default_config_is_valid():
     ("num_epochs", 0, "config.num_epochs: must be >= 1"),
     ("optimizer", "lamb", "config.optimizer"),
     ("lr_schedule", "cosine", "config.lr_schedule"),
-    ("pgd_steps", 0, "config.pgd_steps"),
     ("n_final_eval", 0, "config.n_final_eval"),
 ])
 def test_bad_values_name_the_field(field, value, pattern):
@@ -30,6 +29,64 @@ def test_bad_values_name_the_field(field, value, pattern):
   c[field] = value
   with pytest.raises(ConfigError, match=pattern):
     validate_config(c)
+
+
+@pytest.mark.parametrize("method,field,value,pattern", [
+    ("pgd", "steps", 0, "config.method_args.pgd.steps: must be >= 1, got 0"),
+    ("nfgsm", "step", 0.0, "config.method_args.nfgsm.step: must be > 0"),
+    ("free", "replay", 0, "config.method_args.free.replay: must be >= 1"),
+    ("zerograd", "quantile", 1.0, r"config.method_args.zerograd.quantile: must be in \[0, 1\)"),
+    ("nuat", "ramp", 0.0, r"config.method_args.nuat.ramp: must be in \(0, 1\]"),
+])
+def test_bad_method_args_name_the_method_and_field(method, field, value, pattern):
+  c = load_config()
+  c.method = method
+  c.method_args[method][field] = value
+  with pytest.raises(ConfigError, match=pattern):
+    validate_config(c)
+  c.method = "fgsm"  # another method's args are not its concern
+  validate_config(c)
+
+
+def test_method_args_hold_every_method_with_its_published_defaults():
+  from fastadv_jax import methods  # pylint: disable=import-outside-toplevel
+  c = load_config()
+  for name in methods.names():
+    m = methods.get(name)
+    assert m.args_from(c) == m.default_args(), name
+    if m.arg_names:
+      assert set(c.method_args[name]) == set(m.arg_names), name
+  assert (c.method_args.fgsm.alpha, c.method_args.zerograd.alpha) == (1.25, 2.0)
+  assert (c.method_args.nfgsm.noise, c.method_args.pgd.steps, c.method_args.free.replay) == (
+      2.0, 10, 8)
+
+
+def test_cli_sets_method_args_and_names_moved_fields(tmp_path):
+  """--config.method_args.<m>.<f> reaches the run; an old top-level name says where it went."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "fastadv_jax.main", f"--config={ROOT}/configs/default.py",
+       f"--workdir={tmp_path}", "--config.method=nfgsm", "--config.method_args.nfgsm.step=0"],
+      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: config.method_args.nfgsm.step: must be > 0, got 0.0")
+  proc = subprocess.run(
+      [sys.executable, "-m", "fastadv_jax.main", f"--config={ROOT}/configs/default.py",
+       f"--workdir={tmp_path}", "--config.pgd_steps=3"],
+      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert proc.returncode == 2
+  assert "config.method_args.<method>.steps now" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_old_config_json_is_migrated():
+  from fastadv_jax.config_validation import migrate_stored_config  # pylint: disable=import-outside-toplevel
+  old = {"method": "gat", "eps": 0.1, "fgsm_alpha": 1.0, "gat_lambda": 3.0, "guided_init": 0.5,
+         "pgd_steps": 10, "nfgsm_noise": 2.0}
+  assert migrate_stored_config(old) == {
+      "method": "gat", "eps": 0.1, "method_args": {"gat": {"alpha": 1.0, "lam": 3.0,
+                                                             "init": 0.5}}}
+  new = {"method": "gat", "method_args": {"gat": {"lam": 2.0}}}
+  assert migrate_stored_config(new) is new
 
 
 def test_batch_must_divide_over_devices():

@@ -34,28 +34,34 @@ def _linear_problem(seed=0, n_classes=2):
 
 def _inputs(config, x, y, logits_fn, loss_fn, eps, step=0, seed=1):
   keys = randomness.example_keys(jax.random.key(seed), jnp.arange(x.shape[0]))
-  init = methods.get(config.method).init_kind(config)  # as the step resolves it
-  return AttackInputs(config, loss_fn, logits_fn, x, y, keys, jnp.float32(eps), None, init,
+  m = methods.get(config.method)
+  init = m.init_kind(config)  # as the step resolves it
+  return AttackInputs(m.args_from(config), loss_fn, logits_fn, x, y, keys, jnp.float32(eps), None, init,
                       jnp.int32(step), jnp.float32(0.5), None)
 
 
-def _preset_config(preset, **kw):
+def _preset_config(preset, **args):
+  """The tiny config with a preset applied, its derived values, then `args` (the method's own)."""
   c = tiny_config()
   methods.apply_preset(c, preset)
+  own = c.method_args[c.method]
   for k, v in methods.get(c.method).derived(c).items():
-    c[k] = v
-  for k, v in kw.items():
-    c[k] = v
+    own[k] = v
+  for k, v in args.items():
+    own[k] = v
   return c
 
 
+def _args(config):
+  return methods.get(config.method).args_from(config)
+
+
 def test_registry_is_the_one_list():
-  assert set(methods.NAMES) >= {"fgsm", "free", "pgd", "nfgsm", "elle", "elle_a", "zerograd",
-                                "multigrad", "gat", "nuat"}
-  for preset, (name, fields) in methods.PRESETS.items():
-    assert name in methods.NAMES, preset
-    c = tiny_config()
-    assert set(fields) <= set(c.keys()), preset  # presets set declared fields only
+  assert set(methods.names()) >= {"fgsm", "free", "pgd", "nfgsm", "elle", "elle_a", "zerograd",
+                                  "multigrad", "gat", "nuat"}
+  for preset, (name, fields) in methods.presets().items():
+    assert name in methods.names(), preset
+    assert set(fields) <= set(methods.get(name).arg_names), preset  # the method's own fields
   with pytest.raises(ValueError, match="unknown method"):
     methods.get("trades")
 
@@ -63,7 +69,7 @@ def test_registry_is_the_one_list():
 def test_readme_lists_every_method():
   from conftest import ROOT
   readme = (ROOT / "README.md").read_text()
-  for name in methods.NAMES:
+  for name in methods.names():
     assert f"| `{name}` |" in readme, name
 
 
@@ -80,7 +86,7 @@ def test_nfgsm_is_noise_plus_one_eps_step_and_leaves_the_ball_but_not_the_box():
   assert float(jnp.max(jnp.abs(delta))) > eps * 1.5  # no projection onto the eps-ball
   assert float(jnp.max(jnp.abs(delta))) <= 3 * eps + 1e-6
   assert float(jnp.min(x + delta)) >= 0.0 and float(jnp.max(x + delta)) <= 1.0
-  clipped = methods.get("nfgsm").perturb(_inputs(_preset_config("nfgsm", nfgsm_clip=1.0), x, y,
+  clipped = methods.get("nfgsm").perturb(_inputs(_preset_config("nfgsm", clip=1.0), x, y,
                                                  logits_fn, loss_fn, eps)).delta
   assert float(jnp.max(jnp.abs(clipped))) <= eps + 1e-6
 
@@ -125,8 +131,8 @@ def test_multigrad_zeroes_disagreeing_signs():
   # x is far from the minimum; entry 0 and 2 sit at 0.5 (disagree), entry 1 at 0.9 (agrees).
   x = jnp.asarray([[0.5, 0.9, 0.5]])
   loss_fn = lambda z: jnp.sum(z * z - z, axis=-1)  # noqa: E731
-  c = _preset_config("multigrad", multigrad_samples=8)
-  inp = AttackInputs(c, loss_fn, None, x, jnp.zeros(1, jnp.int32),
+  c = _preset_config("multigrad", samples=8)
+  inp = AttackInputs(_args(c), loss_fn, None, x, jnp.zeros(1, jnp.int32),
                      randomness.example_keys(jax.random.key(3), jnp.arange(1)), jnp.float32(0.1),
                      None, "zero", jnp.int32(0), jnp.float32(0.5), None)
   delta = np.asarray(methods.get("multigrad").perturb(inp).delta)
@@ -155,8 +161,9 @@ def test_elle_lambda_follows_the_authors_scripts():
   assert [elle.elle_lambda(e / 255) for e in (2, 8, 10, 20, 22, 26)] == [
       1000, 1000, 5000, 5000, 10000, 10000]
   from fastadv_jax.configs import cifar10
-  assert cifar10.get_config("elle,eps=16").elle_lambda == 5000
-  assert cifar10.get_config("elle,eps=16,elle_lambda=7").elle_lambda == 7  # override wins
+  assert cifar10.get_config("elle,eps=16").method_args.elle.lam == 5000
+  assert cifar10.get_config("elle,eps=16,lam=7").method_args.elle.lam == 7  # override wins
+  assert cifar10.get_config("elle,eps=16,method_args.elle.lam=8").method_args.elle.lam == 8
 
 
 def test_elle_a_lambda_matches_the_authors_rule():
@@ -164,10 +171,10 @@ def test_elle_a_lambda_matches_the_authors_rule():
   lambda = aux else lambda *= 0.99; history.append(err). Running sums must give the same."""
   c = _preset_config("elle_a")
   errs = [0.10, 0.12, 0.11, 0.13, 0.50, 0.12, 0.11, 0.90, 0.10, 0.10]
-  state = methods.get("elle_a").init_state(c)
+  state = methods.get("elle_a").init_state(_args(c))
   lam_ref, history, used, used_ref = 0.0, [], [], []
   for e in errs:
-    inp = RegularizerInputs(c, None, None, None, None, None, None, None, None, state, None, None)
+    inp = RegularizerInputs(_args(c), None, None, None, None, None, None, None, None, state, None, None)
     lam, state = elle._adaptive_lambda(inp, jnp.float32(e))
     used.append(float(lam))
     used_ref.append(lam_ref)
@@ -189,9 +196,9 @@ def test_gat_and_nuat_regularisers_vanish_without_a_perturbation_and_match_numpy
   np.testing.assert_allclose(guided._softmax_distance(a, b), np.sum((pa - pb) ** 2, -1), rtol=1e-5)
   nuc = np.linalg.norm(np.asarray(a - b), "nuc") / N
   assert float(guided.nuclear_norm(a - b, None)) == pytest.approx(nuc, rel=1e-5)
-  c = _preset_config("nuat")
-  assert float(guided.nuat_lambda(c, jnp.float32(0.45))) == pytest.approx(2.25)
-  assert float(guided.nuat_lambda(c, jnp.float32(1.0))) == pytest.approx(4.5)
+  a = _args(_preset_config("nuat"))
+  assert float(guided.nuat_lambda(a, jnp.float32(0.45))) == pytest.approx(2.25)
+  assert float(guided.nuat_lambda(a, jnp.float32(1.0))) == pytest.approx(4.5)
 
 
 @pytest.mark.parametrize("name", ["gat", "nuat"])

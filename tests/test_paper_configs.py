@@ -11,7 +11,7 @@ from fastadv_jax import config_validation, datasets, methods, models, parallel, 
 from fastadv_jax import train_state as ts
 
 CONFIGS = ["cifar10", "svhn", "cifar10_cnn", "fashion_mnist"]
-METHODS = [p for p in methods.PRESETS if p != "standard"]  # every method, by its paper names
+METHODS = [p for p in methods.presets() if p != "standard"]  # every method, by its paper names
 
 
 def _docstring_arg(name):
@@ -34,10 +34,11 @@ def test_paper_settings():
   ga16 = load_config("cifar10", "gradalign,eps=16")
   assert ga16.grad_align_lambda == pytest.approx(2.0)
   pgd2 = load_config("cifar10", "pgd2,eps=8,seed=3")
-  assert (pgd2.method, pgd2.pgd_steps, pgd2.pgd_alpha, pgd2.seed) == ("pgd", 2, 0.5, 3)
+  assert (pgd2.method, pgd2.method_args.pgd.steps, pgd2.method_args.pgd.alpha, pgd2.seed) == (
+      "pgd", 2, 0.5, 3)
   assert pgd2.grad_align_lambda == 0.0 and pgd2.lr_max == 0.2
   free = load_config("cifar10", "free,eps=8")
-  assert (free.num_epochs, free.lr_max, free.free_replay) == (96, 0.04, 8)
+  assert (free.num_epochs, free.lr_max, free.method_args.free.replay) == (96, 0.04, 8)
   svhn = load_config("svhn", "gradalign,eps=12")
   assert svhn.grad_align_lambda == pytest.approx(3.162, rel=1e-3)
   assert (svhn.flip, svhn.crop_padding, svhn.eps_warmup_epochs, svhn.lr_max) == (False, 4, 5.0,

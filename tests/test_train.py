@@ -66,13 +66,13 @@ def _killed_at_batch(b):
 
 
 def test_interrupted_run_resumes_to_identical_results(tmp_path, mock_fashion_mnist):
-  config = tiny_config(method="free", free_replay=2, grad_align_lambda=0.3)
+  config = tiny_config(method="free", grad_align_lambda=0.3, method_args={"free": {"replay": 2}})
   full = tmp_path / "full"
   interrupted = tmp_path / "interrupted"
   r_full = train.train_and_evaluate(config, str(full))
   # Killed (no chance to save) while iteration 6 fetches its minibatch: the checkpoint of
   # iteration 4 survives, 5 is lost and replayed.
-  with _killed_at_batch(2), pytest.raises(_Killed):  # free_replay=2: batch 2 = iteration 5, 6
+  with _killed_at_batch(2), pytest.raises(_Killed):  # replay=2: batch 2 = iteration 5, 6
     train.train_and_evaluate(config, str(interrupted))
   assert checkpointing.Checkpointer(str(interrupted)).latest_step() == 4
   r_resumed = train.train_and_evaluate(config, str(interrupted))

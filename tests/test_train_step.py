@@ -41,16 +41,16 @@ def _max_rel_err(a, b):
     ("fgsm", 0.5, {}),
     ("fgsm", 0.5, {"grad_align_derivative": "jvp"}),
     ("fgsm_rs", 0.5, {"grad_align_backprop_g1": True}),
-    ("pgd", 0.0, {"pgd_steps": 2}),
-    ("free", 0.0, {"free_replay": 2}),
+    ("pgd", 0.0, {"method_args": {"pgd": {"steps": 2}}}),
+    ("free", 0.0, {"method_args": {"free": {"replay": 2}}}),
     ("standard", 0.0, {}),
     ("nfgsm", 0.5, {}),
-    ("zerograd", 0.0, {"fgsm_alpha": 2.0}),
-    ("multigrad", 0.0, {"fgsm_alpha": 2.0}),
-    ("elle", 0.0, {"elle_lambda": 10.0}),
+    ("zerograd", 0.0, {}),
+    ("multigrad", 0.0, {}),
+    ("elle", 0.0, {"method_args": {"elle": {"lam": 10.0}}}),
     ("elle_a", 0.0, {}),
-    ("gat", 0.0, {"fgsm_alpha": 1.0}),
-    ("nuat", 0.0, {"fgsm_alpha": 1.0, "nuat_ramp": 0.05}),
+    ("gat", 0.0, {}),
+    ("nuat", 0.0, {"method_args": {"nuat": {"ramp": 0.05}}}),
 ])
 def test_pmapped_step_equals_single_device_step(method, lam, extra):
   assert jax.local_device_count() >= N_DEV, "conftest sets JAX_NUM_CPU_DEVICES=8"
@@ -93,7 +93,7 @@ def test_bfloat16_step_runs_and_stays_close_to_float32():
 
 
 def test_free_at_carries_the_perturbation_inside_the_ball():
-  c = tiny_config(method="free", free_replay=4, eps=0.1, free_alpha=1.0)
+  c = tiny_config(method="free", eps=0.1, method_args={"free": {"replay": 4, "alpha": 1.0}})
   state, _, _ = _run(c, 2, steps=3)
   d = np.asarray(state.carried_delta)
   assert d.shape == (16, 28, 28, 1)

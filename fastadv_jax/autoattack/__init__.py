@@ -1,40 +1,80 @@
 """AutoAttack in JAX (Croce & Hein, ICML 2020): APGD-CE, APGD-T, FAB-T and Square, composed.
 
 For a model of your own, `evaluate(logits_fn, images, labels, eps)` with `logits_fn(x) -> logits`
-(float32 NHWC images in [0, 1]); for this library's checkpoints, `python -m fastadv_jax.evaluate
---workdir=W --attack=autoattack`. The attacks are in apgd.py, fab.py and square.py; runner.py
-composes them over the local devices.
+(float32 NHWC images in [0, 1]; `randomized=True` for `logits_fn(x, key)`); for this library's
+checkpoints, `python -m fastadv_jax.evaluate --workdir=W --attack=autoattack`. Every attack is a
+`Component` record (component.py) in a live registry: the built-in ones are in apgd.py, fab.py
+and square.py, and `register(Component(...))` adds one from outside the package; runner.py
+composes them over the local devices without knowing any of them by name.
 """
 from __future__ import annotations
 
-import inspect
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 
-from fastadv_jax.autoattack.runner import (ATTACKS, TARGETED, VERSIONS, AttackRecord, AutoAttack,
-                                           AutoAttackResult, check_classes, output_classes,
-                                           parse_attacks)
+from fastadv_jax.autoattack import runner
+from fastadv_jax.autoattack.component import (Component, Context, Settings, components, get, names,
+                                              register, unregister)
+from fastadv_jax.autoattack.runner import (VERSIONS, AttackRecord, AutoAttack, AutoAttackResult,
+                                           check_classes, output_classes, parse_attacks)
 
-__all__ = ["ATTACKS", "TARGETED", "VERSIONS", "AttackRecord", "AutoAttack", "AutoAttackResult",
-           "check_classes", "evaluate", "output_classes", "parse_attacks"]
+__all__ = ["ATTACKS", "GRADIENT_BASED", "TARGETED", "VERSIONS", "AttackRecord", "AutoAttack",
+           "AutoAttackResult", "Component", "Context", "Settings", "check_classes", "components",
+           "evaluate", "get", "names", "output_classes", "parse_attacks", "register",
+           "unregister"]
+
+
+def __getattr__(name: str) -> Any:
+  """ATTACKS, TARGETED, GRADIENT_BASED: name tuples derived from the live registry."""
+  if name in ("ATTACKS", "TARGETED", "GRADIENT_BASED"):
+    return getattr(runner, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def evaluate(logits_fn: Callable[..., jax.Array], images: np.ndarray, labels: np.ndarray,
              eps: float, attacks: str | Sequence[str] = "standard", num_classes: int | None = None,
              seed: int = 0, batch_size: int = 500, progress: bool = True,
-             **kwargs) -> AutoAttackResult:
-  """AutoAttack of `logits_fn(x)` (or `logits_fn(x, key)` for a randomised model).
+             randomized: bool = False, **kwargs) -> AutoAttackResult:
+  """AutoAttack of `logits_fn(x)`, or of `logits_fn(x, key)` when `randomized=True`.
+
+  The calling convention is what `randomized` says, never guessed from the signature (a
+  `functools.partial(model.apply, variables)` takes any arguments, and a key passed to it would
+  land in `train`). A `logits_fn` that cannot be called without a key while randomized=False is
+  a ValueError asking for randomized=True; a randomised model that draws without a key is only
+  flagged in `.warnings` ("outputs change between calls"). With randomized=True use
+  attacks='rand' (EOT) for a faithful evaluation.
 
   Returns an AutoAttackResult: `.accuracy`, `.robust`, `.x_adv`, per-attack `.records` and
   `.warnings`. `kwargs` go to AutoAttack (apgd_steps, fab_steps, square_queries, ...).
   """
-  takes_key = len(inspect.signature(logits_fn).parameters) >= 2
-  apply_fn = ((lambda _, x, key: logits_fn(x, key)) if takes_key
-              else (lambda _, x, key: logits_fn(x)))
-  if num_classes is None:
-    num_classes = output_classes(apply_fn, (), np.shape(images)[1:])
-  attack = AutoAttack(apply_fn, num_classes, eps, attacks, batch_size=batch_size,
-                      progress=progress, **kwargs)
+  if randomized:
+    apply_fn = lambda _, x, key: logits_fn(x, key)  # noqa: E731
+  else:
+    apply_fn = lambda _, x, key: logits_fn(x)  # noqa: E731
+  image_shape = np.shape(images)[1:]
+  classes = _checked_output_classes(logits_fn, apply_fn, image_shape, randomized)
+  attack = AutoAttack(apply_fn, classes if num_classes is None else num_classes, eps, attacks,
+                      batch_size=batch_size, progress=progress, **kwargs)
   return attack.run((), images, labels, seed)
+
+
+def _checked_output_classes(logits_fn: Callable[..., jax.Array], apply_fn: runner.ApplyFn,
+                            image_shape: tuple, randomized: bool) -> int:
+  """The number of logits (traced, not run); a calling convention that does not fit
+  `logits_fn` is a one-line ValueError saying which `randomized` to pass."""
+  try:
+    return output_classes(apply_fn, (), image_shape)
+  except TypeError as e:
+    other = ((lambda _, x, key: logits_fn(x)) if randomized
+             else (lambda _, x, key: logits_fn(x, key)))
+    try:
+      output_classes(other, (), image_shape)
+    except Exception:  # pylint: disable=broad-except  (the original error is the one to show)
+      raise e from None
+    if randomized:
+      raise ValueError("logits_fn cannot be called as logits_fn(x, key) but can as logits_fn(x):"
+                       " it is deterministic, so pass randomized=False") from None
+    raise ValueError("logits_fn cannot be called as logits_fn(x) but can as logits_fn(x, key): "
+                     "for a randomised model pass randomized=True (and attacks='rand')") from None

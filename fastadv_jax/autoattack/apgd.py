@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastadv_jax import randomness
+from fastadv_jax.autoattack import component
 from fastadv_jax.autoattack import losses as aa_losses
 
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x, key) -> logits
@@ -163,3 +164,28 @@ def loss_for(name: str, y: jax.Array, target: jax.Array | None = None
   if name == "dlr-targeted":
     return lambda logits: aa_losses.dlr_targeted(logits, y, target)
   raise ValueError(f"unknown APGD loss {name!r}")
+
+
+# --- AutoAttack components ----------------------------------------------------------------------
+def _component_grad_fn(loss: str, ctx: component.Context) -> Callable:
+  return gradient_fn(ctx.logits_fn, loss_for(loss, ctx.y, ctx.target), ctx.settings.eot_iter,
+                     ctx.model_key)
+
+
+def _component(name: str, loss: str, targeted: bool, summary: str) -> component.Component:
+  """APGD maximising `loss` as a runner component: `settings.apgd_steps` iterations."""
+  return component.Component(
+      name=name,
+      init=lambda ctx: init(_component_grad_fn(loss, ctx), ctx.x, ctx.y, ctx.keys, ctx.eps,
+                            ctx.settings.apgd_steps),
+      body=lambda ctx, i, s: body(_component_grad_fn(loss, ctx), ctx.x, ctx.y, ctx.eps, i, s),
+      finish=lambda ctx, s: finish(s, ctx.x),
+      iterations=lambda settings: settings.apgd_steps,
+      block=GRADIENT_BLOCK, targeted=targeted, gradient_based=True, summary=summary)
+
+
+GRADIENT_BLOCK = 10  # iterations per host call of the gradient-based components
+APGD_CE = _component("apgd-ce", "ce", False, "APGD on the cross-entropy")
+APGD_T = _component("apgd-t", "dlr-targeted", True, "APGD on the targeted DLR loss")
+APGD_DLR = _component("apgd-dlr", "dlr", False, "APGD on the DLR loss")
+component.register(APGD_CE, APGD_T, APGD_DLR)

@@ -21,6 +21,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from fastadv_jax.autoattack import component
+
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x, key) -> logits
 
 
@@ -114,3 +116,15 @@ def fab_targeted(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, target: jax.Ar
   state = jax.lax.fori_loop(0, steps, lambda _, s: body(logits_fn, x, y, target, s, key,
                                                         alpha_max, eta, beta), init(x))
   return finish(logits_fn, x, y, eps, state, key)
+
+
+# --- AutoAttack component -----------------------------------------------------------------------
+FAB_T = component.Component(
+    name="fab-t",
+    init=lambda ctx: init(ctx.x),
+    body=lambda ctx, i, s: body(ctx.logits_fn, ctx.x, ctx.y, ctx.target, s, ctx.model_key),
+    finish=lambda ctx, s: finish(ctx.logits_fn, ctx.x, ctx.y, ctx.eps, s, ctx.model_key),
+    iterations=lambda settings: settings.fab_steps,
+    block=10, targeted=True, gradient_based=True,
+    summary="FAB-T, targeted minimum-norm boundary attack")
+component.register(FAB_T)

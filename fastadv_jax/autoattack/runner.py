@@ -4,6 +4,9 @@ point is robust only if all attacks fail; the first adversarial example found is
 Points are compacted after every attack (and every target class) and spread over the local
 devices with pmap, like the Evaluator. Randomness is keyed by a point's position in the evaluated
 set, so results do not depend on the device count, the chunk size or which points are left.
+Every attack is a `component.Component` record looked up by name in the live registry: this
+module asks the record for its state, iterations, blocks and verdicts; only the versions
+and the reference's Square check name attacks.
 """
 from __future__ import annotations
 
@@ -18,21 +21,33 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastadv_jax import parallel, randomness, xla_cpu
-from fastadv_jax.autoattack import apgd as apgd_lib
-from fastadv_jax.autoattack import checks
-from fastadv_jax.autoattack import fab as fab_lib
+# The built-in components register themselves when their modules are imported.
+from fastadv_jax.autoattack import apgd, fab, square  # noqa: F401  pylint: disable=unused-import
+from fastadv_jax.autoattack import checks, component
 from fastadv_jax.autoattack import losses as aa_losses
-from fastadv_jax.autoattack import square as square_lib
+
+__all__ = ["ATTACKS", "GRADIENT_BASED", "TARGETED", "VERSIONS", "ApplyFn", "AttackRecord",
+           "AutoAttack", "AutoAttackResult", "check_classes", "output_classes", "parse_attacks"]
 
 # (variables, x, key) -> logits; `key` drives a randomised model and is ignored by others.
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
-ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr")
-TARGETED = ("apgd-t", "fab-t")
-GRADIENT_BASED = ("apgd-ce", "apgd-t", "fab-t", "apgd-dlr")
-GRADIENT_BLOCK, SQUARE_BLOCK = 10, 20  # iterations per host call (see _attack_points)
+# The reference's versions, by component name (resolved in the live registry when used).
 VERSIONS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
             "rand": ("apgd-ce", "apgd-dlr")}
+
+
+def __getattr__(name: str):
+  """ATTACKS / TARGETED / GRADIENT_BASED: derived from the live registry on every access, so a
+  component registered later (a plugin) is in them."""
+  regs = component.components()
+  if name == "ATTACKS":
+    return tuple(regs)
+  if name == "TARGETED":
+    return tuple(n for n, c in regs.items() if c.targeted)
+  if name == "GRADIENT_BASED":
+    return tuple(n for n, c in regs.items() if c.gradient_based)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclasses.dataclass
@@ -78,7 +93,8 @@ def check_classes(attacks: Sequence[str], num_classes: int) -> None:
   """ValueError unless the attacks can run on a `num_classes`-way classifier."""
   if num_classes < 2:
     raise ValueError(f"need at least 2 classes, got {num_classes}")
-  if any(a in TARGETED for a in attacks) and num_classes < aa_losses.MIN_CLASSES_TARGETED:
+  if (any(component.get(a).targeted for a in attacks)
+      and num_classes < aa_losses.MIN_CLASSES_TARGETED):
     raise ValueError(aa_losses.targeted_error(num_classes))
 
 
@@ -89,31 +105,36 @@ def output_classes(apply_fn: ApplyFn, variables: Any, image_shape: tuple) -> int
 
 
 def parse_attacks(spec: str | Sequence[str]) -> tuple[str, ...]:
-  """'standard' | 'rand' | a comma-separated list of ATTACKS -> the attack names, validated."""
+  """'standard' | 'rand' | a comma-separated list of registered components -> the attack
+  names, validated against the live registry."""
   if isinstance(spec, str):
     if spec in VERSIONS:
       return VERSIONS[spec]
     spec = [s.strip() for s in spec.split(",") if s.strip()]
   names = tuple(spec)
-  bad = [s for s in names if s not in ATTACKS]
+  known = component.names()
+  bad = [s for s in names if s not in known]
   if bad or not names:
     raise ValueError(f"unknown attack {bad[0] if bad else spec!r}: choose 'standard', 'rand' or a "
-                     f"comma-separated list of {', '.join(ATTACKS)}")
+                     f"comma-separated list of {', '.join(known)}")
   return names
 
 
 class AutoAttack:
   """Jitted, device-parallel AutoAttack of a model `apply_fn(variables, x, key) -> logits`.
 
-  Images are float32 NHWC in [0, 1]. `attacks` is 'standard', 'rand' or a list of ATTACKS;
-  'rand' uses EOT over `eot_iter` (default 20) model draws per gradient, as the reference.
+  Images are float32 NHWC in [0, 1]. `attacks` is 'standard', 'rand' or a list of registered
+  components (component.py); 'rand' uses EOT over `eot_iter` (default 20) model draws per
+  gradient, as the reference. `options` reaches components from outside the package as
+  `ctx.settings.options`.
   """
 
   def __init__(self, apply_fn: ApplyFn, num_classes: int, eps: float,
                attacks: str | Sequence[str] = "standard", *, apgd_steps: int = 100,
                fab_steps: int = 100, square_queries: int = 5000, n_target_classes: int = 9,
                eot_iter: int | None = None, batch_size: int = 500,
-               devices: list | None = None, progress: bool = True):
+               devices: list | None = None, progress: bool = True,
+               options: dict[str, Any] | None = None):
     self.attacks = parse_attacks(attacks)
     if not 0.0 < eps <= 1.0:
       raise ValueError(f"eps must be in (0, 1] (pixel units, e.g. 8/255), got {eps}")
@@ -123,66 +144,52 @@ class AutoAttack:
         raise ValueError(f"{name} must be >= 1, got {v}")
     check_classes(self.attacks, num_classes)
     self.apply_fn, self.num_classes, self.eps = apply_fn, num_classes, float(eps)
-    self.apgd_steps, self.fab_steps, self.square_queries = apgd_steps, fab_steps, square_queries
+    # The records are looked up once: a later registration does not change a built attack.
+    self.components = {name: component.get(name) for name in self.attacks}
     self.n_targets = min(n_target_classes, num_classes - 1)
     rand = self.attacks == VERSIONS["rand"]
-    self.eot_iter = eot_iter if eot_iter is not None else (20 if rand else 1)
     self.version = "rand" if rand else "standard"
+    self.settings = component.Settings(
+        apgd_steps=apgd_steps, fab_steps=fab_steps, square_queries=square_queries,
+        eot_iter=eot_iter if eot_iter is not None else (20 if rand else 1),
+        n_targets=self.n_targets, options=dict(options or {}))
     self.devices = devices or parallel.local_devices()
     self.n_dev = len(self.devices)
-    self.batch_size = max(self.n_dev, batch_size - batch_size % self.n_dev)
+    self.batch_size = parallel.device_batch_size(batch_size, self.n_dev)
     self.progress = progress
     pm = functools.partial(jax.pmap, devices=self.devices)
-    # (variables, x, y, idx, rng, eps, state, i0, rank, name, phase, block): the last 3 static,
-    # so the 9 target classes of a targeted attack share one compiled program per phase.
-    self._phase = pm(self._phase_chunk, in_axes=(None, 0, 0, 0, None, None, 0, None, None),
-                     static_broadcasted_argnums=(9, 10, 11))
+    # (variables, (x, y, idx), rng, eps, state, i0, rank, name, phase, block): the last 3
+    # static, so the 9 target classes of a targeted attack share one compiled program per phase.
+    # The points travel as one tuple with a tuple in_axes: with only ints and Nones, pmap takes
+    # every argument for one leaf whenever the leaf count happens to equal the argument count
+    # (e.g. empty variables and a one-array state) and maps the wrong arguments.
+    self._phase = pm(self._phase_chunk, in_axes=(None, (0, 0, 0), None, None, 0, None, None),
+                     static_broadcasted_argnums=(7, 8, 9))
     self._probe = pm(self._probe_chunk, in_axes=(None, 0, 0))
 
-  def _iterations(self, name: str) -> tuple[int, int]:
-    """(total iterations, iterations per host call) of an attack."""
-    if name == "square":
-      return self.square_queries, SQUARE_BLOCK
-    return (self.fab_steps if name == "fab-t" else self.apgd_steps), GRADIENT_BLOCK
-
   # --- per-device functions -------------------------------------------------------------------
-  def _phase_chunk(self, variables, x, y, idx, rng, eps, state, i0, rank, name: str,
-                   phase: str, block: int):
-    """One phase of an attack on one device's chunk: 'init' -> state, 'block' (iterations
-    i0 .. i0 + block - 1, unrolled on CPU) -> state, 'finish' -> (robust, x_adv)."""
+  def _phase_chunk(self, variables, points, rng, eps, state, i0, rank, name: str, phase: str,
+                   block: int):
+    """One phase of a component on one device's chunk: 'init' -> state, 'block' (iterations
+    i0 .. i0 + block - 1, unrolled on CPU) -> state, 'finish' -> (robust, x_adv). The record
+    decides everything attack-specific."""
+    comp = self.components[name]
+    x, y, idx = points
     logits_fn = lambda z, key: self.apply_fn(variables, z, key)  # noqa: E731
     example_rng, model_key = jax.random.split(rng)
     keys = randomness.example_keys(example_rng, idx)
     if phase == "init":
-      target = (aa_losses.kth_class(logits_fn(x, model_key), rank) if name in TARGETED
-                else y)
+      target = (aa_losses.kth_class(logits_fn(x, model_key), rank) if comp.targeted else y)
       state = {"target": target}
-    target = state["target"]
-    loop = lambda body_fn: jax.lax.fori_loop(  # noqa: E731  (static trip count: unrollable)
-        0, block, lambda j, s: body_fn(i0 + j, s), state["attack"],
-        unroll=xla_cpu.attack_loop_unroll())
-    if name.startswith("apgd"):
-      loss = {"apgd-ce": "ce", "apgd-dlr": "dlr", "apgd-t": "dlr-targeted"}[name]
-      grad_fn = apgd_lib.gradient_fn(logits_fn, apgd_lib.loss_for(loss, y, target),
-                                     self.eot_iter, model_key)
-      if phase == "init":
-        return dict(state, attack=apgd_lib.init(grad_fn, x, y, keys, eps, self.apgd_steps))
-      if phase == "block":
-        return dict(state, attack=loop(lambda i, s: apgd_lib.body(grad_fn, x, y, eps, i, s)))
-      return apgd_lib.finish(state["attack"], x)
-    if name == "fab-t":
-      if phase == "init":
-        return dict(state, attack=fab_lib.init(x))
-      if phase == "block":
-        return dict(state, attack=loop(lambda _, s: fab_lib.body(logits_fn, x, y, target, s,
-                                                                 model_key)))
-      return fab_lib.finish(logits_fn, x, y, eps, state["attack"], model_key)
+    ctx = component.Context(logits_fn=logits_fn, x=x, y=y, target=state["target"], keys=keys,
+                            eps=eps, model_key=model_key, rank=rank, settings=self.settings)
     if phase == "init":
-      return dict(state, attack=square_lib.init(logits_fn, x, y, keys, eps, model_key))
+      return dict(state, attack=comp.init(ctx))
     if phase == "block":
-      return dict(state, attack=loop(lambda i, s: square_lib.body(
-          logits_fn, x, y, keys, eps, i, s, model_key, self.square_queries)))
-    return square_lib.finish(logits_fn, y, state["attack"], model_key)
+      return dict(state, attack=jax.lax.fori_loop(  # static trip count: unrollable
+          0, block, lambda j, s: comp.body(ctx, i0 + j, s), state["attack"],
+          unroll=xla_cpu.attack_loop_unroll()))
+    return comp.finish(ctx, state["attack"])
 
   def _probe_chunk(self, variables, x, y):
     """Logits under two model keys and whether the CE input gradient is exactly zero."""
@@ -195,26 +202,11 @@ class AutoAttack:
     return logits_a, logits_b, zero
 
   # --- host side ------------------------------------------------------------------------------
-  def _chunks(self, m: int):
-    """(m_real, index array) chunks over m points, every chunk padded to one of a few sizes.
-
-    Attacks run on a shrinking set of points; padding each chunk to a per-device size of the
-    form k * 2^j (k = 4..7) wastes under 25 % and keeps the number of compiled programs small.
-    """
-    n_chunks = -(-m // self.batch_size)
-    per_dev = -(-m // (n_chunks * self.n_dev))
-    if per_dev > 8:
-      grain = 2 ** (per_dev.bit_length() - 3)
-      per_dev = -(-per_dev // grain) * grain
-    size = per_dev * self.n_dev
-    for start in range(0, m, size):
-      stop = min(start + size, m)
-      yield stop - start, np.arange(start, start + size)
-
   def _map(self, fn: Callable, points: np.ndarray, arrays: tuple[np.ndarray, ...]):
     """Yields (positions, outputs) of `fn(*sharded arrays[points])` chunk by chunk."""
-    for m, sel in self._chunks(len(points)):
-      pos = points[sel % len(points)]
+    for m, sel in parallel.chunks_for_devices(len(points), self.batch_size, self.n_dev,
+                                              balanced=True):
+      pos = points[sel]
       out = fn(*parallel.shard(tuple(a[pos] for a in arrays), self.n_dev))
       yield pos[:m], parallel.unshard(out, m)
 
@@ -224,13 +216,15 @@ class AutoAttack:
     code (xla_cpu.py), so each call runs a block of unrolled iterations."""
     eps = jnp.float32(self.eps)
     call = lambda state, i0, phase, block=0: self._phase(  # noqa: E731
-        variables, x, y, idx, rng, eps, state, jnp.int32(i0), jnp.int32(rank), name, phase, block)
+        variables, (x, y, idx), rng, eps, state, jnp.int32(i0), jnp.int32(rank), name, phase,
+        block)
+    comp = self.components[name]
     state = call(None, 0, "init")
-    total, block = self._iterations(name)
-    for i0 in range(0, total, block):
-      state = call(state, i0, "block", min(block, total - i0))
-      if name == "square" and not np.any(np.asarray(state["attack"]["margin"]) > 0):
-        break  # every point of the chunk is broken
+    total = comp.iterations(self.settings)
+    for i0 in range(0, total, comp.block):
+      state = call(state, i0, "block", min(comp.block, total - i0))
+      if comp.settled is not None and np.all(np.asarray(comp.settled(state["attack"]))):
+        break  # e.g. every point of the chunk is broken
     return call(state, 0, "finish")
 
   def run(self, variables: Any, images: np.ndarray, labels: np.ndarray, seed: int = 0,
@@ -257,7 +251,7 @@ class AutoAttack:
     records = []
     for a, name in enumerate(self.attacks):
       start, attacked = time.perf_counter(), int(robust.sum())
-      ranks = range(2, self.n_targets + 2) if name in TARGETED else [0]
+      ranks = range(2, self.n_targets + 2) if self.components[name].targeted else [0]
       for rank in ranks:
         todo = np.flatnonzero(robust)
         if not todo.size:
@@ -279,7 +273,8 @@ class AutoAttack:
     if "square" in self.attacks:
       warnings.append(checks.square_after_gradients(
           int(np.sum(broken_by == self.attacks.index("square"))), n,
-          any(a in GRADIENT_BASED for a in self.attacks[:self.attacks.index("square")])))
+          any(self.components[a].gradient_based
+              for a in self.attacks[:self.attacks.index("square")])))
     warnings.append(checks.pgd_gap(pgd_acc, float(np.mean(robust))))
     warnings = [w for w in warnings if w]
     for w in warnings:

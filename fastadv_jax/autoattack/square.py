@@ -17,7 +17,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from fastadv_jax.autoattack import component
 from fastadv_jax.autoattack import losses as aa_losses
 
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x, key) -> logits
@@ -92,3 +94,18 @@ def square(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, keys: jax.Array, eps
   _, s = jax.lax.while_loop(cond, step, (jnp.int32(0), init(logits_fn, x, y, keys, eps, key)))
   robust, x_adv = finish(logits_fn, y, s, key)
   return robust, x_adv, s["queries"]
+
+
+# --- AutoAttack component -----------------------------------------------------------------------
+SQUARE = component.Component(
+    name="square",
+    init=lambda ctx: init(ctx.logits_fn, ctx.x, ctx.y, ctx.keys, ctx.eps, ctx.model_key),
+    body=lambda ctx, i, s: body(ctx.logits_fn, ctx.x, ctx.y, ctx.keys, ctx.eps, i, s,
+                                ctx.model_key, ctx.settings.square_queries),
+    finish=lambda ctx, s: finish(ctx.logits_fn, ctx.y, s, ctx.model_key),
+    iterations=lambda settings: settings.square_queries,
+    block=20, targeted=False, gradient_based=False,
+    # On the host after each block: stop once no point of the chunk has a positive margin.
+    settled=lambda s: ~(np.asarray(s["margin"]) > 0),
+    summary="Square, score-based random search")
+component.register(SQUARE)

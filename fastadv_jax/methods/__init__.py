@@ -1,38 +1,161 @@
-"""The method registry: every training method, and the paper names (presets) that select them.
+"""The method registry: every training method, the paper names (presets) that select them, and
+the functional front door to their perturbations and regularisers.
 
-Adding a method = one module here with a `METHODS` tuple of `base.Method` records, listed in
-`_MODULES`. Everything else (the step, config validation, the config files' method argument,
-the sweep, the benchmark, the README table) reads `NAMES`, `get` and `PRESETS`.
+The registry is open: `register(Method(...))` from any module adds a method, and everything that
+reads methods (the step, config validation, the config files' method argument, the sweep, the
+benchmark) reads the live registry through `names`, `get` and `presets`. Code outside the
+package is imported with `--config.plugins=my_pkg.my_method` or an installed entry point
+(fastadv_jax/plugins.py). The built-in methods are registered here, one module each.
+
+Hyperparameters are owned by each method (`Method.args`, a frozen dataclass with the published
+values as defaults); in a config they are `config.method_args.<method>.<field>`.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from fastadv_jax.methods import elle, fgsm, free, guided, nfgsm, pgd, standard, zerograd
-from fastadv_jax.methods.base import Method
+import jax
+import ml_collections
 
-_MODULES = (standard, fgsm, free, pgd, nfgsm, zerograd, elle, guided)
+from fastadv_jax import randomness, registry
+from fastadv_jax.methods import base
+from fastadv_jax.methods.base import (ArgError, AttackInputs, Method, NoArgs, Perturbation,
+                                      RegularizerInputs, RegularizerOutput)
 
-REGISTRY: dict[str, Method] = {m.name: m for mod in _MODULES for m in mod.METHODS}
-NAMES: tuple[str, ...] = tuple(REGISTRY)
-# Paper name -> (method, config fields). e.g. "pgd10" -> ("pgd", {"pgd_steps": 10, ...}).
-PRESETS: dict[str, tuple[str, Mapping[str, Any]]] = {
-    preset: (m.name, fields) for m in REGISTRY.values() for preset, fields in m.presets.items()}
+__all__ = ["ArgError", "AttackInputs", "Method", "NoArgs", "Perturbation", "RegularizerInputs",
+           "RegularizerOutput", "apply_preset", "args_config", "get", "names",
+           "perturb", "presets", "register", "regularizer", "unregister"]
+
+_REGISTRY: registry.Registry[Method] = registry.Registry("method", Method)
+
+
+def register(*records: Method) -> None:
+  """Adds methods to the registry. Registering the same record again is a no-op (a module
+  imported twice); another record under a taken name, or a preset name already used by another
+  method, is a ValueError."""
+  for m in records:
+    _REGISTRY.register(m, check=_presets_free)
+
+
+def _presets_free(m: Method) -> None:
+  taken = presets()
+  for p in m.presets:
+    if p in taken:
+      raise ValueError(f"preset {p!r} of method {m.name!r} is already a preset of "
+                       f"{taken[p][0]!r}")
+
+
+def unregister(name: str) -> None:
+  _REGISTRY.unregister(name)
+
+
+def names() -> tuple[str, ...]:
+  """The registered method names, in registration order."""
+  return _REGISTRY.names()
 
 
 def get(name: str) -> Method:
-  if name not in REGISTRY:
-    raise ValueError(f"unknown method {name!r}; choose from {NAMES}")
-  return REGISTRY[name]
+  return _REGISTRY.get(name)
 
 
-def apply_preset(config, preset: str) -> None:
-  """Sets config.method and the preset's fields; GradAlign's lambda is reset to 0 (a config
-  file sets it for the `gradalign` preset after its overrides)."""
-  if preset not in PRESETS:
-    raise ValueError(f"unknown method {preset!r}; choose from {tuple(PRESETS)}")
-  name, fields = PRESETS[preset]
+def presets() -> dict[str, tuple[str, Mapping[str, Any]]]:
+  """Paper name -> (method, hyperparameters), e.g. "pgd10" -> ("pgd", {"steps": 10, ...})."""
+  return {p: (m.name, values) for m in _REGISTRY for p, values in m.presets.items()}
+
+
+def args_config() -> ml_collections.ConfigDict:
+  """`config.method_args`: one sub-config per registered method that has hyperparameters,
+  holding its defaults (the config files call this, after plugins are imported)."""
+  out = ml_collections.ConfigDict()
+  for m in _REGISTRY:
+    defaults = m.default_args()
+    if m.arg_names:
+      out[m.name] = ml_collections.ConfigDict({k: getattr(defaults, k) for k in m.arg_names})
+  return out
+
+
+def apply_preset(config: ml_collections.ConfigDict, preset: str) -> None:
+  """Sets config.method and the preset's hyperparameters; GradAlign's lambda is reset to 0 (a
+  config file sets it for the `gradalign` preset after its overrides)."""
+  table = presets()
+  if preset not in table:
+    raise ValueError(f"unknown method {preset!r}; choose from {tuple(table)}")
+  name, values = table[preset]
   config.grad_align_lambda = 0.0
   config.method = name
-  for k, v in fields.items():
-    config[k] = v
+  for k, v in values.items():
+    config.method_args[name][k] = v
+
+
+def _resolve(method: str | Method) -> Method:
+  return method if isinstance(method, Method) else get(method)
+
+
+def perturb(method: str | Method, loss_fn: Callable[[jax.Array], jax.Array], x: jax.Array,
+            y: jax.Array, key: jax.Array, eps: float | jax.Array, *, args: Any = None,
+            logits_fn: Callable[[jax.Array], jax.Array] | None = None,
+            init: str | None = None, carried: jax.Array | None = None,
+            step: int | jax.Array = 0, progress: float | jax.Array = 1.0,
+            axis_name: str | None = None) -> Perturbation:
+  """A method's training perturbation, for any model and training loop.
+
+  Args:
+    method: a registered name ("nfgsm", "fgsm_rs", "pgd", ...) or a Method record.
+    loss_fn: x (B, ...) -> per-example loss (B,) at the current weights, e.g.
+      `lambda z: optax.softmax_cross_entropy_with_integer_labels(model(z), y)`.
+    x, y: the batch, pixels in [0, 1]; integer labels (B,).
+    key: one PRNG key for the batch (per-example keys are folded from it), or (B,) keys.
+    eps: L-inf radius in pixel units (e.g. 8 / 255).
+    args: the method's hyperparameter record; default: its published values.
+    logits_fn: x -> logits (B, classes); needed by methods that compare outputs (GAT, NuAT).
+    init: "zero" | "uniform" | "corner" for methods with a configurable start; default theirs.
+    carried: the previous step's perturbation, for methods that carry one (Free-AT).
+    step, progress: the iteration and the fraction of training done, for methods with a
+      schedule (GAT / NuAT alternate their attack term; NuAT ramps its weight).
+    axis_name: the device axis when called inside pmap / shard_map.
+  Returns:
+    Perturbation(delta (B, ...) under stop_gradient, clean_grad or None).
+  """
+  m = _resolve(method)
+  keys = randomness.batch_keys(key, x.shape[0], axis_name)
+  if m.carries_delta and carried is None:
+    carried = jax.numpy.zeros_like(x)
+  return m.perturb(AttackInputs(
+      m.default_args() if args is None else args, loss_fn, logits_fn, x, y, keys,
+      jax.numpy.asarray(eps, jax.numpy.float32), carried, init or m.default_init,
+      jax.numpy.asarray(step), jax.numpy.asarray(progress, jax.numpy.float32), axis_name))
+
+
+def regularizer(method: str | Method, forward: base.Forward, params: Any, x: jax.Array,
+                y: jax.Array, delta: jax.Array, logits: jax.Array, key: jax.Array,
+                eps: float | jax.Array, *, args: Any = None, state: Any = None,
+                progress: float | jax.Array = 1.0, axis_name: str | None = None
+                ) -> RegularizerOutput | None:
+  """A method's term added to the cross-entropy (ELLE, GAT, NuAT), or None if it has none.
+
+  `forward(params, x) -> (logits, aux)` is differentiated through, so call this inside the loss
+  you take `jax.grad` of; `logits` are those the cross-entropy is taken on. Returns
+  RegularizerOutput(local, value, state): add `local` to the loss (it equals `value` without a
+  device axis), log `value`, and pass `state` back next step (ELLE-A; start from
+  `method.init_state(args)`).
+  """
+  m = _resolve(method)
+  if m.regularizer is None:
+    return None
+  a = m.default_args() if args is None else args
+  if state is None and m.init_state is not None:
+    state = m.init_state(a)
+  keys = randomness.batch_keys(key, x.shape[0], axis_name)
+  return m.regularizer(RegularizerInputs(
+      a, forward, params, x, y, delta, logits, keys, jax.numpy.asarray(eps, jax.numpy.float32),
+      state, jax.numpy.asarray(progress, jax.numpy.float32), axis_name))
+
+
+def _register_builtins() -> None:
+  # pylint: disable=import-outside-toplevel
+  from fastadv_jax.methods import elle, fgsm, free, guided, nfgsm, pgd, standard, zerograd
+  for module in (standard, fgsm, free, pgd, nfgsm, zerograd, elle, guided):
+    register(*module.METHODS)
+
+
+_register_builtins()

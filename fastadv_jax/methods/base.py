@@ -5,24 +5,47 @@ A method supplies the inner maximisation (`perturb`) and may add a regulariser o
 cross-entropy, carry a per-example perturbation from one step to the next (Free-AT), replay
 each minibatch, or keep run-level state (ELLE-A's adaptive lambda). GradAlign is not a method
 but a regulariser that goes on top of any of them (`config.grad_align_lambda`).
+
+A method's hyperparameters are a frozen dataclass owned by its module (`Method.args`), whose
+defaults are the published values and whose `__post_init__` refuses values it cannot run with
+(`check`). The method sees only that record, never the project config, so its functions can be
+called from any training loop (`methods.perturb`).
 """
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
-import ml_collections
 
 from fastadv_jax import attacks
 
-Config = ml_collections.ConfigDict
 Forward = Callable[[Any, jax.Array], tuple[jax.Array, Any]]  # (params, x) -> (logits, stats)
+
+
+class ArgError(ValueError):
+  """A method hyperparameter out of range; `field` names it (for `config.method_args.<m>.<f>`)."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(f"{field}: {message}")
+    self.field, self.message = field, message
+
+
+def check(cond: bool, field: str, message: str) -> None:
+  """For an args record's `__post_init__`: ArgError naming `field` unless `cond`."""
+  if not cond:
+    raise ArgError(field, message)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoArgs:
+  """The hyperparameters of a method that has none of its own."""
 
 
 class AttackInputs(NamedTuple):
   """What a training perturbation sees (all per-device arrays)."""
-  config: Config
+  args: Any                        # the method's hyperparameters (its `Method.args` record)
   loss_fn: attacks.LossFn          # per-example CE at the current weights
   logits_fn: Callable[[jax.Array], jax.Array]  # logits at the current weights
   x: jax.Array                     # augmented batch in [0, 1]
@@ -43,7 +66,7 @@ class Perturbation(NamedTuple):
 
 class RegularizerInputs(NamedTuple):
   """What a method's regulariser sees inside the differentiated loss."""
-  config: Config
+  args: Any                        # the method's hyperparameters
   forward: Forward
   params: Any
   x: jax.Array
@@ -69,6 +92,9 @@ class Method:
   name: str
   summary: str                     # one line for the README table and --help texts
   perturb: Callable[[AttackInputs], Perturbation]
+  # Its hyperparameters: a frozen dataclass whose defaults are the published values. They are
+  # the config fields `method_args.<name>.<field>` (`--config.method_args.nfgsm.noise=3`).
+  args: type = NoArgs
   # The start when config.attack_init is "" (zero | uniform | corner), for methods whose start
   # is configurable (FGSM family, PGD, ZeroGrad, ELLE); the others fix their own start.
   default_init: str = "zero"
@@ -76,22 +102,69 @@ class Method:
   ce_at: str = "adversarial"
   regularizer: Callable[[RegularizerInputs], RegularizerOutput] | None = None
   # Per-example perturbation carried across steps (Free-AT): the next one from the update's
-  # own gradient with respect to delta: (config, delta, grad_delta, x, eps) -> carried.
+  # own gradient with respect to delta: (args, delta, grad_delta, x, eps) -> carried.
   next_carried: Callable[..., jax.Array] | None = None
-  # How many consecutive optimiser steps see the same minibatch (Free-AT's m).
-  replays: Callable[[Config], int] = lambda config: 1
-  # Run-level state (replicated over devices), e.g. ELLE-A's lambda: config -> pytree.
-  init_state: Callable[[Config], Any] | None = None
-  # Config values derived from others (e.g. a lambda that depends on eps), computed after all
-  # overrides by the config files (configs/common.finish): config -> {field: value}.
-  derived: Callable[[Config], Mapping[str, Any]] = lambda config: {}
-  # Paper names that select this method, with the config fields each sets.
+  # How many consecutive optimiser steps see the same minibatch (Free-AT's m): args -> int.
+  replays: Callable[[Any], int] = lambda args: 1
+  # Run-level state (replicated over devices), e.g. ELLE-A's lambda: args -> pytree.
+  init_state: Callable[[Any], Any] | None = None
+  # Hyperparameters derived from other config fields (e.g. a lambda that depends on eps),
+  # computed after all overrides by the config files (configs/common.finish), unless an
+  # override set them: config -> {args field: value}.
+  derived: Callable[[Any], Mapping[str, Any]] = lambda config: {}
+  # Paper names that select this method, with the hyperparameters each sets.
   presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if not (dataclasses.is_dataclass(self.args) and isinstance(self.args, type)):
+      raise TypeError(f"method {self.name!r}: `args` must be a dataclass type, got {self.args!r}")
+    fields = set(self.arg_names)
+    for preset, values in self.presets.items():
+      unknown = sorted(set(values) - fields)
+      if unknown:
+        raise TypeError(f"method {self.name!r}: preset {preset!r} sets {unknown}, which are not "
+                        f"fields of {self.args.__name__} {sorted(fields)}")
 
   @property
   def carries_delta(self) -> bool:
     return self.next_carried is not None
 
-  def init_kind(self, config: Config) -> str:
+  @property
+  def arg_names(self) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(self.args))
+
+  def init_kind(self, config: Any) -> str:
     """The start of the perturbation: config.attack_init, or this method's default if ""."""
     return config.attack_init or self.default_init
+
+  def default_args(self) -> Any:
+    return self.args()
+
+  def make_args(self, values: Mapping[str, Any] | None = None) -> Any:
+    """The args record from a mapping of field values (missing fields take their defaults),
+    each converted to the field's declared type; ArgError names a bad or unknown field."""
+    values = dict(values or {})
+    unknown = sorted(set(values) - set(self.arg_names))
+    if unknown:
+      raise ArgError(unknown[0], f"not a hyperparameter of {self.name} (it has "
+                     f"{', '.join(self.arg_names) or 'none'})")
+    hints = typing.get_type_hints(self.args)
+    converted = {}
+    for k, v in values.items():
+      t = hints.get(k)
+      if t in (int, float) and isinstance(v, (int, float)) and not isinstance(v, bool):
+        if t is int and float(v) != int(v):
+          raise ArgError(k, f"must be an integer, got {v}")
+        v = t(v)
+      elif t in (int, float, bool, str) and not isinstance(v, t):
+        raise ArgError(k, f"must be {t.__name__}, got {v!r}")
+      converted[k] = v
+    return self.args(**converted)
+
+  def args_from(self, config: Any) -> Any:
+    """This method's args record from `config.method_args.<name>` (defaults where absent)."""
+    all_args = config.get("method_args", None) if hasattr(config, "get") else None
+    mine = all_args.get(self.name, None) if all_args is not None else None
+    if mine is None:
+      return self.default_args()
+    return self.make_args(mine.to_dict() if hasattr(mine, "to_dict") else dict(mine))

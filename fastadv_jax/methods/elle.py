@@ -7,15 +7,16 @@ x_c = (1 - a) x_a + a x_b: the local linearity error of the loss. One extra forw
 3B batch (BatchNorm statistics over the three points, as the authors' concatenated batch), no
 double backpropagation. The FGSM is from zero with step eps (the authors' scripts).
 - ELLE: lambda by eps as the authors' scripts set it: 1000 (eps <= 8/255), 5000 (up to 20/255),
-  10000 above (`elle_lambda`, derived after the config's overrides).
-- ELLE-A: lambda starts at 0; after each step it jumps to `elle_lambda_aux` (4000) when that step's
-  linearity error exceeds mean + `elle_sensitivity` (2) x std of all earlier errors (population
-  std, at least 3 earlier errors), and otherwise decays by `elle_decay` (0.99). The errors' mean
+  10000 above (`lam`, derived from eps after the config's overrides).
+- ELLE-A: lambda starts at 0; after each step it jumps to `lam_aux` (4000) when that step's
+  linearity error exceeds mean + `sensitivity` (2) x std of all earlier errors (population
+  std, at least 3 earlier errors), and otherwise decays by `decay` (0.99). The errors' mean
   and variance are kept as running (Welford) sums in the train state, so a resumed run continues
   them exactly. (The authors' loop calls optimizer.step() twice per batch; this one steps once.)
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -23,7 +24,34 @@ import jax.numpy as jnp
 
 from fastadv_jax import losses, parallel, randomness
 from fastadv_jax.methods import fgsm
-from fastadv_jax.methods.base import Method, RegularizerInputs, RegularizerOutput
+from fastadv_jax.methods.base import Method, RegularizerInputs, RegularizerOutput, check
+
+
+@dataclasses.dataclass(frozen=True)
+class ELLEArgs:
+  """FGSM from zero with step eps, and the linearity error's weight (1000 at eps <= 8/255; the
+  config files set it from eps with `elle_lambda`)."""
+  alpha: float = 1.0   # FGSM step = alpha * eps
+  lam: float = 1000.0  # weight of the local-linearity error
+
+  def __post_init__(self):
+    check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+    check(self.lam >= 0, "lam", f"must be >= 0, got {self.lam}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ELLEAArgs:
+  """ELLE-A's adaptive weight, the authors' values."""
+  alpha: float = 1.0        # FGSM step = alpha * eps
+  lam_aux: float = 4000.0   # lambda after an error spike
+  decay: float = 0.99       # lambda decay per step without a spike
+  sensitivity: float = 2.0  # spike = error > mean + sensitivity x std of the earlier errors
+
+  def __post_init__(self):
+    check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+    check(self.lam_aux >= 0, "lam_aux", f"must be >= 0, got {self.lam_aux}")
+    check(0 < self.decay <= 1, "decay", f"must be in (0, 1], got {self.decay}")
+    check(self.sensitivity >= 0, "sensitivity", f"must be >= 0, got {self.sensitivity}")
 
 
 def elle_lambda(eps: float) -> float:
@@ -63,35 +91,34 @@ def _regularizer(lam_of):
 
 def _constant_lambda(inp: RegularizerInputs, err):
   del err
-  return inp.config.elle_lambda, inp.state
+  return inp.args.lam, inp.state
 
 
 def _adaptive_lambda(inp: RegularizerInputs, err):
   """ELLE-A: this step uses the current lambda; the next one depends on this step's error."""
-  c, s = inp.config, inp.state
+  a, s = inp.args, inp.state
   err = jax.lax.stop_gradient(err)
   std = jnp.sqrt(s["m2"] / jnp.maximum(s["n"], 1.0))
-  spike = (s["n"] > 2) & (err > s["mean"] + c.elle_sensitivity * std)
-  next_lam = jnp.where(spike, jnp.float32(c.elle_lambda_aux), s["lam"] * c.elle_decay)
+  spike = (s["n"] > 2) & (err > s["mean"] + a.sensitivity * std)
+  next_lam = jnp.where(spike, jnp.float32(a.lam_aux), s["lam"] * a.decay)
   n = s["n"] + 1.0
   mean = s["mean"] + (err - s["mean"]) / n
   m2 = s["m2"] + (err - s["mean"]) * (err - mean)
   return s["lam"], {"lam": next_lam, "n": n, "mean": mean, "m2": m2}
 
 
-def _init_adaptive(config):
-  del config
+def _init_adaptive(args):
+  del args
   zero = jnp.zeros((), jnp.float32)
   return {"lam": zero, "n": zero, "mean": zero, "m2": zero}
 
 
-_PRESET = {"fgsm_alpha": 1.0, "attack_init": "zero"}
 METHODS = (
     Method("elle", "FGSM + lambda x the loss's local-linearity error (ELLE), lambda(eps) as the "
-           "authors", fgsm.perturb, regularizer=_regularizer(_constant_lambda),
-           derived=lambda c: {"elle_lambda": elle_lambda(c.eps)}, presets={"elle": _PRESET}),
-    Method("elle_a", "ELLE with the adaptive lambda (ELLE-A): 0, jumps to `elle_lambda_aux` when "
-           "the error spikes, else decays", fgsm.perturb,
+           "authors", fgsm.perturb, ELLEArgs, regularizer=_regularizer(_constant_lambda),
+           derived=lambda c: {"lam": elle_lambda(c.eps)}, presets={"elle": {}}),
+    Method("elle_a", "ELLE with the adaptive lambda (ELLE-A): 0, jumps to `lam_aux` when "
+           "the error spikes, else decays", fgsm.perturb, ELLEAArgs,
            regularizer=_regularizer(_adaptive_lambda),
-           init_state=_init_adaptive, presets={"elle_a": _PRESET}),
+           init_state=_init_adaptive, presets={"elle_a": {}}),
 )

@@ -1,0 +1,39 @@
+"""A model defined outside the package (tests/test_model_plugins.py): a one-hidden-layer MLP.
+
+Imported as a plugin (`--config.plugins=my_model` with tests/plugins on PYTHONPATH), it
+registers its own record: built from `config.n_filters` (the hidden width), run under the
+ResNets' XLA flags and with GradAlign by jvp (both unlike the default a plugin gets, so the test
+can see the record was read), and without a PyTorch layout.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from fastadv_jax import models, xla_cpu
+
+NAME = "my_model"
+
+
+class MyMLP(nn.Module):
+  """flatten -> Dense(hidden) -> ReLU -> Dense(classes); float32 logits."""
+  num_classes: int = 10
+  hidden: int = 8
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train  # no BatchNorm, no dropout
+    out = x.astype(self.dtype).reshape(x.shape[0], -1)
+    out = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="my_hidden")(out))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="my_logits")(out)
+    return logits.astype(jnp.float32)
+
+
+def build(config, num_classes: int, dtype, bn_axis_name: str | None) -> nn.Module:
+  del bn_axis_name  # no BatchNorm
+  return MyMLP(num_classes=num_classes, hidden=config.n_filters, dtype=dtype)
+
+
+RECORD = models.register(models.ModelSpec(
+    NAME, build, xla_flags=xla_cpu.RESNET_FLAGS, gradalign_derivative="jvp", torch=None))
