@@ -14,9 +14,9 @@ import jax.numpy as jnp
 
 from fastadv_jax import randomness, xla_cpu
 
-__all__ = ["LossFn", "clip_to_box", "fgsm", "init_delta", "input_grad", "pgd", "pgd_restart",
-           "pgd_with_restarts", "project", "restart_keys", "restart_update", "restarts_init",
-           "sign_step", "to_corner"]
+__all__ = ["LossFn", "clean_correct", "clip_to_box", "fgsm", "init_delta", "input_grad", "pgd",
+           "pgd_restart", "pgd_with_restarts", "project", "restart_keys", "restart_update",
+           "restarts_init", "sign_step", "to_corner"]
 
 LossFn = Callable[[jax.Array], jax.Array]
 
@@ -92,16 +92,27 @@ def pgd(loss_fn: LossFn, x: jax.Array, eps, step_size, steps: int, delta0: jax.A
 RestartCarry = tuple[jax.Array, jax.Array, jax.Array]  # (delta, score, robust)
 
 
-def restarts_init(x: jax.Array, y: jax.Array) -> RestartCarry:
-  return jnp.zeros_like(x), jnp.full(y.shape, -jnp.inf), jnp.ones(y.shape, bool)
+def restarts_init(x: jax.Array, y: jax.Array, clean: jax.Array) -> RestartCarry:
+  """The carry before any restart. `clean` (n,) bool: whether each point is classified correctly
+  without attack. Robustness starts there: a point misclassified at x is not robust even if
+  every restart's endpoint happens to be classified correctly (on a barely trained model that
+  made PGD accuracy exceed clean accuracy)."""
+  return (jnp.zeros_like(x), jnp.full(y.shape, -jnp.inf),
+          jnp.broadcast_to(jnp.asarray(clean, bool), y.shape))
+
+
+def clean_correct(logits: jax.Array, y: jax.Array) -> jax.Array:
+  """(n,) bool: the unperturbed points the model classifies correctly (restarts_init's `clean`)."""
+  return jnp.argmax(logits, -1) == y
 
 
 def restart_update(carry: RestartCarry, delta: jax.Array, loss: jax.Array, logits: jax.Array,
                    y: jax.Array) -> RestartCarry:
   """Folds one restart into the worst case so far.
 
-  A point stays robust only if no restart misclassifies it; the kept perturbation is the
-  misclassifying one with the highest loss if any restart misclassifies, else the highest-loss.
+  A point stays robust only if it was (restarts_init: correct without attack) and this restart
+  does not misclassify it; the kept perturbation is the misclassifying one with the highest loss
+  if any restart misclassifies, else the highest-loss.
   """
   best_delta, best_score, robust = carry
   wrong = jnp.argmax(logits, -1) != y
@@ -128,20 +139,26 @@ def restart_keys(keys: jax.Array, restart: int) -> jax.Array:
 
 def pgd_with_restarts(loss_and_logits_fn: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
                       x: jax.Array, y: jax.Array, keys: jax.Array, eps, step_size,
-                      steps: int, restarts: int, unroll: bool | int | None = None
-                      ) -> tuple[jax.Array, jax.Array]:
+                      steps: int, restarts: int, unroll: bool | int | None = None,
+                      clean: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Worst case over restarts of uniform-start PGD: the evaluation attack (docs/algorithms.md §4.1).
 
-  Returns (robust (n,) bool, delta). Several restarts run in a rolled loop around one restart's
-  program (its PGD steps unrolled on CPU as `pgd` does): unrolling steps x restarts into one
-  program ran out of memory on CPU for PGD-50-10 on 200 points of a small CNN. Evaluator loops
-  the restarts from the host instead, with identical results (same per-restart keys).
+  Returns (robust (n,) bool, delta); a point is robust only if it is classified correctly
+  without attack and at every restart's endpoint. `clean` (n,) bool, when the caller already has
+  the clean predictions, saves the forward pass at x that decides it otherwise.
+
+  Several restarts run in a rolled loop around one restart's program (its PGD steps unrolled on
+  CPU as `pgd` does): unrolling steps x restarts into one program ran out of memory on CPU for
+  PGD-50-10 on 200 points of a small CNN. Evaluator loops the restarts from the host instead,
+  with identical results (same per-restart keys and clean correctness).
   """
   def one_restart(r, carry):
     return pgd_restart(loss_and_logits_fn, carry, x, y, restart_keys(keys, r), eps, step_size,
                        steps, unroll)
 
-  carry = restarts_init(x, y)
+  if clean is None:
+    clean = clean_correct(loss_and_logits_fn(x)[1], y)
+  carry = restarts_init(x, y, clean)
   if restarts == 1:  # the diagnostics' PGD-10: one program, no loop around it
     carry = one_restart(0, carry)
   else:

@@ -16,7 +16,11 @@ minutes apart on the same machine, and each row gets its JAX/PyTorch speed ratio
 """
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # the command line: quiet before jax loads (cli_logging's docstring)
+  from fastadv_jax import cli_logging as _quiet
+  _quiet.quiet_startup()
+
+import argparse  # noqa: E402  pylint: disable=wrong-import-position
 import datetime
 import json
 import math
@@ -257,8 +261,17 @@ def environment() -> dict:
           "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
+class _OneLineParser(argparse.ArgumentParser):
+  """argparse whose errors (an unknown flag, a positional argument) are one line `error: ...`
+  and exit 2, as the other command lines' (cli.fail), not a usage block first."""
+
+  def error(self, message: str):  # type: ignore[override]
+    from fastadv_jax import cli  # pylint: disable=import-outside-toplevel
+    cli.fail(f"{message} (see --help)")
+
+
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p = _OneLineParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--models", default="small_cnn,cnn")
   p.add_argument("--methods", default="all")
   p.add_argument("--batches", default="128")
@@ -280,6 +293,12 @@ def main(argv=None) -> None:
   except plugins.PluginError as e:
     raise SystemExit(f"--plugins: {e}") from None
   model_names = args.models.split(",")
+  for name in model_names:
+    try:
+      models.get(name)
+    except ValueError as e:
+      from fastadv_jax import cli  # pylint: disable=import-outside-toplevel
+      cli.fail(f"--models: {e}")
   profiles = {json.dumps(xla_cpu.flags_for(m), sort_keys=True) for m in model_names}
   if len(profiles) > 1:  # XLA reads its flags once per process
     raise SystemExit(f"--models={args.models}: these models train under different XLA:CPU flags "

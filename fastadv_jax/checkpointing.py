@@ -75,11 +75,16 @@ def _digest(step_dir: str) -> dict[str, str]:
 class Checkpointer:
   """CheckpointManager over `<workdir>/checkpoints` with items state / best / meta."""
 
-  def __init__(self, workdir: str, max_to_keep: int = 2):
+  def __init__(self, workdir: str, max_to_keep: int = 2, read_only: bool = False):
+    """`read_only`: a reader of another run's checkpoints (evaluate, export) creates, deletes
+    and cleans up nothing: Orbax's clean-up of temporary folders would otherwise remove the
+    checkpoint a running training is writing, and runs in a thread that a reader ending early
+    (an error) cuts off with a traceback."""
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, "checkpoints")
     self.checksums = os.path.join(self.workdir, "checksums")
     self.max_to_keep = max_to_keep
+    self.read_only = read_only
     self._open()
 
   def _open(self) -> None:
@@ -91,9 +96,12 @@ class Checkpointer:
           primary_host=jax.process_index(), active_processes={jax.process_index()})
       if distributed.is_main():
         os.makedirs(self.directory, exist_ok=True)
+    # (Orbax's own read_only option logs two warnings per reader; a reader never saves.)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=self.max_to_keep, create=jax.process_count() == 1,
-        enable_async_checkpointing=False, cleanup_tmp_directories=distributed.is_main(), **extra)
+        max_to_keep=None if self.read_only else self.max_to_keep,
+        create=jax.process_count() == 1 and not self.read_only,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=distributed.is_main() and not self.read_only, **extra)
     try:
       self.manager = ocp.CheckpointManager(self.directory, options=options,
                                            item_names=("state", "best", "meta"))

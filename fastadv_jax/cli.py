@@ -1,8 +1,9 @@
 """The command lines' one error path: every expected failure is one line on stderr and a
 non-zero exit, before any work where the input is to blame.
 
-- bad flags or config overrides, missing config files, bad config values, unusable workdirs,
-  missing data, checkpoints that do not fit, NaN stops: `error: <what>` and exit 2;
+- bad flags or config overrides, positional arguments (none is taken), missing config files,
+  bad config values, unusable workdirs, missing data, checkpoints that do not fit, NaN stops:
+  `error: <what>` and exit 2;
 - Ctrl-C (SIGINT) and SIGTERM (pre-emption): a checkpoint is saved by the trainer, then one
   line and exit 130 / 143, the shell conventions (128 + signal number).
 """
@@ -12,6 +13,8 @@ import sys
 from typing import Callable, NoReturn
 
 from absl import app, flags
+# the parser class of DEFINE_config_file's flags (not re-exported by the package)
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -28,7 +31,7 @@ def _innermost(e: BaseException) -> BaseException:
 def describe_flag_error(e: BaseException, argv: list[str]) -> str:
   """One line for an exception raised while absl parsed the command line."""
   root = _innermost(e)
-  text = str(root).strip().strip('"').strip("'").splitlines()
+  text = _unquote(str(root).strip()).splitlines()
   text = text[0] if text else type(root).__name__
   if isinstance(root, (KeyError, AttributeError)):
     overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
@@ -39,20 +42,67 @@ def describe_flag_error(e: BaseException, argv: list[str]) -> str:
     return (f"{where}: unknown config field {name!r} (every field is declared in "
             f"configs/default.py{config_validation.moved_field_hint(name)})")
   if isinstance(root, OSError) and "config" in str(e):
-    return f"--config: cannot load the config file: {text}"
+    return f"--config: cannot load the config file: {_load_failure(root)}"
   return text if isinstance(e, flags.Error) else f"{type(root).__name__}: {text}"
 
 
+def _unquote(text: str) -> str:
+  """'x' -> x (str() of a KeyError quotes its key); a quote at one end only is the message's
+  own ("Unknown command line flag 'progress'" keeps both of its quotes)."""
+  if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+    return text[1:-1]
+  return text
+
+
+def _load_failure(error: BaseException) -> str:
+  """Why ml_collections could not load a config file: the last line of its report, which
+  names the file ("[Errno 2] No such file or directory: 'configs/nope.py'")."""
+  lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+  return lines[-1] if lines else type(error).__name__
+
+
+def _check_config_files() -> None:
+  """A config-file flag (ml_collections' DEFINE_config_file) whose file could not be loaded
+  holds a placeholder that raises on first use, deep inside the command; this fails now, in
+  one line naming the flag and the file."""
+  for name in list(flags.FLAGS):
+    flag = flags.FLAGS[name]
+    if not isinstance(flag.parser, ConfigFileFlagParser) or flag.value is None:
+      continue
+    try:
+      getattr(flag.value, "get")  # the placeholder raises its load error on any attribute
+    except OSError as e:
+      fail(f"--{name}: cannot load the config file: {_load_failure(e.__cause__ or e)}")
+
+
+def _check_no_positional(rest: list[str]) -> None:
+  """No command line takes positional arguments: a stray `attack=autoattack` (the `--` left
+  out) would otherwise be ignored and the command run with the default instead."""
+  if len(rest) <= 1:
+    return
+  stray = rest[1]
+  hint = ""
+  if "=" in stray and stray.split("=", 1)[0].lstrip("-") in flags.FLAGS:
+    hint = f"; did you mean --{stray.lstrip('-')}?"
+  fail(f"unexpected argument {stray!r}: every option is a --flag=value{hint}")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with one line instead of a traceback for any parsing failure."""
+  """absl's flag parsing, with one line instead of a traceback for any parsing failure, for an
+  unloadable config file and for a positional argument."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except
     fail(describe_flag_error(e, argv))
+  _check_config_files()
+  _check_no_positional(rest)
+  return rest
 
 
 def run(main: Callable[[list[str]], None], expected: tuple[type[BaseException], ...]) -> None:
   """app.run(main) where `expected` errors and interruptions end in one line."""
+  from fastadv_jax import cli_logging  # pylint: disable=import-outside-toplevel
+  cli_logging.quiet_startup()  # for callers of run() that skipped the module-level call
   def wrapped(argv):
     try:
       main(argv)

@@ -1,7 +1,48 @@
-"""Console logging for the command-line tools: our INFO lines, not Orbax's per-save chatter."""
+"""Console logging for the command-line tools: our INFO lines, not the libraries' start-up
+notices or Orbax's per-save chatter.
+
+`quiet_startup()` runs first in every command line, before TensorFlow (imported by TFDS to read
+data) or jax start their backends. It keeps from the console, unless FASTADV_VERBOSE=1:
+- TensorFlow's C++ INFO and WARNING lines (`TF_CPP_MIN_LOG_LEVEL=2`: cpu_feature_guard's "This
+  TensorFlow binary is optimized ...", tf.data's end-of-sequence notices) and its oneDNN notice,
+  which TensorFlow prints while it loads, before it reads that variable, and which only
+  `TF_ENABLE_ONEDNN_OPTS=0` prevents (with it the first absl C++ line goes too: "All log
+  messages before absl::InitializeLog() ..."). TensorFlow here only reads and decodes uint8
+  images (datasets.py), where oneDNN's kernels compute nothing; jaxlib's XLA does not read the
+  variable (its oneDNN use is set by XLA_FLAGS, xla_cpu.py), so no number of a run changes;
+- JAX's INFO lines ("Unable to initialize backend 'tpu'", "Connecting to JAX distributed
+  service ..."): the `jax` Python logger is set to WARNING, so its warnings (e.g. a GPU present
+  but a CPU-only jaxlib installed) still show;
+- Orbax's and TFDS's INFO lines (the filter of `setup()`).
+Variables the user set are kept as they are (`setdefault`). FASTADV_VERBOSE=1 (or true/yes)
+changes nothing: every line comes back.
+"""
+from __future__ import annotations
+
 import logging as py_logging
+import os
 
 from absl import logging
+
+VERBOSE_ENV = "FASTADV_VERBOSE"
+QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
+
+
+def verbose() -> bool:
+  """Whether the user asked for every library line (FASTADV_VERBOSE=1)."""
+  return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def quiet_startup() -> None:
+  """Silences the libraries' start-up notices (see the module docstring); call it before
+  TensorFlow is imported and before JAX's backends start. A no-op with FASTADV_VERBOSE=1."""
+  if verbose():
+    return
+  for name, value in QUIET_ENV.items():
+    os.environ.setdefault(name, value)
+  jax_logger = py_logging.getLogger("jax")
+  if jax_logger.level == py_logging.NOTSET and not os.environ.get("JAX_LOGGING_LEVEL"):
+    jax_logger.setLevel(py_logging.WARNING)
 
 
 class _DropLibraryInfo(py_logging.Filter):
@@ -12,4 +53,5 @@ class _DropLibraryInfo(py_logging.Filter):
 
 def setup() -> None:
   logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_DropLibraryInfo())
+  if not verbose():
+    logging.get_absl_handler().addFilter(_DropLibraryInfo())

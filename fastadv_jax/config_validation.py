@@ -109,8 +109,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     _check(c[field] >= 1, field, f"must be >= 1, got {c[field]}")
   _check(c.n_final_eval == -1 or c.n_final_eval >= 1, "n_final_eval",
          f"must be -1 (all) or >= 1, got {c.n_final_eval}")
+  # pylint: disable-next=import-outside-toplevel
+  from fastadv_jax import autoattack, datasets, evaluation
   try:
-    from fastadv_jax.evaluation import parse_attack_spec  # pylint: disable=import-outside-toplevel
-    parse_attack_spec(c.final_attack)
+    _, aa_attacks = evaluation.parse_attack_spec(c.final_attack)
+    if aa_attacks:  # what AutoAttack would refuse after all of training
+      autoattack.check_classes(aa_attacks, datasets.NUM_CLASSES[c.dataset])
   except ValueError as e:
     raise ConfigError(f"config.final_attack: {e}") from None
+  _check(not aa_attacks or c.eps > 0, "final_attack",
+         f"{c.final_attack!r} runs AutoAttack, which needs config.eps > 0, got {c.eps}")

@@ -13,27 +13,62 @@ How a run is joined, first match wins:
   2. `auto`: `jax.distributed.initialize()` with no arguments, which detects Cloud TPU pods,
      SLURM and Open MPI (`--distributed=auto`).
 On CPU the cross-process collectives use gloo.
+
+Connecting is bounded: if the processes have not all met within `timeout_s` seconds (flag
+--distributed_timeout, environment FASTADV_DISTRIBUTED_TIMEOUT, default 120), the process
+prints one line naming the coordinator address and exits with code 2. JAX's own deadline
+(`initialization_timeout`) ends in an abort with a C++ stack trace from inside the blocking
+connect, which no Python code can catch; so a watchdog thread fires first (JAX's deadline is set
+further out) and ends the process itself.
 """
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from typing import Any
 
 import jax
 import numpy as np
 
 ENV = ("FASTADV_COORDINATOR_ADDRESS", "FASTADV_NUM_PROCESSES", "FASTADV_PROCESS_ID")
+TIMEOUT_ENV = "FASTADV_DISTRIBUTED_TIMEOUT"
+DEFAULT_TIMEOUT_S = 120.0
+# JAX's own deadline is this much later than the watchdog's, so the watchdog always fires first.
+_JAX_DEADLINE_MARGIN_S = 60
 
 
 class DistributedError(RuntimeError):
   """The processes could not be connected as asked."""
 
 
+def _give_up(message: str) -> None:
+  """The watchdog's end: the main thread is blocked inside JAX's connect, where no exception
+  reaches it, so this thread prints the one line and ends the process (exit 2, as cli.fail)."""
+  sys.stdout.flush()
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  os._exit(2)  # pylint: disable=protected-access
+
+
+def _timeout(timeout_s: float | None, env: Any) -> float:
+  if timeout_s is None:
+    raw = env.get(TIMEOUT_ENV) or ""
+    try:
+      timeout_s = float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+      raise DistributedError(f"{TIMEOUT_ENV}: must be a number of seconds, got {raw!r}") from None
+  if not timeout_s > 0:
+    raise DistributedError(f"--distributed_timeout: must be > 0 seconds, got {timeout_s}")
+  return float(timeout_s)
+
+
 def initialize(mode: str = "off", coordinator_address: str | None = None,
                num_processes: int | None = None, process_id: int | None = None,
-               environ: dict | None = None) -> bool:
+               environ: dict | None = None, timeout_s: float | None = None) -> bool:
   """Joins the multi-process run if one is configured; True if this is one. Call before any
-  other JAX computation (the command lines do)."""
+  other JAX computation (the command lines do). If the processes have not all connected within
+  `timeout_s` seconds (default: FASTADV_DISTRIBUTED_TIMEOUT, else 120), prints one line naming
+  the coordinator and ends the process with exit code 2 (see the module docstring)."""
   env = os.environ if environ is None else environ
   address = coordinator_address or env.get(ENV[0]) or None
   if num_processes is None and env.get(ENV[1]):
@@ -51,16 +86,29 @@ def initialize(mode: str = "off", coordinator_address: str | None = None,
       raise DistributedError("--coordinator_address needs --num_processes and --process_id")
     if not 0 <= process_id < num_processes:
       raise DistributedError(f"--process_id: must be in [0, {num_processes}), got {process_id}")
+  timeout = _timeout(timeout_s, env)
   # Cross-process collectives of the CPU backend (GPU/TPU backends use their own).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  who = (f"coordinator {address}, this is process {process_id} of {num_processes}"
+         if address is not None else "coordinator detected by --distributed=auto")
+  watchdog = threading.Timer(timeout, _give_up, args=(
+      f"the processes of the run did not all connect within {timeout:g} s ({who}): start every "
+      "process with the same --coordinator_address and --num_processes, check that process "
+      "0 is running and its host:port reachable, or raise --distributed_timeout",))
+  watchdog.daemon = True
+  deadline = int(timeout) + _JAX_DEADLINE_MARGIN_S
+  watchdog.start()
   try:
     if address is None:
-      jax.distributed.initialize()
+      jax.distributed.initialize(initialization_timeout=deadline)
     else:
       jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
-                                 process_id=process_id)
+                                 process_id=process_id, initialization_timeout=deadline)
   except Exception as e:  # pylint: disable=broad-except
-    raise DistributedError(f"jax.distributed.initialize failed: {e}") from e
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    raise DistributedError(f"jax.distributed.initialize failed ({who}): {first}") from e
+  finally:
+    watchdog.cancel()
   return jax.process_count() > 1
 
 

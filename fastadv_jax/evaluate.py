@@ -12,7 +12,11 @@ Reads the run's config.json and latest checkpoint; prints and writes
 """
 from __future__ import annotations
 
-import json
+if __name__ == "__main__":  # the command line: quiet before jax loads (cli_logging's docstring)
+  from fastadv_jax import cli_logging as _quiet
+  _quiet.quiet_startup()
+
+import json  # noqa: E402  pylint: disable=wrong-import-position
 import os
 import time
 
@@ -104,6 +108,7 @@ def main(argv):
       autoattack.check_classes(aa_attacks, datasets.NUM_CLASSES[config.dataset])
     except ValueError as e:
       raise UsageError(f"--attack: {e}") from None
+  saved_run.check_has_checkpoint(FLAGS.workdir)  # before the data is loaded
   workdir.check_writable(FLAGS.workdir)  # fail now, not after the whole evaluation
   test = datasets.load_split(config.dataset, "test", config.data_dir, config.download)
   config, variables, step = load_run(FLAGS.workdir, FLAGS.weights, config)
@@ -132,7 +137,7 @@ def main(argv):
 
 def run() -> None:
   cli.run(main, (UsageError, checkpointing.CheckpointError, datasets.DatasetUnavailableError,
-                 workdir.WorkdirError))
+                 workdir.WorkdirError, evaluation.NonFiniteOutputError))
 
 
 if __name__ == "__main__":

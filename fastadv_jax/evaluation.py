@@ -7,6 +7,10 @@ number of devices or on the chunk size. In a multi-process run every process eva
 contiguous share of the points on its own devices, and the per-point results are gathered
 (distributed.py), so every process returns the same numbers. PGD's step is `step_alpha * eps`
 (config.eval_step_alpha, 1/4 in the paper's protocol).
+
+Robust accuracy counts only points classified correctly without attack (PGD and AutoAttack
+alike). Clean and robust accuracy (and AutoAttack) raise NonFiniteOutputError when the weights
+or the logits on the evaluated points are NaN/Inf; the check rides on the clean forward pass.
 """
 from __future__ import annotations
 
@@ -22,8 +26,10 @@ import ml_collections
 
 from fastadv_jax import (attacks, augment, autoattack, datasets, distributed, gradalign, losses,
                          parallel, randomness)
+from fastadv_jax.autoattack import checks
 
 Variables = dict[str, Any]
+NonFiniteOutputError = checks.NonFiniteOutputError  # NaN/Inf weights or logits: no accuracy
 
 
 def parse_attack_spec(spec: str) -> tuple[bool, tuple[str, ...]]:
@@ -90,8 +96,10 @@ class Evaluator:
                                eps, self.step_alpha * eps, steps)
 
   def _correct_chunk(self, variables, x, y):
+    """(correct, finite): per point, clean correctness and whether all its logits are finite."""
     logits_fn, _ = self._fns(variables)
-    return jnp.argmax(logits_fn(augment.to_float(x)), -1) == y
+    logits = logits_fn(augment.to_float(x))
+    return attacks.clean_correct(logits, y), jnp.all(jnp.isfinite(logits), -1)
 
   def _diag_chunk(self, variables, x, y, idx, rng, eps, pgd_steps):
     logits_fn, loss_and_logits = self._fns(variables)
@@ -100,17 +108,19 @@ class Evaluator:
     pgd_keys, noise_keys = randomness.split_keys(keys, 2)
     loss_fn = lambda z: loss_and_logits(z, y)[0]  # noqa: E731
     logits = logits_fn(x)
+    clean = attacks.clean_correct(logits, y)
     # FGSM from zero init with step eps: its gradient is also the clean gradient g1.
     d_fgsm, g1 = attacks.fgsm(loss_fn, x, eps, eps, jnp.zeros_like(x))
     robust_pgd, d_pgd = attacks.pgd_with_restarts(lambda z: loss_and_logits(z, y), x, y, pgd_keys,
-                                                  eps, self.step_alpha * eps, pgd_steps, 1)
+                                                  eps, self.step_alpha * eps, pgd_steps, 1,
+                                                  clean=clean)
     _, g2 = gradalign.input_gradients(loss_fn, x, noise_keys, eps, g1=g1)
     cos_g, mask_g = gradalign.masked_cosine(g1, g2)
     cos_d, mask_d = gradalign.masked_cosine(d_fgsm, d_pgd)
     return {
         "loss": losses.cross_entropy(logits, y),
-        "clean": jnp.argmax(logits, -1) == y,
-        "fgsm": jnp.argmax(logits_fn(x + d_fgsm), -1) == y,
+        "clean": clean,
+        "fgsm": clean & (jnp.argmax(logits_fn(x + d_fgsm), -1) == y),
         "pgd": robust_pgd,
         "alignment": cos_g, "alignment_mask": mask_g,
         "cos_fgsm_pgd": cos_d, "cos_fgsm_pgd_mask": mask_d,
@@ -129,15 +139,34 @@ class Evaluator:
     """The per-point outputs of this process's chunks -> those of all n points."""
     return distributed.gather_points(jax.tree.map(lambda *v: np.concatenate(v), *outs), n)
 
+  def _clean_pass(self, variables: Variables, images: np.ndarray, labels: np.ndarray
+                  ) -> tuple[list[jax.Array], np.ndarray]:
+    """The forward pass at the unperturbed points: per chunk, the device-sharded correctness
+    (PGD's starting `robust`), and every point's correctness. Raises NonFiniteOutputError when
+    the weights, or the logits of any point, are not finite; the flags of all points are
+    gathered first, so every process of a multi-process run raises alike."""
+    checks.check_finite_weights(variables)
+    sharded, outs = [], []
+    for m, x, y, _ in self._chunks(images, labels):
+      correct, finite = self._correct(variables, x, y)
+      sharded.append(correct)
+      outs.append(parallel.unshard((correct, finite), m))
+    correct, finite = self._per_point(outs, len(labels))
+    checks.check_finite_logits(finite)
+    return sharded, correct
+
   def robust_accuracy(self, variables: Variables, images: np.ndarray, labels: np.ndarray,
                       eps: float, steps: int, restarts: int, rng: jax.Array) -> float:
     """PGD-`steps`-`restarts` accuracy (step `step_alpha * eps`, uniform start, worst case over
-    restarts); 0 restarts is refused (it would report every point as robust)."""
+    restarts): the share of points classified correctly without attack and at every restart's
+    endpoint, so never above clean accuracy. 0 restarts is refused (it would report every
+    correctly classified point as robust); NonFiniteOutputError as clean_accuracy."""
     if restarts < 1 or steps < 1:
       raise ValueError(f"PGD needs steps >= 1 and restarts >= 1, got {steps} and {restarts}")
+    clean, _ = self._clean_pass(variables, images, labels)
     robust = []
-    for m, x, y, pos in self._chunks(images, labels):
-      carry = attacks.restarts_init(jnp.zeros(x.shape, jnp.float32), jnp.asarray(y))
+    for (m, x, y, pos), clean_chunk in zip(self._chunks(images, labels), clean):
+      carry = attacks.restarts_init(jnp.zeros(x.shape, jnp.float32), jnp.asarray(y), clean_chunk)
       for r in range(restarts):  # host loop: one small compiled program reused per restart
         carry = self._restart(variables, carry, x, y, pos, rng, jnp.float32(eps),
                                jnp.int32(r), steps)
@@ -174,10 +203,9 @@ class Evaluator:
 
   def clean_accuracy(self, variables: Variables, images: np.ndarray, labels: np.ndarray
                      ) -> float:
-    """Accuracy on the unperturbed images: one forward pass per point, no gradient."""
-    correct = [parallel.unshard(self._correct(variables, x, y), m)
-               for m, x, y, _ in self._chunks(images, labels)]
-    return float(np.mean(self._per_point(correct, len(labels))))
+    """Accuracy on the unperturbed images: one forward pass per point, no gradient.
+    NonFiniteOutputError when the weights or the logits of any point are NaN/Inf."""
+    return float(np.mean(self._clean_pass(variables, images, labels)[1]))
 
 
 def final_evaluation(config: ml_collections.ConfigDict, evaluator: Evaluator, variables: dict,

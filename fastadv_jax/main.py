@@ -16,6 +16,9 @@ flags.DEFINE_enum("distributed", "off", ["off", "auto"],
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for several processes.")
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+flags.DEFINE_float("distributed_timeout", None, "Seconds a multi-process run waits for all its "
+                   "processes to connect before it stops with one line (default: "
+                   "FASTADV_DISTRIBUTED_TIMEOUT, else 120).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -27,20 +30,24 @@ def main(argv):
   xla_cpu.apply(model=FLAGS.config.model)  # before the first JAX computation starts the backend
   cli_logging.setup()
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
-                         FLAGS.process_id)  # before any JAX computation
+                         FLAGS.process_id, timeout_s=FLAGS.distributed_timeout
+                         )  # before any JAX computation
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 def run() -> None:
+  from fastadv_jax import cli_logging  # pylint: disable=import-outside-toplevel
+  cli_logging.quiet_startup()  # before jax and TensorFlow load (cli_logging's docstring)
   from fastadv_jax import (  # pylint: disable=import-outside-toplevel
-      checkpointing, cli, config_validation, datasets, distributed, plugins, train, workdir)
+      checkpointing, cli, config_validation, datasets, distributed, evaluation, plugins, train,
+      workdir)
   try:  # before the config file is read: plugin methods' hyperparameters are config fields
     plugins.load_for_command_line()
   except plugins.PluginError as e:
     cli.fail(f"--config.plugins: {e}")
   cli.run(main, (config_validation.ConfigError, checkpointing.CheckpointError,
                  datasets.DatasetUnavailableError, train.NonFiniteError, workdir.WorkdirError,
-                 distributed.DistributedError))
+                 distributed.DistributedError, evaluation.NonFiniteOutputError))
 
 
 if __name__ == "__main__":

@@ -48,16 +48,21 @@ class MetricWriter:
 
 
 def _parse(path: str) -> list[dict]:
-  """The records of a metrics.jsonl; a line cut short by a kill mid-write is skipped."""
+  """The records of a metrics.jsonl; a damaged line (cut short by a kill mid-write, bytes that
+  are not UTF-8, or JSON that is not a record with a numeric "step") is skipped with a warning,
+  so that a resume, which keeps the rows up to its checkpoint, never stops on one."""
   records = []
-  with open(path) as f:
-    for line in f:
-      if not line.strip():
+  with open(path, "rb") as f:
+    for raw in f:
+      if not raw.strip():
         continue
       try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
-        logging.warning("%s: skipping a damaged line (a kill mid-write?): %r", path, line[:80])
+        record = json.loads(raw.decode("utf-8"))
+        if not isinstance(record, dict) or not isinstance(record.get("step", 0), (int, float)):
+          raise ValueError("not a record with a numeric step")
+        records.append(record)
+      except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        logging.warning("%s: skipping a damaged line (a kill mid-write?): %r", path, raw[:80])
   return records
 
 

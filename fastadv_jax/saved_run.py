@@ -28,15 +28,26 @@ def run_config(workdir_: str) -> ml_collections.ConfigDict:
   return config
 
 
+def check_has_checkpoint(workdir_: str) -> None:
+  """CheckpointError, without opening Orbax, if the workdir holds no finished checkpoint: a
+  reader checks this before any work (loading data) and before it writes anything."""
+  folder = os.path.join(workdir_, "checkpoints")
+  if not os.path.isdir(folder):
+    raise checkpointing.CheckpointError(f"no checkpoint in {workdir_}: has the run started?")
+  if not any(name.isdigit() for name in os.listdir(folder)):  # finished saves are named <step>
+    raise checkpointing.CheckpointError(
+        f"no checkpoint in {folder}: the run stopped before its first one "
+        "(config.checkpoint_every); run its training command again to resume it")
+
+
 def load_run(workdir_: str, weights: str = "last",
              config: ml_collections.ConfigDict | None = None
              ) -> tuple[ml_collections.ConfigDict, dict, int]:
   """(config, evaluation variables, iteration) of a run's latest checkpoint (a training one or
   an import's, of variables alone): read as model variables, with no optimiser to build."""
   config = run_config(workdir_) if config is None else config
-  if not os.path.isdir(os.path.join(workdir_, "checkpoints")):
-    raise checkpointing.CheckpointError(f"no checkpoint in {workdir_}: has the run started?")
-  ckpt = checkpointing.Checkpointer(workdir_)
+  check_has_checkpoint(workdir_)
+  ckpt = checkpointing.Checkpointer(workdir_, read_only=True)
   try:
     step = ckpt.latest_step()
     if step is None:
@@ -47,8 +58,22 @@ def load_run(workdir_: str, weights: str = "last",
   finally:
     ckpt.close()
   if weights == "best":
+    _check_has_best(meta, workdir_, step)
     return config, best, int(meta["best_step"])
   return config, last, step
+
+
+def _check_has_best(meta: dict, workdir_: str, step: int) -> None:
+  """CheckpointError when the checkpoint has no early-stopped weights yet: a training run
+  records them at its first diagnostics (monitoring.Monitor.run sets best_train_pgd >= 0 and
+  best_step); until then its `best` item holds the initial weights, which must not be evaluated
+  as "best". An import's weights are its best ones by definition (checkpointing.VARIABLES_ONLY)."""
+  if meta.get(checkpointing.VARIABLES_ONLY) or float(meta.get("best_train_pgd", 0.0)) >= 0.0:
+    return
+  raise checkpointing.CheckpointError(
+      f"--weights=best: {workdir_} has no early-stopped weights yet: its checkpoint (iteration "
+      f"{step}) was saved before the run's first diagnostics (config.eval_every); use "
+      "--weights=last, or resume the run")
 
 
 def variables_template(config: ml_collections.ConfigDict) -> dict:

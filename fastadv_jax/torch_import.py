@@ -10,7 +10,13 @@ last and the early-stopped weights. Then: python -m fastadv_jax.evaluate --workd
 """
 from __future__ import annotations
 
-from absl import flags
+if __name__ == "__main__":  # the command line: quiet before jax loads (cli_logging's docstring)
+  from fastadv_jax import cli_logging as _quiet
+  _quiet.quiet_startup()
+
+import os  # noqa: E402  pylint: disable=wrong-import-position
+
+from absl import flags  # noqa: E402  pylint: disable=wrong-import-position
 from ml_collections import config_flags
 
 from fastadv_jax import checkpointing, cli, cli_logging, config_validation, torch_interop, workdir
@@ -23,9 +29,37 @@ config_flags.DEFINE_config_file("config", None, "The model's configuration file.
 flags.mark_flags_as_required(["state_dict", "workdir", "config"])
 
 
+def check_state_dict_file(path: str) -> None:
+  """InteropError naming the file, before any work, if `path` is not a readable file or (for
+  .npz) not a numpy archive of arrays: numpy's own errors (a zip error, "contains pickled
+  data") would not say which file, or which flag, is to blame."""
+  import zipfile  # pylint: disable=import-outside-toplevel
+  import zlib  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  if not os.path.exists(path):
+    raise torch_interop.InteropError(f"--state_dict: {path} does not exist")
+  if not os.path.isfile(path):
+    raise torch_interop.InteropError(f"--state_dict: {path} is not a file")
+  try:
+    with open(path, "rb") as f:
+      f.read(1)
+    if path.endswith(".npz"):
+      if not zipfile.is_zipfile(path):  # numpy.savez writes a zip of .npy files
+        raise ValueError("not a .npz archive")
+      with np.load(path, allow_pickle=False) as npz:
+        for key in npz.files:
+          npz[key]  # pylint: disable=pointless-statement  (reads and checks every array)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise torch_interop.InteropError(
+        f"--state_dict: {path} cannot be read as a state_dict ({why[:200]}); expected a .npz "
+        "of arrays (numpy.savez) or a PyTorch .pt/.pth") from None
+
+
 def main(argv):
   del argv
   cli_logging.setup()
+  check_state_dict_file(FLAGS.state_dict)  # before any work
   n = torch_interop.import_to_workdir(FLAGS.config, FLAGS.state_dict, FLAGS.workdir)
   print(f"imported {n} tensors from {FLAGS.state_dict} into {FLAGS.workdir}; evaluate with: "
         f"python -m fastadv_jax.evaluate --workdir={FLAGS.workdir} --attack=autoattack")

@@ -14,8 +14,9 @@ between the frameworks:
     (models.py); PyTorch's `num_batches_tracked` is written as 0 and ignored on import;
   - biases: the ResNets' convs have none in either layout.
 Import tolerates keys the original code has beyond these (e.g. `num_batches_tracked`, a
-`normalize` buffer) and a DataParallel `module.` prefix; a missing key or a shape that does not
-fit is an error naming it.
+`normalize` buffer) and a DataParallel `module.` prefix; a missing key, a shape that does not
+fit, a NaN/Inf value (also one that overflows float32) or a BatchNorm running_var below zero
+(which makes every logit NaN) is an error naming the tensor.
 """
 from __future__ import annotations
 
@@ -115,10 +116,18 @@ def from_torch_state_dict(config: ml_collections.ConfigDict, state_dict: Mapping
     if key not in sd:
       raise InteropError(f"state_dict has no {key!r} (a {config.model} needs it; keys found: "
                          f"{', '.join(sorted(sd)[:6])}...)")
-    v = sd[key].astype(np.float32)
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes Inf, refused below
+      v = sd[key].astype(np.float32)
     if v.shape != tuple(shape):
       raise InteropError(f"state_dict[{key!r}] has shape {v.shape}, the {config.model} of this "
                          f"config needs {tuple(shape)}")
+    if not np.all(np.isfinite(v)):
+      raise InteropError(f"state_dict[{key!r}] holds {int(np.sum(~np.isfinite(v)))} NaN or Inf "
+                         "value(s) (in float32): the model's outputs would not be finite")
+    if key.endswith(".running_var") and np.any(v < 0):
+      raise InteropError(f"state_dict[{key!r}] has {int(np.sum(v < 0))} value(s) below zero "
+                         f"(min {float(np.min(v)):.3g}): a BatchNorm variance cannot be negative, "
+                         "and the model's outputs would be NaN")
     return v
 
   params = _copy_tree(template["params"])

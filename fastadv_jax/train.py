@@ -7,7 +7,8 @@ stopping, overfitting flag) -> final evaluation (evaluation.py) -> results.json.
 Resumable: a rerun on the same workdir restores the latest checkpoint and continues. Everything
 that varies along the run (data order, augmentation, attack noise, evaluation noise) is a pure
 function of (seed, iteration), so a run killed and resumed ends with the same final metrics as
-an uninterrupted one.
+an uninterrupted one. A rerun may change only the fields that change neither (workdir.py,
+RESUME_SAFE_FIELDS), and a finished run is immutable (workdir.check_rerun).
 """
 from __future__ import annotations
 
@@ -154,7 +155,7 @@ class _Run:
         raise NonFiniteError(
             f"non-finite loss or gradient at iteration {self.pending_step + i + 1}; the last "
             f"checkpoint ({self.ckpt.latest_step()}) is kept. Lower lr_max, check the data, or "
-            "disable half_precision.")
+            "disable half_precision, in a new --workdir (a run keeps its config).")
     return ms
 
   def flush_train_metrics(self, s: int) -> dict[str, float]:
@@ -285,7 +286,7 @@ class _Run:
     results.update(self._run_summary(train_time))
     if distributed.is_main():
       workdir.write_json(os.path.join(self.workdir, "results.json"), results)
-    self._log_results(results)
+    _log_results(results, self.workdir)
     return results
 
   def _final_evaluation(self) -> dict:
@@ -317,33 +318,46 @@ class _Run:
         "jax_version": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
-  def _log_results(self, results: dict) -> None:
-    """One log line with the headline accuracies and where results.json went."""
-    robust = []
-    if "pgd_acc" in results:
-      robust.append(f"PGD-{results['pgd_steps']}-{results['pgd_restarts']} "
-                    f"{results['pgd_acc']:.4f}")
-    if "autoattack_acc" in results:
-      robust.append(f"AutoAttack {results['autoattack_acc']:.4f}")
-    logging.info("Results: clean %.4f, %s on %d test points; written to %s",
-                 results["clean_acc"], ", ".join(robust), results["n_eval"],
-                 os.path.join(self.workdir, "results.json"))
+
+def _log_results(results: dict, workdir_: str) -> None:
+  """One log line with the headline accuracies and where results.json is."""
+  robust = []
+  if "pgd_acc" in results:
+    robust.append(f"PGD-{results['pgd_steps']}-{results['pgd_restarts']} "
+                  f"{results['pgd_acc']:.4f}")
+  if "autoattack_acc" in results:
+    robust.append(f"AutoAttack {results['autoattack_acc']:.4f}")
+  logging.info("Results: clean %.4f, %s on %d test points; written to %s",
+               results["clean_acc"], ", ".join(robust), results["n_eval"],
+               os.path.join(workdir_, "results.json"))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir_: str) -> dict:
   """Trains, evaluates, writes metrics.jsonl / TensorBoard / checkpoints / results.json.
 
-  Bad input fails before the workdir is touched: the config is checked, the data loaded, the
-  workdir created and locked (one run per workdir), and the latest checkpoint restored (one
-  that does not fit the config is refused) before config.json is written.
+  Bad input fails before the workdir is touched: the config is checked, then what the workdir
+  holds (workdir.check_rerun: a recorded run's config may change only the resume-safe fields,
+  and every file the run writes must be writable), the data loaded, the workdir created and
+  locked (one run per workdir), the workdir checked again under the lock (a run that started
+  meanwhile), and the latest checkpoint restored (one that does not fit the config is refused)
+  before config.json is written.
+
+  A finished run (results.json) is immutable: a rerun computes and writes nothing and returns
+  its recorded results.
   """
   config_validation.validate_config(config, jax.device_count())
-  splits = _load_data(config)
   main = distributed.is_main()
+  recorded = workdir.check_rerun(config, workdir_, writes=main)
+  if recorded is not None:
+    return _finished(recorded, workdir_)
+  splits = _load_data(config)
   if main:
     workdir.prepare(workdir_)
   distributed.barrier("workdir")  # the other processes open it once process 0 has made it
   with workdir.Lock(workdir_, enabled=main):
+    recorded = workdir.check_rerun(config, workdir_, writes=main)
+    if recorded is not None:  # another run finished it while this one waited for the data
+      return _finished(recorded, workdir_)
     run = _Run(config, workdir_, splits)
     try:
       if main:
@@ -353,6 +367,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir_: str) -> dict
         return run.finish(train_time)
     finally:
       run.close()
+
+
+def _finished(results: dict, workdir_: str) -> dict:
+  """A rerun of a finished run: its recorded results, logged, and nothing written."""
+  logging.info("%s holds a finished run; its results.json is kept as it is (python -m "
+               "fastadv_jax.evaluate evaluates it again; move results.json away to redo the "
+               "final evaluation)", workdir_)
+  if "clean_acc" in results and "n_eval" in results:
+    _log_results(results, workdir_)
+  return results
 
 
 class _Progress:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from typing import Any
 
 import ml_collections
@@ -21,36 +22,233 @@ def config_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes config.json; warns when a resumed run's config differs from the stored one."""
-  path = os.path.join(workdir, "config.json")
-  now = config_dict(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      before = json.load(f)
-    changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
-    if changed:
-      logging.warning("Config differs from the one stored in %s in: %s", path, changed)
-  write_json(path, now)
-
-
 def read_config(workdir: str) -> ml_collections.ConfigDict | None:
-  """The run's config; fields added to the library since the run started take their defaults."""
-  from fastadv_jax.configs import default  # pylint: disable=import-outside-toplevel
+  """The run's config (None without config.json); fields added to the library since the run
+  started take their defaults. WorkdirError if config.json cannot be read."""
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  if not os.path.lexists(path):
     return None
-  with open(path) as f:
-    stored = json.load(f)
+  stored = _load_json(path)
+  try:
+    return config_from_stored(stored)
+  except (ValueError, TypeError, AttributeError) as e:
+    raise WorkdirError(f"{path} cannot be read ({_why(e)})") from None
+
+
+def _load_json(path: str, advice: str = "") -> Any:
+  """The JSON in `path`; WorkdirError naming the file if it cannot be read or parsed."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise WorkdirError(f"{path} cannot be read ({_why(e)}){advice}") from None
+
+
+def config_from_stored(stored: dict) -> ml_collections.ConfigDict:
+  """A stored config (config.json, or results.json's "config"), migrated
+  (config_validation.migrate_stored_config) and laid over the library's defaults."""
+  from fastadv_jax.configs import default  # pylint: disable=import-outside-toplevel
   from fastadv_jax import config_validation  # pylint: disable=import-outside-toplevel
+  if not isinstance(stored, dict):
+    raise ValueError("not a JSON object")
   stored = config_validation.migrate_stored_config(stored)
   config = default.get_config()
   config.update(stored)
   return config
 
 
+def _why(e: BaseException) -> str:
+  """An OSError's reason, or the first line of another exception's message."""
+  text = getattr(e, "strerror", None) or str(e).strip()
+  return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+# Config fields a rerun may change, for an unfinished run (a resume) and a finished one alike
+# (which recomputes nothing, so for it they change nothing at all). Each says where the data is,
+# how the run is shown or how it is saved, never what it computes: no parameter, no row of
+# metrics.jsonl and no number of results.json depends on it. Every other field is refused
+# (RunChangedError), also those that only shape what is recorded along the way: log_every (the
+# averaging windows of metrics.jsonl and results.json's final_train_metrics), eval_every,
+# n_eval_points, eval_pgd_steps and eval_step_alpha (the diagnostic rows, and through them the
+# early-stopped weights and results.json's "best"), co_* (the overfitting flag). With one of
+# those changed halfway, the run's files would match neither config.
+# eval_batch_size only sets how many points an evaluation hands the devices at once (a memory
+# knob, like the device count, which a resume may change too): evaluation results are per point.
+RESUME_SAFE_FIELDS = ("data_dir", "download", "plugins", "progress_bar", "checkpoint_every",
+                      "keep_checkpoints", "eval_batch_size")
+# Fields that only shape the final evaluation. An unfinished run may change them (its final
+# evaluation is still to come; results.json records them). A finished run refuses them: its
+# results.json is kept as it is, and `python -m fastadv_jax.evaluate` evaluates its weights
+# with other settings (--n_eval, --attack, --pgd_steps, --pgd_restarts, --weights=best) into a
+# file of its own (eval_*.json).
+FINAL_EVALUATION_FIELDS = ("n_final_eval", "final_attack", "final_pgd_steps",
+                           "final_pgd_restarts", "eval_early_stopped_model")
+
+
 class WorkdirError(RuntimeError):
   """The workdir cannot be used: not a folder, not writable, or in use by another run."""
+
+
+class RunChangedError(WorkdirError):
+  """A rerun's config changes a field of the run recorded in the workdir that it may not."""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}; lists and other values are leaves."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_changes(config: ml_collections.ConfigDict, recorded: ml_collections.ConfigDict
+                   ) -> dict[str, tuple[Any, Any]]:
+  """{field path: (recorded value, new value)} of the fields that differ, compared as written
+  to JSON. Only what the library reads is compared: the top-level fields it declares, and the
+  `method_args.<method>.<field>` of the two configs' methods (other methods' hyperparameters
+  are never read). A field added to the library since the run was recorded holds its default
+  in `recorded` (read_config), which is what the run trained with."""
+  now, before = config_dict(config), config_dict(recorded)
+  paths = [k for k in now if k != "method_args"]
+  for method in dict.fromkeys((before.get("method"), now.get("method"))):
+    for side in (now, before):
+      paths += [f"method_args.{method}.{k}"
+                for k in ((side.get("method_args") or {}).get(method) or {})]
+  flat_now, flat_before = _flatten(now), _flatten(before)
+  return {p: (flat_before.get(p), flat_now.get(p)) for p in dict.fromkeys(paths)
+          if flat_now.get(p) != flat_before.get(p)}
+
+
+def _short(value: Any) -> str:
+  text = json.dumps(value)
+  return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_rerun(config: ml_collections.ConfigDict, workdir: str, writes: bool = True
+                ) -> dict | None:
+  """What the run recorded in `workdir` lets this config do; reads only, before any work.
+
+  - A config that differs from the recorded one (config.json as read_config reads it, else
+    results.json's "config") in a field outside RESUME_SAFE_FIELDS and FINAL_EVALUATION_FIELDS:
+    RunChangedError naming the fields, whether the run finished or not.
+  - A finished run (results.json) is never rewritten: a changed FINAL_EVALUATION_FIELDS field
+    is a RunChangedError pointing at `evaluate`; otherwise its recorded results are returned,
+    and the caller computes nothing.
+  - No run yet, or an unfinished one: None (train, or resume), once check_outputs found every
+    file the run writes writable (with `writes`: False in the processes of a multi-process run
+    other than 0, which write none of them).
+  """
+  if not os.path.isdir(workdir):
+    return None  # nothing recorded; prepare() refuses a path that is not a folder
+  for name in ("config.json", "results.json"):  # a folder there is no record, and no place
+    _check_file_path(os.path.join(workdir, name))  # to write one either
+  results = _read_results(workdir)
+  recorded = read_config(workdir)
+  if recorded is None and results is not None and isinstance(results.get("config"), dict):
+    recorded = config_from_stored(results["config"])
+  if recorded is not None:
+    changed = config_changes(config, recorded)
+    fixed = {p: v for p, v in changed.items()
+             if p not in RESUME_SAFE_FIELDS and p not in FINAL_EVALUATION_FIELDS}
+    if fixed:
+      diffs = ", ".join(f"{p} {_short(a)} -> {_short(b)}" for p, (a, b) in fixed.items())
+      raise RunChangedError(
+          f"{workdir} holds a run recorded with another config ({diffs}); a recorded run "
+          "cannot change how it trains or what it logs: rerun it with the values of its "
+          "config.json, or use a new --workdir (README, Reliability, lists the fields a rerun "
+          "may change)")
+    final = [p for p in changed if p in FINAL_EVALUATION_FIELDS]
+    if results is not None and final:
+      raise RunChangedError(
+          f"{workdir} holds a finished run ({', '.join(final)} changed) and its results.json "
+          "is kept as it is; to evaluate it with other settings, run python -m "
+          f"fastadv_jax.evaluate --workdir={workdir} {_evaluate_flags(config)}, which writes "
+          "an eval_*.json of its own")
+  if results is not None:
+    return results
+  if writes:
+    check_outputs(workdir)
+  return None
+
+
+def _evaluate_flags(config: ml_collections.ConfigDict) -> str:
+  """evaluate's flags for the final evaluation that `config` asks for."""
+  flags = [f"--n_eval={config.n_final_eval}", f"--attack={config.final_attack}",
+           f"--pgd_steps={config.final_pgd_steps}",
+           f"--pgd_restarts={config.final_pgd_restarts}"]
+  if config.eval_early_stopped_model:
+    flags.append("(and --weights=best for the early-stopped weights)")
+  return " ".join(flags)
+
+
+def _read_results(workdir: str) -> dict | None:
+  """The recorded results.json; None if there is none."""
+  path = os.path.join(workdir, "results.json")
+  if not os.path.isfile(path):
+    return None
+  results = _load_json(path, "; move it away to redo the final evaluation")
+  if not isinstance(results, dict):
+    raise WorkdirError(f"{path} holds no results; move it away to redo the final evaluation")
+  return results
+
+
+# What a training run writes in its workdir: files (each first written as `<name>.tmp`) and
+# folders. check_outputs looks at each before the first step.
+OUTPUT_FILES = ("config.json", "results.json", "metrics.jsonl")
+OUTPUT_FOLDERS = ("checkpoints", "checksums", "corrupt_checkpoints", "tensorboard")
+
+
+def check_outputs(workdir: str) -> None:
+  """WorkdirError naming the first path the run could not write, found now rather than when it
+  is written (results.json: after all of training): a file's path taken by a folder or the
+  reverse, or a file that exists read-only (its mode, or the immutable attribute, which also
+  stops root)."""
+  for name in OUTPUT_FILES + tuple(n + ".tmp" for n in OUTPUT_FILES):
+    path = os.path.join(workdir, name)
+    _check_file_path(path)
+    if os.path.isfile(path) and not os.access(path, os.W_OK):
+      raise WorkdirError(f"{path} is read-only; the run writes it: make it writable, or use a "
+                         "new --workdir")
+  for name in OUTPUT_FOLDERS:
+    path = os.path.join(workdir, name)
+    if os.path.lexists(path) and not os.path.isdir(path):
+      raise WorkdirError(f"{path} exists and is not a folder; the run writes a folder there: "
+                         "move it away")
+
+
+def _check_file_path(path: str) -> None:
+  """WorkdirError if `path` exists and is not a file (nor a link to one); one look, so a writer
+  that replaces the file meanwhile (os.replace) is no false alarm."""
+  try:
+    mode = os.stat(path).st_mode
+  except FileNotFoundError:
+    return
+  if not stat.S_ISREG(mode):
+    raise WorkdirError(f"{path} exists and is not a file; the run writes a file there: move it "
+                       "away")
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes config.json, unless it holds this config already (a resume with the same command
+  rewrites nothing). Training checks with check_rerun first that a resume changes only
+  RESUME_SAFE_FIELDS and FINAL_EVALUATION_FIELDS; their new values are recorded (so `evaluate`
+  reads the data where it is now)."""
+  path = os.path.join(workdir, "config.json")
+  now = config_dict(config)
+  before = read_config(workdir)
+  if before is not None:
+    if config_dict(before) == now:
+      return
+    changed = config_changes(config, before)
+    unsafe = [p for p in changed if p not in RESUME_SAFE_FIELDS
+              and p not in FINAL_EVALUATION_FIELDS]
+    if changed:  # `unsafe` only where no check_rerun came first (torch_import's new workdir)
+      (logging.warning if unsafe else logging.info)(
+          "Recording the new values of %s in %s", ", ".join(changed), path)
+  write_json(path, now)
 
 
 def prepare(workdir: str) -> None:

@@ -18,9 +18,12 @@ import pytest  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # `python -c MOCK_DATA_CLI <module> <flags...>` runs `<module>.run()` (a command line of the
-# package) with TFDS's mock data in place of the real datasets, in a fresh process.
+# package) with TFDS's mock data in place of the real datasets, in a fresh process; quiet at
+# start-up as the command lines are (cli_logging.quiet_startup, before TensorFlow loads).
 MOCK_DATA_CLI = r"""
 import sys
+from fastadv_jax import cli_logging
+cli_logging.quiet_startup()
 import tensorflow_datasets as tfds
 sys.path.insert(0, "tests")
 module = sys.argv[1]

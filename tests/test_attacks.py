@@ -52,7 +52,7 @@ def test_linear_model_worst_case_is_eps_sign_w():
 
 def test_restart_update_keeps_the_worst_case():
   y = jnp.array([0, 0, 0])
-  carry = attacks.restarts_init(jnp.zeros((3, 1)), y)
+  carry = attacks.restarts_init(jnp.zeros((3, 1)), y, jnp.ones(3, bool))
   right = jnp.array([[5.0, 0.0]] * 3)
   wrong = jnp.array([[0.0, 5.0]] * 3)
   # restart 1: example 0 misclassified with low loss; others correct

@@ -155,14 +155,21 @@ def test_the_plugin_package_declares_its_entry_point(tmp_path):
   assert RFGSM in out and "R-FGSM" in out
 
 
-def test_plugin_model_trains_and_evaluates_from_the_command_line(tmp_path):
-  env = _env(EXAMPLES, ROOT / "tests")
-  wd = tmp_path / "lenet"
-  _run([sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.main",
-        f"--config={ROOT}/configs/fashion_mnist.py:gradalign,eps=32", f"--workdir={wd}"]
-       + TINY_CLI + ["--config.plugins=plugin_model", "--config.model=lenet5"], env)
-  assert json.loads((wd / "config.json").read_text())["model"] == "lenet5"
-  _run([sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.evaluate", f"--workdir={wd}",
-        "--n_eval=16", "--pgd_steps=2", "--pgd_restarts=1"], env)
-  evaluated = json.loads(next(wd.glob("eval_last_*.json")).read_text())
-  assert 0.0 <= evaluated["pgd_acc"] <= evaluated["clean_acc"] <= 1.0
+def test_plugin_model_trains_and_evaluates(tmp_path, monkeypatch, mock_fashion_mnist):
+  """The LeNet plugin through the trainer and the saved-run reader, in this process (the command
+  line path of a plugin model, main then evaluate in subprocesses, is
+  tests/test_model_plugins.py's)."""
+  from conftest import tiny_config  # pylint: disable=import-outside-toplevel
+  from fastadv_jax import evaluation, models, saved_run, train  # pylint: disable=import-outside-toplevel
+  monkeypatch.syspath_prepend(str(EXAMPLES))
+  config = tiny_config(plugins="plugin_model", model="lenet5", n_filters=6, num_epochs=1)
+  results = train.train_and_evaluate(config, str(tmp_path / "lenet"))
+  assert 0.0 <= results["pgd_acc"] <= results["clean_acc"] <= 1.0
+  recorded, variables, _ = saved_run.load_run(str(tmp_path / "lenet"))
+  assert recorded.model == "lenet5" and recorded.plugins == "plugin_model"
+  assert "lenet5" in models.names()  # the run's plugin, imported again from its config.json
+  assert set(variables["params"]) == set(models.create_model(recorded, 10).init(
+      jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"])
+  ev = evaluation.Evaluator(models.create_model(recorded, 10), 16)
+  x = np.random.default_rng(0).uniform(size=(8, 28, 28, 1)).astype(np.float32)
+  assert 0.0 <= ev.clean_accuracy(variables, x, np.arange(8) % 10) <= 1.0

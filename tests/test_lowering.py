@@ -66,7 +66,7 @@ def test_pgd_evaluation_keeps_its_loop_rolled_on_accelerators(platform, rolled):
   model = models.create_model(c, 10, half_precision=False)
   variables = model.init(jax.random.key(0), jnp.zeros((1,) + SHAPE[1:]), train=False)
   ev = evaluation.Evaluator(model, 16, devices=jax.local_devices()[:1])
-  carry = attacks.restarts_init(jnp.zeros(SHAPE), jnp.zeros(SHAPE[:1], jnp.int32))
+  carry = attacks.restarts_init(jnp.zeros(SHAPE), jnp.zeros(SHAPE[:1], jnp.int32), True)
   fn = jax.jit(ev._restart_chunk, static_argnums=(8,))
   args = (variables, carry, jnp.zeros(SHAPE, jnp.uint8), jnp.zeros(SHAPE[:1], jnp.int32),
           jnp.arange(16, dtype=jnp.int32), jax.random.key(0), jnp.float32(0.1), jnp.int32(0), 10)

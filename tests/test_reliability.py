@@ -150,7 +150,7 @@ def test_a_refused_rerun_leaves_the_finished_run_intact(tmp_path, mock_fashion_m
   from fastadv_jax import evaluate
   train.train_and_evaluate(tiny_config(**CONFIG), str(tmp_path))
   before = (tmp_path / "config.json").read_text()
-  with pytest.raises(checkpointing.CheckpointError, match="does not match this config"):
+  with pytest.raises(workdir.RunChangedError, match="n_filters 4 -> 8"):
     train.train_and_evaluate(tiny_config(n_filters=8, **CONFIG), str(tmp_path))
   assert (tmp_path / "config.json").read_text() == before
   config, _, step = evaluate.load_run(str(tmp_path))

@@ -95,6 +95,7 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path, mock_fashion_mnist):
   assert files
   for p in files:
     p.write_bytes(b"\x00garbage")
+  (tmp_path / "results.json").unlink()  # a finished run reads no checkpoint: one killed late
   with pytest.raises(checkpointing.CheckpointError, match="could not be restored") as err:
     train.train_and_evaluate(config, str(tmp_path))
   assert str(ckpt_dir.parent) in str(err.value) and "--workdir" in str(err.value)
@@ -102,6 +103,10 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path, mock_fashion_mnist):
 
 def test_incompatible_config_gives_a_clear_error(tmp_path, mock_fashion_mnist):
   train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+  # Without config.json (and results.json), which refuse the change first (workdir.check_rerun,
+  # tests/test_immutable_runs.py), the checkpoint's structure is what refuses it.
+  (tmp_path / "config.json").unlink()
+  (tmp_path / "results.json").unlink()
   with pytest.raises(checkpointing.CheckpointError, match="does not match this config"):
     train.train_and_evaluate(tiny_config(num_epochs=1, n_filters=8), str(tmp_path))
 

@@ -18,12 +18,13 @@ from fastadv_jax.autoattack import runner
 from fastadv_jax.autoattack.component import (Component, Context, Settings, components, get, names,
                                               register, unregister)
 from fastadv_jax.autoattack.runner import (VERSIONS, AttackRecord, AutoAttack, AutoAttackResult,
-                                           check_classes, output_classes, parse_attacks)
+                                           NonFiniteOutputError, check_classes, output_classes,
+                                           parse_attacks)
 
 __all__ = ["ATTACKS", "GRADIENT_BASED", "TARGETED", "VERSIONS", "AttackRecord", "AutoAttack",
-           "AutoAttackResult", "Component", "Context", "Settings", "check_classes", "components",
-           "evaluate", "get", "names", "output_classes", "parse_attacks", "register",
-           "unregister"]
+           "AutoAttackResult", "Component", "Context", "NonFiniteOutputError", "Settings",
+           "check_classes", "components", "evaluate", "get", "names", "output_classes",
+           "parse_attacks", "register", "unregister"]
 
 
 def __getattr__(name: str) -> Any:
@@ -47,7 +48,9 @@ def evaluate(logits_fn: Callable[..., jax.Array], images: np.ndarray, labels: np
   attacks='rand' (EOT) for a faithful evaluation.
 
   Returns an AutoAttackResult: `.accuracy`, `.robust`, `.x_adv`, per-attack `.records` and
-  `.warnings`. `kwargs` go to AutoAttack (apgd_steps, fab_steps, square_queries, ...).
+  `.warnings`; a point is robust only if it is classified correctly without attack. NaN or Inf
+  logits on any point raise NonFiniteOutputError. `kwargs` go to AutoAttack (apgd_steps,
+  fab_steps, square_queries, ...).
   """
   if randomized:
     apply_fn = lambda _, x, key: logits_fn(x, key)  # noqa: E731

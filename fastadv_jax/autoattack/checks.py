@@ -1,11 +1,61 @@
 """Warnings that an AutoAttack number may not be trustworthy, after the reference's checks.
 
 Each check returns a message (or None); AutoAttack logs them and stores them in its result, so a
-suspicious evaluation is flagged in results.json next to the number it casts doubt on.
+suspicious evaluation is flagged in results.json next to the number it casts doubt on. Non-finite
+weights or logits are not a warning but an error (NonFiniteOutputError, shared with the PGD
+evaluation in evaluation.py): no accuracy computed from them means anything.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+
+class NonFiniteOutputError(FloatingPointError):
+  """The model's weights, or its logits on the evaluated points, hold NaN or Inf.
+
+  argmax over NaN logits picks a class all the same, so such a model gets an accuracy (e.g. the
+  share of one label) that looks like a number; evaluation stops instead. Defined here, where
+  AutoAttack can raise it without importing evaluation.py (which imports this package), and
+  re-exported as evaluation.NonFiniteOutputError and autoattack.NonFiniteOutputError.
+  """
+
+
+@jax.jit
+def _finite_leaves(tree: Any) -> Any:
+  """Per floating-point leaf, whether every entry is finite (one small program per structure;
+  the reduction runs where the weights are, and only a flag per leaf comes back)."""
+  return jax.tree.map(lambda a: jnp.all(jnp.isfinite(a)) if jnp.issubdtype(a.dtype, jnp.inexact)
+                      else jnp.bool_(True), tree)
+
+
+def check_finite_weights(variables: Any) -> None:
+  """NonFiniteOutputError naming the first weight tensor that holds NaN or Inf."""
+  leaves = [(p, v) for p, v in jax.tree_util.tree_flatten_with_path(variables)[0]
+            if hasattr(v, "dtype")]
+  if not leaves:
+    return
+  flags = jax.device_get(_finite_leaves([v for _, v in leaves]))
+  bad = [jax.tree_util.keystr(p) for (p, _), ok in zip(leaves, flags) if not ok]
+  if bad:
+    raise NonFiniteOutputError(
+        f"the model's weights are not finite: {bad[0]} holds NaN or Inf ({len(bad)} tensor(s) in "
+        "all); no accuracy can be computed from them")
+
+
+def check_finite_logits(finite: np.ndarray) -> None:
+  """NonFiniteOutputError unless the logits of every evaluated point were finite; `finite` (n,)
+  bool, one flag per point."""
+  finite = np.asarray(finite, bool)
+  if not np.all(finite):
+    bad = np.flatnonzero(~finite)
+    raise NonFiniteOutputError(
+        f"the model's logits are NaN or Inf on {bad.size} of {finite.size} evaluated points "
+        f"(the first is point {int(bad[0])}), so its accuracies would be meaningless: are the "
+        "weights damaged (e.g. a BatchNorm running_var below zero) or too large?")
 
 PGD_GAP = 0.05  # PGD accuracy this far above AutoAttack's suggests the PGD evaluation was weak
 SQUARE_RATE = 0.002  # the reference's threshold: Square breaking more than 0.2 % of the points

@@ -25,9 +25,11 @@ from fastadv_jax import parallel, randomness, xla_cpu
 from fastadv_jax.autoattack import apgd, fab, square  # noqa: F401  pylint: disable=unused-import
 from fastadv_jax.autoattack import checks, component
 from fastadv_jax.autoattack import losses as aa_losses
+from fastadv_jax.autoattack.checks import NonFiniteOutputError
 
 __all__ = ["ATTACKS", "GRADIENT_BASED", "TARGETED", "VERSIONS", "ApplyFn", "AttackRecord",
-           "AutoAttack", "AutoAttackResult", "check_classes", "output_classes", "parse_attacks"]
+           "AutoAttack", "AutoAttackResult", "NonFiniteOutputError", "check_classes",
+           "output_classes", "parse_attacks"]
 
 # (variables, x, key) -> logits; `key` drives a randomised model and is ignored by others.
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -229,24 +231,32 @@ class AutoAttack:
 
   def run(self, variables: Any, images: np.ndarray, labels: np.ndarray, seed: int = 0,
           pgd_acc: float | None = None) -> AutoAttackResult:
-    """Attacks every point; `pgd_acc`, when given, is compared with the result (checks)."""
+    """Attacks every point; `pgd_acc`, when given, is compared with the result (checks).
+
+    A point counts as robust only if it is classified correctly without attack (`clean`).
+    Non-finite weights, or non-finite logits on any point in the clean probe, raise
+    checks.NonFiniteOutputError before any attack runs."""
     x = np.asarray(images, np.float32)
     y = np.asarray(labels, np.int32)
     n = len(y)
     if n == 0:
       raise ValueError("no points to evaluate")
+    checks.check_finite_weights(variables)
     rng = jax.random.key(seed)
     clean = np.zeros(n, bool)
+    finite = np.zeros(n, bool)
     warnings: list[str] = []
     probed = False
     probe = lambda xs, ys: self._probe(variables, xs, ys)  # noqa: E731
     for pos, (la, lb, zero) in self._map(probe, np.arange(n), (x, y)):
       clean[pos] = np.argmax(la, -1) == y[pos]
+      finite[pos] = np.all(np.isfinite(la), -1) & np.all(np.isfinite(lb), -1)
       if not probed:  # the checks look at the first chunk
         warnings += [checks.randomised(la, lb, self.version), checks.probabilities(la),
                      checks.zero_gradients(zero)]
         probed = True
-    robust, x_adv = clean.copy(), x.copy()
+    checks.check_finite_logits(finite)
+    robust, x_adv = clean.copy(), x.copy()  # robust only where correct without attack
     broken_by = np.full(n, -1)
     records = []
     for a, name in enumerate(self.attacks):

@@ -1,0 +1,294 @@
+"""Every refusal of a command line is exactly one line (stdout and stderr together: no
+TensorFlow / absl / XLA start-up notices before it), exit code 2, and leaves the workdir as it
+was. Each case runs the real command line (`python -m fastadv_jax.<command>`) in a subprocess,
+with the variables that would quieten the libraries taken out of its environment, so that the
+command's own quieting is what is tested (cli_logging.quiet_startup)."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, load_config
+from fastadv_jax import cli_logging, metric_writers, workdir
+
+# Set by conftest for the test process, or by a user's shell: each would hide what is tested.
+_QUIETING = ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS", "JAX_PLATFORMS", "JAX_LOGGING_LEVEL",
+             cli_logging.VERBOSE_ENV)
+DEFAULT_CONFIG = str(ROOT / "configs" / "default.py")
+
+
+def _env(**extra: str) -> dict:
+  env = {k: v for k, v in os.environ.items() if k not in _QUIETING}
+  return dict(env, JAX_NUM_CPU_DEVICES="1", **extra)
+
+
+def _run(command: str, *args: str, timeout: float = 120, **env: str
+         ) -> subprocess.CompletedProcess:
+  """`python -m fastadv_jax.<command> <args>`, stdout and stderr as one stream."""
+  return subprocess.run([sys.executable, "-m", f"fastadv_jax.{command}", *args], cwd=ROOT,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                        timeout=timeout, env=_env(**env))
+
+
+def _assert_one_line(proc: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
+  lines = proc.stdout.splitlines()
+  assert proc.returncode == code, proc.stdout[-3000:]
+  assert len(lines) == 1, proc.stdout[-3000:]
+  assert lines[0].startswith("error: "), lines[0]
+  for needle in needles:
+    assert needle in lines[0], (needle, lines[0])
+  return lines[0]
+
+
+def _snapshot(path: pathlib.Path):
+  """Every file below `path` with its bytes and modification time (None if path is absent)."""
+  if not path.exists():
+    return None
+  return sorted((str(p.relative_to(path)), p.read_bytes() if p.is_file() else b"",
+                 p.stat().st_mtime_ns) for p in [path, *path.rglob("*")])
+
+
+def _run_workdir(path: pathlib.Path, checkpoint_dirs: tuple[str, ...] = ()) -> pathlib.Path:
+  """A workdir holding the default config's config.json and, optionally, checkpoint folders."""
+  path.mkdir(parents=True)
+  workdir.write_json(str(path / "config.json"), workdir.config_dict(load_config()))
+  for name in checkpoint_dirs:
+    (path / "checkpoints" / name).mkdir(parents=True)
+  return path
+
+
+# --- start-up noise ------------------------------------------------------------------------
+
+def test_a_config_error_is_the_only_line(tmp_path):
+  """The JAX backend starts before this check (the device count): its notices stay hidden."""
+  wd = tmp_path / "wd"
+  _assert_one_line(_run("main", f"--config={DEFAULT_CONFIG}", f"--workdir={wd}",
+                        "--config.eps=2"), "config.eps")
+  assert not wd.exists()
+
+
+def test_evaluate_on_a_missing_workdir_is_the_only_line():
+  _assert_one_line(_run("evaluate", "--workdir=/nonexistent-workdir"),
+                   "/nonexistent-workdir/config.json")
+
+
+def test_quiet_startup_sets_only_what_the_user_left_unset(monkeypatch):
+  import logging
+  for name in _QUIETING:
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")  # the user's choice is kept
+  jax_logger = logging.getLogger("jax")
+  monkeypatch.setattr(jax_logger, "level", logging.NOTSET)
+  cli_logging.quiet_startup()
+  assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "2"
+  assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1"
+  assert jax_logger.level == logging.WARNING
+
+
+def test_fastadv_verbose_changes_nothing(monkeypatch):
+  import logging
+  for name in _QUIETING:
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv(cli_logging.VERBOSE_ENV, "1")
+  jax_logger = logging.getLogger("jax")
+  monkeypatch.setattr(jax_logger, "level", logging.NOTSET)
+  cli_logging.quiet_startup()
+  assert "TF_CPP_MIN_LOG_LEVEL" not in os.environ and "TF_ENABLE_ONEDNN_OPTS" not in os.environ
+  assert jax_logger.level == logging.NOTSET
+
+
+_NOISE = ("oneDNN", "absl::InitializeLog", "Unable to initialize backend", "cpu_feature_guard",
+          "xla_bridge", "rebuild TensorFlow")
+
+
+def test_a_training_run_shows_its_own_lines_and_no_library_notices(tmp_path):
+  wd = tmp_path / "wd"
+  proc = subprocess.run(
+      [sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.main", f"--config={DEFAULT_CONFIG}",
+       f"--workdir={wd}", *TINY_CLI], cwd=ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True, timeout=300, env=_env())
+  assert proc.returncode == 0, proc.stdout[-3000:]
+  assert "train.py" in proc.stdout and "Results:" in proc.stdout, proc.stdout[-3000:]
+  for noise in _NOISE:
+    assert noise not in proc.stdout, (noise, proc.stdout[-3000:])
+
+
+# --- command lines --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command,args", [
+    ("main", [f"--config={DEFAULT_CONFIG}"]),
+    ("evaluate", []),
+    ("torch_export", ["--out={tmp}/export"]),
+    ("torch_import", ["--state_dict={tmp}/sd.npz", f"--config={DEFAULT_CONFIG}"]),
+])
+def test_a_positional_argument_is_refused(command, args, tmp_path):
+  wd = _run_workdir(tmp_path / "wd", ("5",))
+  before = _snapshot(tmp_path)
+  args = [a.format(tmp=tmp_path) for a in args]
+  line = _assert_one_line(_run(command, f"--workdir={wd}", *args, "attack=autoattack"),
+                          "unexpected argument 'attack=autoattack'")
+  if command == "evaluate":
+    assert "did you mean --attack=autoattack?" in line
+  assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["stray"], "unrecognized arguments: stray"),
+    (["--models=nope"], "--models: unknown model 'nope'"),
+])
+def test_benchmark_refusals_are_one_line(args, needle, tmp_path):
+  out = tmp_path / "bench.json"
+  _assert_one_line(_run("benchmark", f"--out={out}", *args), needle)
+  assert not out.exists()
+
+
+def test_an_unknown_flag_keeps_its_closing_quote():
+  _assert_one_line(_run("evaluate", "--workdir=/nonexistent-workdir", "--progress"),
+                   "Unknown command line flag 'progress'")
+
+
+@pytest.mark.parametrize("command,extra", [
+    ("main", []),
+    ("torch_import", ["--state_dict=/nonexistent.npz"]),
+])
+def test_a_missing_config_file_is_one_line_naming_it(command, extra, tmp_path):
+  wd = tmp_path / "wd"
+  _assert_one_line(_run(command, f"--workdir={wd}", "--config=configs/nope.py", *extra),
+                   "--config", "configs/nope.py")
+  assert not wd.exists()
+
+
+@pytest.mark.parametrize("command,extra", [
+    ("evaluate", []),
+    ("torch_export", ["--out={tmp}/export"]),
+    ("main", [f"--config={DEFAULT_CONFIG}"]),
+])
+def test_a_truncated_config_json_is_one_line_naming_it(command, extra, tmp_path):
+  wd = _run_workdir(tmp_path / "wd", ("5",))
+  path = wd / "config.json"
+  path.write_bytes(path.read_bytes()[:100])
+  before = _snapshot(tmp_path)
+  _assert_one_line(_run(command, f"--workdir={wd}", *[a.format(tmp=tmp_path) for a in extra]),
+                   str(path))
+  assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("command,extra", [
+    ("evaluate", []),
+    ("torch_export", ["--out={tmp}/export"]),
+])
+def test_a_run_stopped_before_its_first_checkpoint_is_one_line(command, extra, tmp_path):
+  # checkpoints/ made, the first save cut off: Orbax's temporary folder, no finished step
+  wd = _run_workdir(tmp_path / "wd", ("4.orbax-checkpoint-tmp-1700000000",))
+  before = _snapshot(tmp_path)
+  _assert_one_line(_run(command, f"--workdir={wd}", *[a.format(tmp=tmp_path) for a in extra]),
+                   "no checkpoint in", str(wd / "checkpoints"))
+  assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("content", [b"not an archive\n", b"\x93NUMPY\x01\x00v\x00{}"])
+def test_importing_a_file_that_is_not_an_npz_is_one_line(content, tmp_path):
+  bad = tmp_path / "weights.npz"
+  bad.write_bytes(content)
+  wd = tmp_path / "wd"
+  _assert_one_line(_run("torch_import", f"--state_dict={bad}", f"--config={DEFAULT_CONFIG}",
+                        f"--workdir={wd}"), "--state_dict", str(bad))
+  assert not wd.exists()
+
+
+def test_damaged_metrics_lines_are_skipped(tmp_path):
+  good = [{"step": 2, "epoch": 0.1, "train_loss": 1.0}, {"step": 4, "epoch": 0.2}]
+  lines = [json.dumps(good[0]).encode(), b"5", b"[1, 2]", b'{"step": "x"}', b"\xff\xfe{",
+           json.dumps(good[1]).encode(), b'{"step": 6, "train_lo']
+  (tmp_path / "metrics.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+  assert metric_writers.read_metrics(str(tmp_path)) == good
+  writer = metric_writers.MetricWriter(str(tmp_path), resume_step=2)  # a resume keeps rows <= 2
+  writer.close()
+  assert metric_writers.read_metrics(str(tmp_path)) == good[:1]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_a_process_whose_peers_never_come_says_so_in_bounded_time(tmp_path):
+  """Process 0 of 2 started alone: one line naming the coordinator, exit 2, within the timeout
+  (plus start-up), nothing written."""
+  address = f"127.0.0.1:{_free_port()}"
+  wd = tmp_path / "wd"
+  start = time.monotonic()
+  proc = _run("main", f"--config={DEFAULT_CONFIG}", f"--workdir={wd}",
+              f"--coordinator_address={address}", "--num_processes=2", "--process_id=0",
+              "--distributed_timeout=5", timeout=90)
+  elapsed = time.monotonic() - start
+  _assert_one_line(proc, address, "5 s", "--distributed_timeout")
+  assert elapsed < 60, elapsed
+  assert not wd.exists()
+
+
+def test_the_timeout_comes_from_the_environment_too(tmp_path):
+  address = f"127.0.0.1:{_free_port()}"
+  proc = _run("main", f"--config={DEFAULT_CONFIG}", f"--workdir={tmp_path / 'wd'}",
+              f"--coordinator_address={address}", "--num_processes=2", "--process_id=1",
+              timeout=90, FASTADV_DISTRIBUTED_TIMEOUT="3")
+  _assert_one_line(proc, address, "3 s", "process 1 of 2")
+
+
+# --- export never overwrites what it did not write ----------------------------------------
+
+@pytest.fixture(scope="module")
+def imported_run(tmp_path_factory):
+  """A workdir with checkpoint 0: the default model's initial weights, saved as an import."""
+  from fastadv_jax import checkpointing, saved_run  # pylint: disable=import-outside-toplevel
+  wd = _run_workdir(tmp_path_factory.mktemp("run") / "wd")
+  ckpt = checkpointing.Checkpointer(str(wd))
+  try:
+    ckpt.save_variables(0, saved_run.variables_template(load_config()), {"best_step": 0})
+  finally:
+    ckpt.close()
+  return wd
+
+
+def test_export_refuses_a_users_file_before_any_work(imported_run, tmp_path):
+  out = tmp_path / "export"
+  out.mkdir()
+  (out / "model.py").write_text("# my own model\n")
+  before = _snapshot(out)
+  _assert_one_line(_run("torch_export", f"--workdir={imported_run}", f"--out={out}"),
+                   str(out / "model.py"), "--force")
+  assert _snapshot(out) == before
+  assert (out / "model.py").read_text() == "# my own model\n"
+
+
+def test_export_rewrites_its_own_files_and_force_overwrites(imported_run, tmp_path):
+  out = tmp_path / "export"
+  first = _run("torch_export", f"--workdir={imported_run}", f"--out={out}")
+  assert first.returncode == 0, first.stdout[-3000:]
+  assert (out / ".fastadv_export.json").exists()
+  again = _run("torch_export", f"--workdir={imported_run}", f"--out={out}")
+  assert again.returncode == 0, again.stdout[-3000:]  # its own, unchanged files
+  (out / "spec.json").write_text('{"edited": true}')  # the user's edit is theirs now
+  before = _snapshot(out)
+  _assert_one_line(_run("torch_export", f"--workdir={imported_run}", f"--out={out}"),
+                   str(out / "spec.json"), "changed since the last export")
+  assert _snapshot(out) == before
+  forced = _run("torch_export", f"--workdir={imported_run}", f"--out={out}", "--force")
+  assert forced.returncode == 0, forced.stdout[-3000:]
+  assert json.loads((out / "spec.json").read_text())["architecture"]
+
+
+def test_export_into_a_file_is_one_line(imported_run, tmp_path):
+  out = tmp_path / "a_file"
+  out.write_text("x")
+  _assert_one_line(_run("torch_export", f"--workdir={imported_run}", f"--out={out}"),
+                   str(out), "not a folder")
+  assert out.read_text() == "x"
