@@ -82,7 +82,9 @@ def test_a_plugin_component_from_the_evaluate_command(tmp_path, mock_fashion_mni
              PYTHONPATH=os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")])))
   base = [sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.evaluate", f"--workdir={tmp_path}",
           "--n_eval=16"]
-  proc = subprocess.run(base + ["--attack=my-attack"], capture_output=True, text=True, cwd=ROOT,
+  # Refusals come before any data is read: the plain command line (no TFDS mock) is enough.
+  plain = [sys.executable, "-m", "fastadv_jax.evaluate", f"--workdir={tmp_path}", "--n_eval=16"]
+  proc = subprocess.run(plain + ["--attack=my-attack"], capture_output=True, text=True, cwd=ROOT,
                         timeout=300, env=env)
   assert proc.returncode == 2 and "--attack: unknown attack 'my-attack'" in proc.stderr
   proc = subprocess.run(base + ["--plugins=my_attack", "--attack=my-attack"], capture_output=True,
@@ -93,6 +95,6 @@ def test_a_plugin_component_from_the_evaluate_command(tmp_path, mock_fashion_mni
   assert list(out["autoattack_robust_counts"]) == ["my-attack"]
   assert out["autoattack_robust_counts"]["my-attack"] / 16 == out["autoattack_acc"]
   assert out["autoattack_acc"] <= out["clean_acc"]
-  proc = subprocess.run(base + ["--plugins=no_such_module", "--attack=pgd"], capture_output=True,
+  proc = subprocess.run(plain + ["--plugins=no_such_module", "--attack=pgd"], capture_output=True,
                         text=True, cwd=ROOT, timeout=300, env=env)
   assert proc.returncode == 2 and "--plugins: plugin 'no_such_module'" in proc.stderr
