@@ -14,6 +14,14 @@ from fastadv_jax.configs import common, default
 def get_config(arg: str = "gradalign,eps=64"):
   preset, kv = common.parse_arg(arg)
   c = default.get_config()
+  study_setting(c)
+  common.apply_preset(c, preset)
+  method_setting(c, preset)
+  return common.finish(c, preset, kv, lambda eps: 1.0)
+
+
+def study_setting(c) -> None:
+  """The study's model, schedule and diagnostics (shared by configs/fmnist_protocol.py)."""
   c.n_filters = 16              # small_cnn width (width 8 trained unstably in a pilot)
   c.num_epochs = 1
   c.lr_max = 0.05
@@ -24,7 +32,9 @@ def get_config(arg: str = "gradalign,eps=64"):
   c.eps_warmup_epochs = 0.25
   c.n_final_eval = 300
   c.progress_bar = False
-  common.apply_preset(c, preset)
+
+
+def method_setting(c, preset: str) -> None:
+  """Per-method settings of the study: Free-AT replays each minibatch 4 times."""
   if preset == "free":
     c.method_args.free.replay = 4
-  return common.finish(c, preset, kv, lambda eps: 1.0)

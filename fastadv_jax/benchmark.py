@@ -89,10 +89,12 @@ def _compiled_costs(c, model_name: str) -> dict:
   out = {"flops_per_step": None}
   try:
     model = models.create_model(c, 10)
-    state = ts.create_train_state(c, model, jax.random.key(0), input_shape(model_name), 1000)
+    state = ts.create_train_state(c, model, jax.random.key(0), input_shape(model_name), 1000,
+                                  n_examples=c.batch_size)
     fn = jax.jit(train_step.make_train_step(c, model, 1000, axis_name=None))
     batch = {"image": jnp.zeros((c.batch_size,) + input_shape(model_name), jnp.uint8),
-             "label": jnp.zeros((c.batch_size,), jnp.int32)}
+             "label": jnp.zeros((c.batch_size,), jnp.int32),
+             "index": jnp.arange(c.batch_size, dtype=jnp.int32)}
     compiled = fn.lower(state, batch, jax.random.key(0)).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -121,13 +123,17 @@ class StepTimer:
     devices = jax.local_devices()
     n = len(devices)
     model = models.create_model(c, 10, bn_axis_name=parallel.AXIS)
-    state = ts.create_train_state(c, model, jax.random.key(0), input_shape(model_name), 1000)
+    # Per-example state (FGSM-PGI's buffers) for as many examples as one batch holds.
+    state = ts.create_train_state(c, model, jax.random.key(0), input_shape(model_name), 1000,
+                                  n_examples=batch)
     self.step = parallel.pmap_train_step(train_step.make_train_step(c, model, 1000))
     self.state = parallel.replicate(state, n)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, batch // n) + input_shape(model_name), dtype=np.uint8)
     labels = rng.integers(0, 10, (n, batch // n)).astype(np.int32)
-    self.batch_dev = {"image": jax.device_put(images), "label": jax.device_put(labels)}
+    index = np.arange(batch, dtype=np.int32).reshape(n, batch // n)
+    self.batch_dev = {"image": jax.device_put(images), "label": jax.device_put(labels),
+                      "index": jax.device_put(index)}
     self.key = jax.random.key(1)
     self.row = {"model": model_name, "method": method, "batch": batch, "dtype": dtype,
                 "framework": "jax"}

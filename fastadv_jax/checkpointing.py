@@ -218,10 +218,17 @@ class Checkpointer:
       variables_only = self._variables_only(step)
       saved_sd = ({k: state_sd[k] for k in _VARIABLE_KEYS if k in state_sd} if variables_only
                   else state_sd)
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(_abstract(saved_sd)),
-          best=ocp.args.StandardRestore(_abstract(best_sd)),
-          meta=ocp.args.JsonRestore()))
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(saved_sd)),
+            best=ocp.args.StandardRestore(_abstract(best_sd)),
+            meta=ocp.args.JsonRestore()))
+      except Exception:  # pylint: disable=broad-except
+        # Entries the template has and the checkpoint lacks (e.g. a weight average that a run
+        # without one never saved) make Orbax fail like damage would; they are another config,
+        # not corruption, and the checkpoint must not be moved aside (nor the run restarted).
+        self._check_saved_structure(step, saved_sd)
+        raise
       _check_same_structure(saved_sd, restored["state"], "state")
       _check_same_structure(best_sd, restored["best"], "best")
       state = flax.serialization.from_state_dict(
@@ -232,11 +239,21 @@ class Checkpointer:
     _check_finite(state, os.path.join(self.directory, str(step)))
     return state, best, meta
 
-  def restore_variables(self, step: int, template: Any) -> tuple[Any, Any, dict]:
+  def _check_saved_structure(self, step: int, state_sd: Any) -> None:
+    """CheckpointError when the `state` saved at `step`, read as it was saved, has other
+    entries or shapes than `state_sd`."""
+    saved = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+    _check_same_structure(state_sd, saved, "state")
+
+  def restore_variables(self, step: int, template: Any, averaged: bool = False
+                        ) -> tuple[Any, Any, dict]:
     """(last, best, meta) of checkpoint `step`, the weights as model variables shaped like
     `template` ({'params', 'batch_stats'}). Reads a training checkpoint and one of variables
     alone alike, so a reader of weights needs no optimiser to restore into; the rest of a
-    training state is read but not kept."""
+    training state is read but not kept. `averaged`: `last` is the train state's weight
+    average instead (its BatchNorm statistics, or the raw ones where those are not averaged:
+    weight_averaging.variables); CheckpointError if the checkpoint holds none."""
     with self._reading(step):
       sd = _state_dict(template)
       restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -244,6 +261,13 @@ class Checkpointer:
           best=ocp.args.StandardRestore(_abstract(sd)),
           meta=ocp.args.JsonRestore()))
       last_sd = {k: dict(restored["state"]).get(k) for k in sd}
+      if averaged:
+        ema = dict(restored["state"]).get("ema")
+        if not ema:
+          raise CheckpointError("it holds no weight average (trained with config.ema_decay 0, "
+                                "or weights imported without one)")
+        last_sd = {"params": dict(ema)["params"],
+                   "batch_stats": dict(ema).get("batch_stats", last_sd.get("batch_stats"))}
       _check_same_structure(sd, last_sd, "state")
       _check_same_structure(sd, restored["best"], "best")
       last = flax.serialization.from_state_dict(template, last_sd)

@@ -6,7 +6,9 @@ import ml_collections
 DATASETS = ("cifar10", "svhn_cropped", "mnist", "fashion_mnist")
 INITS = ("", "zero", "uniform", "corner")
 OPTIMIZERS = ("sgd", "adam")
-LR_SCHEDULES = ("cyclic", "piecewise", "constant")
+LR_SCHEDULES = ("cyclic", "piecewise", "constant", "onecycle")
+SCHEDULE_UNITS = ("iteration", "epoch")
+SELECTIONS = ("early_stopping", "validation")
 
 
 class ConfigError(ValueError):
@@ -80,6 +82,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   _check(c.optimizer in OPTIMIZERS, "optimizer", f"unknown optimizer {c.optimizer!r}; choose from {OPTIMIZERS}")
   _check(c.lr_schedule in LR_SCHEDULES, "lr_schedule",
          f"unknown schedule {c.lr_schedule!r}; choose from {LR_SCHEDULES}")
+  _check(c.get("schedule_unit", "iteration") in SCHEDULE_UNITS, "schedule_unit",
+         f"unknown unit {c.get('schedule_unit')!r}; choose from {SCHEDULE_UNITS}")
   _check(0.0 <= c.eps <= 1.0, "eps", f"must be in [0, 1] (pixel units, e.g. 8/255), got {c.eps}")
   _check(c.seed >= 0, "seed", f"must be >= 0, got {c.seed}")
   _check(c.num_epochs >= 1, "num_epochs", f"must be >= 1, got {c.num_epochs}")
@@ -102,6 +106,17 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   _check(not (c.grad_align_derivative == "jvp" and c.grad_align_backprop_g1),
          "grad_align_derivative", "jvp does not differentiate through g1 "
          "(grad_align_backprop_g1=True needs double_backprop)")
+  _check(0.0 <= c.label_smoothing < 1.0, "label_smoothing",
+         f"must be in [0, 1), got {c.label_smoothing}")
+  _check(0.0 <= c.ema_decay < 1.0, "ema_decay",
+         f"must be in [0, 1) (0 = no weight averaging; the benchmark's 0.9995), got {c.ema_decay}")
+  _check(c.validation_size >= 0, "validation_size",
+         f"must be >= 0 (0 = no validation split), got {c.validation_size}")
+  _check(c.selection in SELECTIONS, "selection",
+         f"unknown selection {c.selection!r}; choose from {SELECTIONS}")
+  _check(c.selection != "validation" or c.validation_size > 0, "selection",
+         "'validation' selects on the validation split: set config.validation_size > 0 "
+         "(the benchmark's 1000)")
   _check(c.eval_step_alpha > 0, "eval_step_alpha", f"must be > 0, got {c.eval_step_alpha}")
   _check(c.crop_padding >= 0, "crop_padding", f"must be >= 0, got {c.crop_padding}")
   for field in ("log_every", "eval_every", "checkpoint_every", "n_eval_points", "eval_pgd_steps",

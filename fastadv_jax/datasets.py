@@ -137,7 +137,9 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 class TrainBatches:
-  """Batch `b` of the run (b = 0, 1, ...) as host arrays, a pure function of (seed, b)."""
+  """Batch `b` of the run (b = 0, 1, ...) as host arrays, a pure function of (seed, b). Each
+  batch carries its examples' training-set positions (`index`), which per-example method state
+  is keyed on."""
 
   def __init__(self, split: Split, batch_size: int, seed: int):
     self.split, self.batch_size, self.seed = split, batch_size, seed
@@ -149,10 +151,24 @@ class TrainBatches:
     if epoch != self._perm_epoch:
       self._perm_epoch, self._perm = epoch, epoch_permutation(self.seed, epoch, len(self.split))
     idx = np.sort(self._perm[i * self.batch_size:(i + 1) * self.batch_size])
-    return {"image": self.split.images[idx], "label": self.split.labels[idx]}
+    return {"image": self.split.images[idx], "label": self.split.labels[idx],
+            "index": idx.astype(np.int32)}
 
 
 def fixed_subset(split: Split, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
   """The same n points for every diagnostic evaluation of a run."""
   idx = np.sort(np.random.default_rng([seed, 12345]).permutation(len(split))[:n])
   return split.images[idx], split.labels[idx]
+
+
+def hold_out(split: Split, n: int) -> tuple[Split, Split | None]:
+  """(training part, validation part): the last n examples held out (the 2024-26 benchmark's
+  validation split: CIFAR-10 train indices 49,000-49,999), in their stored order; (split, None)
+  for n = 0. Training positions (`index`, per-example state) then count in the first part."""
+  if n <= 0:
+    return split, None
+  if n >= len(split):
+    raise ValueError(f"a validation split of {n} leaves no training example of {len(split)}")
+  cut = len(split) - n
+  return (Split(split.images[:cut], split.labels[:cut]),
+          Split(split.images[cut:], split.labels[cut:]))

@@ -1,4 +1,5 @@
-"""Evaluate a trained run: python -m fastadv_jax.evaluate --workdir=<dir> [--weights=last|best]
+"""Evaluate a trained run: python -m fastadv_jax.evaluate --workdir=<dir>
+[--weights=last|best|averaged|selected]
 [--eps=0.0314] [--n_eval=1000] [--attack=pgd|autoattack|pgd,autoattack|apgd-ce,apgd-t,...]
 [--pgd_steps=50] [--pgd_restarts=10] [--plugins=my_pkg.my_attack,...].
 
@@ -28,7 +29,10 @@ from fastadv_jax import (autoattack, checkpointing, cli, cli_logging, datasets, 
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
-flags.DEFINE_enum("weights", "last", ["last", "best"], "Last weights, or early-stopped ones.")
+flags.DEFINE_enum("weights", "last", list(saved_run.WEIGHTS),
+                  "Last weights, early-stopped ones (best), the last weight average (averaged, "
+                  "config.ema_decay > 0), or those selected on the validation split (selected, "
+                  "config.selection=validation).")
 flags.DEFINE_float("eps", None, "L-inf radius in pixel units; default: the training eps.")
 flags.DEFINE_integer("n_eval", None, "First n test points (-1 = all); default: n_final_eval.")
 flags.DEFINE_string("attack", "pgd", "pgd, autoattack (standard), autoattack-rand, or AutoAttack "
@@ -108,7 +112,8 @@ def main(argv):
       autoattack.check_classes(aa_attacks, datasets.NUM_CLASSES[config.dataset])
     except ValueError as e:
       raise UsageError(f"--attack: {e}") from None
-  saved_run.check_has_checkpoint(FLAGS.workdir)  # before the data is loaded
+  saved_run.check_keeps(config, FLAGS.weights, FLAGS.workdir)  # before the data is loaded
+  saved_run.check_has_checkpoint(FLAGS.workdir)
   workdir.check_writable(FLAGS.workdir)  # fail now, not after the whole evaluation
   test = datasets.load_split(config.dataset, "test", config.data_dir, config.download)
   config, variables, step = load_run(FLAGS.workdir, FLAGS.weights, config)

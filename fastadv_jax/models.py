@@ -123,6 +123,50 @@ class PreActResNet18(nn.Module):
     return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
+class BasicBlock(nn.Module):
+  """conv3x3(stride)-BN-ReLU-conv3x3-BN plus the input (or a 1x1 conv + BN of it when the
+  shape changes), then ReLU: the post-activation block of the standard ResNet-18."""
+  planes: int
+  stride: int
+  dtype: Dtype = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = functools.partial(_conv, dtype=self.dtype)
+    bn = functools.partial(_batch_norm, train, self.dtype, self.bn_axis_name)
+    out = nn.relu(bn("bn1")(conv(self.planes, 3, self.stride, "conv1")(x)))
+    out = bn("bn2")(conv(self.planes, 3, 1, "conv2")(out))
+    if self.stride != 1 or x.shape[-1] != self.planes:
+      x = bn("shortcut_bn")(conv(self.planes, 1, self.stride, "shortcut")(x))
+    return nn.relu(out + x)
+
+
+class ResNet18(nn.Module):
+  """The standard (post-activation) ResNet-18 for 32x32 inputs that the 2024-26 fast-AT
+  benchmark trains: 3x3 stem conv-BN-ReLU of 64, four stages of two BasicBlocks (64, 128, 256,
+  512; strides 1, 2, 2, 2), 4x4 average pool, linear. 11,173,962 parameters for 10 classes
+  (tested)."""
+  num_classes: int = 10
+  dtype: Dtype = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    out = _conv(64, 3, 1, "conv1", self.dtype)(x.astype(self.dtype))
+    out = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, "bn1")(out))
+    for stage, width in enumerate((64, 128, 256, 512)):
+      for block in range(2):
+        stride = 1 if (stage == 0 or block > 0) else 2
+        out = BasicBlock(width, stride, self.dtype, self.bn_axis_name,
+                         name=f"layer{stage + 1}_{block}")(out, train)
+    out = nn.avg_pool(out, (4, 4), strides=(4, 4))
+    out = out.reshape(out.shape[0], -1)
+    logits = nn.Dense(self.num_classes, kernel_init=_linear_init, bias_init=nn.initializers.zeros,
+                      dtype=self.dtype, name="linear")(out)
+    return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
+
+
 class WideResNet(nn.Module):
   """WideResNet-depth-widen (Zagoruyko & Komodakis 2016) as RobustBench's CIFAR models:
   3x3 stem conv of 16, three groups of (depth - 4) / 6 blocks of widths 16k, 32k, 64k with
@@ -303,6 +347,26 @@ def get(name: str) -> ModelSpec:
   return _REGISTRY.get(name)
 
 
+def penultimate_features(apply: Callable[[jax.Array], jax.Array], x: jax.Array
+                         ) -> tuple[jax.Array, jax.Array]:
+  """(features, logits) of a linen model: `apply(x)` returns its logits, and the features are
+  the input of the last `nn.Dense` it calls (the classifier head), flattened per example. For
+  methods that read the representation (FGSM-FUAP); any model whose last layer is an
+  `nn.Dense` works, with no change to the model."""
+  seen = []
+
+  def capture(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+      seen.append(args[0])
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(capture):
+    logits = apply(x)
+  if not seen:
+    raise ValueError("penultimate_features: the model calls no nn.Dense layer")
+  return seen[-1].reshape((x.shape[0], -1)), logits
+
+
 def create_model(config: ml_collections.ConfigDict, num_classes: int,
                  bn_axis_name: str | None = None, half_precision: bool | None = None) -> nn.Module:
   """Builds the model named by `config.model`; `half_precision` overrides the config's."""
@@ -321,6 +385,11 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
 def _build_preact_resnet18(config, num_classes, dtype, bn_axis_name) -> nn.Module:
   return PreActResNet18(num_classes=num_classes, dtype=dtype, bn_axis_name=bn_axis_name,
                         stage_widths=tuple(config.resnet_widths))
+
+
+def _build_resnet18(config, num_classes, dtype, bn_axis_name) -> nn.Module:
+  del config
+  return ResNet18(num_classes=num_classes, dtype=dtype, bn_axis_name=bn_axis_name)
 
 
 def _build_wide_resnet(config, num_classes, dtype, bn_axis_name) -> nn.Module:
@@ -401,6 +470,7 @@ def _small_cnn_torch_kwargs(config, num_classes, image_shape) -> dict:
 # PyTorch layout here.
 register(ModelSpec("preact_resnet18", _build_preact_resnet18, xla_cpu.RESNET_FLAGS, "jvp",
                    TorchLayout(_preact_resnet18_torch_entries, _preact_resnet18_torch_kwargs)))
+register(ModelSpec("resnet18", _build_resnet18, xla_cpu.RESNET_FLAGS, "jvp"))
 register(ModelSpec("wide_resnet", _build_wide_resnet, xla_cpu.RESNET_FLAGS, "jvp"))
 register(ModelSpec("cnn", _build_cnn, xla_cpu.CNN_FLAGS, "double_backprop",
                    TorchLayout(_cnn_torch_entries, _cnn_torch_kwargs)))

@@ -6,8 +6,12 @@ means, GradAlign's masked counts) make it compute what one device would on the w
 Everything else in the library asks this module where arrays go:
   - `shard(tree, n)`:       host batch (global, leading axis) -> (n, global/n, ...) for pmap;
   - `unshard(tree, m)`:     the reverse, keeping the first m rows (drops evaluation padding);
-  - `replicate(state, n)` / `unreplicate(state)`: the train state, with its per-example carried
-    part (`TrainState.carried_delta`) split over devices like data, not copied;
+  - `replicate(state, n)` / `unreplicate(state)`: the train state, with its per-batch carried
+    part (`TrainState.carried_delta`) split over devices like data, and its per-example state
+    (`TrainState.example_state`, one row per training example) split into blocks of rows, not
+    copied;
+  - `example_rows` / `store_example_rows`: inside the step, the rows of the batch's examples
+    and their update, wherever on the devices those rows live;
   - `global_index(n_local)`: inside the step, each local example's index in the global batch
     (what per-example randomness is keyed on, so results do not depend on the device count).
 """
@@ -59,16 +63,45 @@ def unshard(tree: Any, m: int | None = None) -> Any:
   return jax.tree.map(lambda v: np.asarray(v).reshape((-1,) + v.shape[2:])[:m], tree)
 
 
+def example_blocks(n_examples: int, n_global_devices: int) -> int:
+  """Rows per device of per-example state: n_examples padded to a multiple of the devices."""
+  return -(-n_examples // n_global_devices)
+
+
+def _split_example_state(table: Any, n_devices: int) -> Any:
+  """Host rows (n_examples, ...) -> this process's blocks (n_devices, rows per device, ...):
+  device d of the global axis holds rows [d R, (d + 1) R), the tail padded with zeros."""
+  def split(v):
+    v = np.asarray(v)
+    n_global = n_devices * jax.process_count()
+    rows = example_blocks(v.shape[0], n_global)
+    padded = np.zeros((rows * n_global,) + v.shape[1:], v.dtype)
+    padded[:v.shape[0]] = v
+    return shard(process_rows(padded), n_devices)
+  return jax.tree.map(split, table)
+
+
+def _join_example_state(blocks: Any, n_examples: int) -> Any:
+  """The inverse of `_split_example_state`: every process's blocks -> host rows."""
+  return jax.tree.map(
+      lambda v: distributed.gather_rows(unshard(jax.device_get(v)))[:n_examples], blocks)
+
+
 def replicate(state: Any, n_devices: int, axis_name: str = AXIS) -> Any:
   """Host train state -> stacked per-device copies (leading axis n_devices), placed as pmap
-  places its outputs (`axis_name` must be the pmapped step's). The per-example carried
-  perturbation is split over devices instead of copied."""
-  carried = state.carried_delta
+  places its outputs (`axis_name` must be the pmapped step's). The per-batch carried
+  perturbation is split over devices like the batch, and the per-example state into blocks of
+  rows (`_split_example_state`), instead of being copied."""
+  carried, table = state.carried_delta, getattr(state, "example_state", None)
   rest = state.replace(carried_delta=None)
+  if table is not None:
+    rest = rest.replace(example_state=None)
   rest = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n_devices,) + np.shape(x)), rest)
   if carried is not None:
     carried = shard(process_rows(np.asarray(carried)), n_devices)
   state = rest.replace(carried_delta=carried)
+  if table is not None:
+    state = state.replace(example_state=_split_example_state(table, n_devices))
   if jax.process_count() > 1:
     return state  # pmap places host arrays over the devices of all processes itself
   return jax.device_put(state, pmap_sharding(n_devices, axis_name))
@@ -76,12 +109,18 @@ def replicate(state: Any, n_devices: int, axis_name: str = AXIS) -> Any:
 
 def unreplicate(state: Any) -> Any:
   """Per-device copies -> one host copy; the carried perturbation is gathered into the global
-  batch."""
-  carried = state.carried_delta
-  rest = jax.device_get(jax.tree.map(lambda x: x[0], state.replace(carried_delta=None)))
+  batch and the per-example state into its n_examples rows."""
+  carried, table = state.carried_delta, getattr(state, "example_state", None)
+  rest = state.replace(carried_delta=None)
+  if table is not None:
+    rest = rest.replace(example_state=None)
+  rest = jax.device_get(jax.tree.map(lambda x: x[0], rest))
   if carried is not None:
     carried = distributed.gather_rows(unshard(jax.device_get(carried)))
-  return rest.replace(carried_delta=carried)
+  rest = rest.replace(carried_delta=carried)
+  if table is not None:
+    rest = rest.replace(example_state=_join_example_state(table, state.n_examples))
+  return rest
 
 
 def first_copy(tree: Any) -> Any:
@@ -93,6 +132,47 @@ def global_index(n_local: int, axis_name: str | None = AXIS) -> jax.Array:
   """Inside a pmapped function: the global-batch index of each of this device's examples."""
   dev = 0 if axis_name is None else jax.lax.axis_index(axis_name)
   return dev * n_local + jnp.arange(n_local)
+
+
+def example_rows(table: Any, index: jax.Array, axis_name: str | None = AXIS) -> Any:
+  """Inside the step: the per-example state rows of this device's examples (`index`: their
+  training-set positions). Each row lives on one device; the owners contribute their rows and
+  zeros elsewhere, and a sum-scatter over the axis hands every device its examples' rows (exact:
+  one value plus zeros). Without an axis, a plain gather."""
+  if axis_name is None:
+    return jax.tree.map(lambda t: t[index], table)
+  all_index = jax.lax.all_gather(index, axis_name, tiled=True)
+
+  def rows(t):
+    local, mine = _owned(all_index, t.shape[0], axis_name)
+    picked = t[jnp.where(mine, local, 0)]
+    picked = jnp.where(mine.reshape((-1,) + (1,) * (t.ndim - 1)), picked, jnp.zeros_like(picked))
+    return jax.lax.psum_scatter(picked, axis_name, tiled=True)
+
+  return jax.tree.map(rows, table)
+
+
+def store_example_rows(table: Any, index: jax.Array, new_rows: Any,
+                       axis_name: str | None = AXIS) -> Any:
+  """The inverse of `example_rows`: writes this device's examples' new rows; every device
+  receives the global batch's rows and keeps those it owns."""
+  if axis_name is None:
+    return jax.tree.map(lambda t, r: t.at[index].set(r.astype(t.dtype)), table, new_rows)
+  all_index = jax.lax.all_gather(index, axis_name, tiled=True)
+
+  def store(t, r):
+    local, mine = _owned(all_index, t.shape[0], axis_name)
+    r = jax.lax.all_gather(r.astype(t.dtype), axis_name, tiled=True)
+    return t.at[jnp.where(mine, local, t.shape[0])].set(r, mode="drop")
+
+  return jax.tree.map(store, table, new_rows)
+
+
+def _owned(all_index: jax.Array, rows_per_device: int, axis_name: str
+           ) -> tuple[jax.Array, jax.Array]:
+  """(position in this device's block, whether this device owns the row) of global indices."""
+  local = all_index - jax.lax.axis_index(axis_name) * rows_per_device
+  return local, (local >= 0) & (local < rows_per_device)
 
 
 def pmean(x: Any, axis_name: str | None = AXIS) -> Any:

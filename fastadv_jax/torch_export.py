@@ -1,5 +1,5 @@
 """Export a trained run to PyTorch: python -m fastadv_jax.torch_export --workdir=<run>
---out=<dir> [--weights=last|best] [--force].
+--out=<dir> [--weights=last|best|averaged|selected] [--force].
 
 Writes <dir>/state_dict.npz, spec.json (architecture and arguments), model.py (a self-contained
 nn.Module definition) and, when PyTorch is installed, model.pt. Load it with
@@ -28,7 +28,9 @@ from fastadv_jax import checkpointing, cli, cli_logging, datasets, torch_interop
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
 flags.DEFINE_string("out", None, "Folder to write the export to.")
-flags.DEFINE_enum("weights", "last", ["last", "best"], "Last weights, or early-stopped ones.")
+flags.DEFINE_enum("weights", "last", ["last", "best", "averaged", "selected"],
+                  "Last weights, early-stopped ones (best), the last weight average (averaged), "
+                  "or those selected on the validation split (selected); saved_run.load_run.")
 flags.DEFINE_bool("force", False, "Overwrite files in --out that this exporter did not write.")
 flags.mark_flags_as_required(["workdir", "out"])
 
@@ -92,6 +94,7 @@ def main(argv):
   from fastadv_jax import saved_run  # pylint: disable=import-outside-toplevel
   config = saved_run.run_config(FLAGS.workdir)
   torch_interop.check_supported(config)  # before any work
+  saved_run.check_keeps(config, FLAGS.weights, FLAGS.workdir)
   shape = datasets.IMAGE_SHAPES[config.dataset]
   check_out(FLAGS.out, FLAGS.force)  # before any work
   config, variables, step = saved_run.load_run(FLAGS.workdir, FLAGS.weights, config)

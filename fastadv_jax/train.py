@@ -26,7 +26,7 @@ from absl import logging
 
 from fastadv_jax import (checkpointing, config_validation, datasets, distributed, evaluation,
                          metric_writers, methods, models, monitoring, parallel, schedules,
-                         timing, train_step, workdir)
+                         timing, train_step, weight_averaging, workdir)
 from fastadv_jax import train_state as ts
 
 
@@ -35,16 +35,25 @@ class NonFiniteError(FloatingPointError):
 
 
 def _load_data(config: ml_collections.ConfigDict
-               ) -> tuple[datasets.Split, datasets.Split]:
-  """Both splits; a batch larger than the training set is a config error (nothing written)."""
+               ) -> tuple[datasets.Split, datasets.Split, datasets.Split | None]:
+  """The training, test and validation splits (the validation split, config.validation_size,
+  is the end of the training one, held out; None without); a batch larger than what is left
+  to train on is a config error (nothing written)."""
   c = config
   train_split = datasets.load_split(c.dataset, "train", c.data_dir, c.download)
   test_split = datasets.load_split(c.dataset, "test", c.data_dir, c.download)
+  n_val = int(c.get("validation_size", 0))
+  if n_val >= len(train_split):
+    raise config_validation.ConfigError(
+        f"config.validation_size: {n_val} leaves no training example of the {len(train_split)} "
+        f"of {c.dataset}")
+  train_split, val_split = datasets.hold_out(train_split, n_val)
   if c.batch_size > len(train_split):
+    held = f", {n_val} held out for validation" if n_val else ""
     raise config_validation.ConfigError(
         f"config.batch_size: {c.batch_size} is larger than the training set "
-        f"({len(train_split)} examples of {c.dataset})")
-  return train_split, test_split
+        f"({len(train_split)} examples of {c.dataset}{held})")
+  return train_split, test_split, val_split
 
 
 class _Run:
@@ -53,7 +62,7 @@ class _Run:
   are the stages of `train_and_evaluate` after it."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir_: str,
-               splits: tuple[datasets.Split, datasets.Split]):
+               splits: tuple[datasets.Split, datasets.Split, datasets.Split | None]):
     self.config, self.workdir, self.wall_start = config, workdir_, time.time()
     self.n_dev = len(parallel.local_devices())
     self._data_and_schedule(splits)
@@ -63,18 +72,22 @@ class _Run:
     self._step_function(model, state)
     self._evaluator_and_monitor(eval_model, record, best)
 
-  def _data_and_schedule(self, splits: tuple[datasets.Split, datasets.Split]) -> None:
+  def _data_and_schedule(self, splits: tuple[datasets.Split, datasets.Split,
+                                              datasets.Split | None]) -> None:
     """The splits, the batch order and the iteration counts (logged once)."""
     c = self.config
-    self.train_split, self.test_split = splits
+    self.train_split, self.test_split, self.val_split = splits
     self.spe = schedules.steps_per_epoch(len(self.train_split), c.batch_size)
     self.total = schedules.total_steps(c, self.spe)
     method = methods.get(c.method)
     self.replay = method.replays(method.args_from(c))
     self.batches = datasets.TrainBatches(self.train_split, c.batch_size, c.seed)
-    logging.info("%s: %d train / %d test examples, %d iterations (%d per epoch), %d device(s) "
-                 "in %d process(es)", c.dataset, len(self.train_split), len(self.test_split),
-                 self.total, self.spe, jax.device_count(), jax.process_count())
+    held = ("" if self.val_split is None
+            else f" ({len(self.val_split)} held out for validation)")
+    logging.info("%s: %d train%s / %d test examples, %d iterations (%d per epoch), %d device(s) "
+                 "in %d process(es)", c.dataset, len(self.train_split), held,
+                 len(self.test_split), self.total, self.spe, jax.device_count(),
+                 jax.process_count())
 
   def _models(self) -> tuple[Any, Any]:
     """The training model (BatchNorm statistics shared over the device axis) and the float32
@@ -85,11 +98,12 @@ class _Run:
             models.create_model(c, num_classes, half_precision=False))
 
   def _initial_state(self, model: Any) -> tuple[ts.TrainState, dict, monitoring.RunRecord]:
-    """A fresh run's state, early-stopped weights and record; also the run's step and
+    """A fresh run's state, early-stopped (or selected) weights and record; also the run's step and
     evaluation keys (all three keys are split from config.seed at once)."""
     c = self.config
     init_rng, self.step_rng, self.eval_rng = jax.random.split(jax.random.key(c.seed), 3)
-    state = ts.create_train_state(c, model, init_rng, self.train_split.images.shape[1:], self.spe)
+    state = ts.create_train_state(c, model, init_rng, self.train_split.images.shape[1:], self.spe,
+                                  n_examples=len(self.train_split))
     return state, ts.variables(state), monitoring.RunRecord()
 
   def _restore(self, state: ts.TrainState, best: dict, record: monitoring.RunRecord
@@ -130,7 +144,7 @@ class _Run:
     self.evaluator = evaluation.Evaluator(eval_model, c.eval_batch_size,
                                           step_alpha=c.eval_step_alpha)
     self.monitor = monitoring.Monitor(c, self.evaluator, self.train_split, self.test_split,
-                                      self.eval_rng, record, best)
+                                      self.eval_rng, record, best, val_split=self.val_split)
     self.pending: list[dict] = [
         {k: np.asarray([v], dtype=dtype) for k, (v, dtype) in m.items()}
         for m in record.pending_train_metrics]
@@ -146,6 +160,14 @@ class _Run:
   def variables(self) -> dict:
     """Evaluation variables (device 0's copy) of the replicated state."""
     return parallel.first_copy(ts.variables(self.rstate))
+
+  @property
+  def averaged_variables(self) -> dict | None:
+    """Evaluation variables of the weight average (device 0's copy), or None without one."""
+    if self.rstate.ema is None:
+      return None
+    return parallel.first_copy(weight_averaging.variables(self.rstate.ema,
+                                                          ts.variables(self.rstate)))
 
   def _checked(self) -> list[dict]:
     """The pending per-step metrics on the host; raises NonFiniteError on NaN/Inf."""
@@ -190,7 +212,7 @@ class _Run:
     (the checkpoint then says they are still due, and a resumed run runs them first)."""
     before = (dataclasses.replace(self.monitor.record), self.monitor.best)
     try:
-      rec = self.monitor.run(s, self.variables)
+      rec = self.monitor.run(s, self.variables, self.averaged_variables)
       self.writer.write(s, s / self.spe, rec)
       self.monitor.record.diagnosed_step = s
     except BaseException:
@@ -281,7 +303,8 @@ class _Run:
       self.save(done, self.train_clock.seconds())
 
   def finish(self, train_time: float) -> dict:
-    """Final evaluation of the last and the early-stopped weights; writes results.json."""
+    """Final evaluation of the last and the kept (early-stopped or selected) weights, and of
+    the averaged ones; writes results.json."""
     results = self._final_evaluation()
     results.update(self._run_summary(train_time))
     if distributed.is_main():
@@ -290,19 +313,31 @@ class _Run:
     return results
 
   def _final_evaluation(self) -> dict:
-    """The last weights' final evaluation, the overfitting flag and, with
-    config.eval_early_stopped_model, the early-stopped weights' (same points, same noise)."""
-    c = self.config
+    """The last weights' final evaluation, the overfitting flag and (same points, same noise):
+    with validation selection the selected weights' ("selected"), else with
+    config.eval_early_stopped_model the early-stopped weights' ("best"); with weight
+    averaging the last averaged weights' ("averaged")."""
+    c, record = self.config, self.monitor.record
     rng = jax.random.fold_in(self.eval_rng, -1 % (2**31))
     results = evaluation.final_evaluation(c, self.evaluator, self.variables, self.test_split, rng)
     results.update(self.monitor.overfitting_summary())
-    if c.eval_early_stopped_model:
-      best = evaluation.final_evaluation(c, self.evaluator, self.monitor.best, self.test_split,
-                                         rng)
-      results["best"] = {"iteration": int(self.monitor.record.best_step),
-                         "train_pgd_acc": float(self.monitor.record.best_train_pgd),
-                         **{k: best[k] for k in ("clean_acc", "pgd_acc", "autoattack_acc")
-                            if k in best}}
+
+    def accuracies(variables: dict) -> dict:
+      out = evaluation.final_evaluation(c, self.evaluator, variables, self.test_split, rng)
+      return {k: out[k] for k in ("clean_acc", "pgd_acc", "autoattack_acc") if k in out}
+
+    if self.monitor.validation_selection:
+      results["selected"] = {"weights": record.selected, "iteration": int(record.best_step),
+                             "val_pgd_acc": float(record.best_val_pgd),
+                             "val_clean_acc": float(record.best_val_clean),
+                             **accuracies(self.monitor.best)}
+    elif c.eval_early_stopped_model:
+      results["best"] = {"iteration": int(record.best_step),
+                         "train_pgd_acc": float(record.best_train_pgd),
+                         **accuracies(self.monitor.best)}
+    averaged = self.averaged_variables
+    if averaged is not None:
+      results["averaged"] = {"iteration": self.total, **accuracies(averaged)}
     return results
 
   def _run_summary(self, train_time: float) -> dict:
@@ -398,9 +433,14 @@ class _Progress:
 
   def diagnostics(self, s: int, rec: dict[str, float]) -> None:
     if self.bar is not None:
-      self.bar.write(f"[{s}/{self.total}] test clean {rec['test_clean_acc']:.3f} fgsm "
-                     f"{rec['test_fgsm_acc']:.3f} pgd{self.config.eval_pgd_steps} "
-                     f"{rec['test_pgd_acc']:.3f} align {rec['test_alignment']:.3f}")
+      name = "test" if "test_clean_acc" in rec else "val"  # validation selection: no test
+      line = (f"[{s}/{self.total}] {name} clean {rec[f'{name}_clean_acc']:.3f} fgsm "
+              f"{rec[f'{name}_fgsm_acc']:.3f} pgd{self.config.eval_pgd_steps} "
+              f"{rec[f'{name}_pgd_acc']:.3f} align {rec[f'{name}_alignment']:.3f}")
+      if f"{name}_pgd_acc_avg" in rec:
+        line += (f" | averaged clean {rec[f'{name}_clean_acc_avg']:.3f} pgd"
+                 f"{self.config.eval_pgd_steps} {rec[f'{name}_pgd_acc_avg']:.3f}")
+      self.bar.write(line)
 
   def update(self) -> None:
     if self.bar is not None:

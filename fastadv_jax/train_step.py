@@ -4,7 +4,12 @@ One step = one optimiser update:
   1. augment the batch (per-example keys, so independent of the device split);
   2. the method's training perturbation (methods/): FGSM, PGD, Free-AT's carried one, ...;
   3. loss = CE(f(x + delta), y) [+ the method's regulariser] [+ GradAlign (gradalign.py)];
-  4. average parameter gradients and BatchNorm statistics over the device axis and update.
+  4. average parameter gradients and BatchNorm statistics over the device axis and update;
+  5. the weight average (weight_averaging.py) and the method's per-example rows follow.
+
+Label smoothing (`config.label_smoothing`, PyTorch's rule) applies to the training
+cross-entropy and, with `config.label_smoothing_attack`, to the loss the training attack
+ascends; evaluation attacks always use the plain cross-entropy.
 
 BatchNorm (a choice the original leaves implicit): every forward pass of a step runs in train
 mode with the batch statistics of the *global* batch (cross-device BN through `bn_axis_name`),
@@ -22,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fastadv_jax import augment, gradalign, losses, methods, parallel, randomness, schedules
-from fastadv_jax.methods.base import AttackInputs, RegularizerInputs
+from fastadv_jax import (augment, gradalign, losses, methods, models, parallel, randomness,
+                         schedules, weight_averaging)
+from fastadv_jax.methods.base import AttackInputs, CELossInputs, RegularizerInputs
 from fastadv_jax.train_state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -42,6 +48,12 @@ def _step_keys(rng: jax.Array, step: jax.Array, replay: int, n_local: int,
   step_keys = randomness.example_keys(jax.random.fold_in(rng, 2 * step + 1), global_index)
   attack_keys, noise_keys = randomness.split_keys(step_keys, 2)
   return aug_keys, attack_keys, noise_keys
+
+
+def _batch_key(rng: jax.Array, step: jax.Array) -> jax.Array:
+  """One key per step for the whole global batch (AttackInputs.batch_key): the step's key with
+  an index no example has (examples fold in their global-batch index, far below 2**31 - 1)."""
+  return jax.random.fold_in(jax.random.fold_in(rng, 2 * step + 1), 2**31 - 1)
 
 
 def gradalign_term(config: ml_collections.ConfigDict, loss_fn: Callable, x: jax.Array,
@@ -67,9 +79,17 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
   args = method.args_from(config)
   eps_at = schedules.eps_schedule(config, steps_per_epoch)
   lr_at = schedules.lr_schedule(config, steps_per_epoch)
+  momentum_at = schedules.momentum_schedule(config, steps_per_epoch)  # None unless scheduled
   use_gradalign = float(config.grad_align_lambda) > 0
   replay = method.replays(args)
   total_steps = schedules.total_steps(config, steps_per_epoch)
+  smoothing = float(config.get("label_smoothing", 0.0))
+  attack_smoothing = smoothing if config.get("label_smoothing_attack", True) else 0.0
+
+  def train_ce(logits, y, keys):
+    if method.train_ce is not None:
+      return method.train_ce(CELossInputs(args, logits, y, keys, smoothing))
+    return losses.cross_entropy(logits, y, smoothing)
 
   def step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
            ) -> tuple[TrainState, Metrics]:
@@ -81,30 +101,51 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
     y = batch["label"]
     eps = eps_at(state.step)
     progress = (state.step + 1) / total_steps
+    epoch = state.step // steps_per_epoch
 
     def forward(params, inputs):
       logits, new_vars = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
                                         inputs, train=True, mutable=["batch_stats"])
       return logits, new_vars["batch_stats"]
 
-    def per_example_loss(params):
-      return lambda inputs: losses.cross_entropy(forward(params, inputs)[0], y)
+    def eval_logits(inputs):
+      return state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, inputs,
+                            train=False)
+
+    def features(inputs):
+      return models.penultimate_features(
+          lambda z: forward(state.params, z)[0], inputs)
+
+    def per_example_loss(params, smoothing_=0.0):
+      return lambda inputs: losses.cross_entropy(forward(params, inputs)[0], y, smoothing_)
 
     # 2. Inner maximisation with the current weights (its statistics updates are discarded).
+    rows = row_shapes = None
+    if method.example_state is not None:
+      row_shapes = {k: v.shape for k, v in method.example_state(args, x.shape[1:]).items()}
+      flat = parallel.example_rows(state.example_state, batch["index"], axis_name)
+      rows = {k: v.reshape((x.shape[0],) + row_shapes[k]) for k, v in flat.items()}
     pert = method.perturb(AttackInputs(
-        args, per_example_loss(state.params), lambda z: forward(state.params, z)[0], x, y,
-        attack_keys, eps, state.carried_delta, method.init_kind(config), state.step, progress,
-        axis_name))
+        args, per_example_loss(state.params, attack_smoothing),
+        lambda z: forward(state.params, z)[0], x, y, attack_keys, eps, state.carried_delta,
+        method.init_kind(config), state.step, progress, axis_name, state.method_state, rows,
+        epoch, eval_logits, features, smoothing, _batch_key(rng, state.step)))
+    attack_state = state.method_state if pert.state is None else pert.state
 
     # 3. The training loss: cross-entropy, the method's regulariser, GradAlign on top.
     def loss_fn(params, delta):
-      logits, new_stats = forward(params, x + delta if method.ce_at == "adversarial" else x)
-      ce = jnp.mean(losses.cross_entropy(logits, y))
-      total, method_reg, method_state = ce, jnp.zeros(()), state.method_state
+      reg_inputs = RegularizerInputs(args, forward, params, x, y, delta, None, noise_keys, eps,
+                                     attack_state, progress, axis_name, pert.aux, None, epoch)
+      ce_aux = None
+      if callable(method.ce_at):
+        inputs, ce_aux = method.ce_at(reg_inputs)
+      else:
+        inputs = x + delta if method.ce_at == "adversarial" else x
+      logits, new_stats = forward(params, inputs)
+      ce = jnp.mean(train_ce(logits, y, noise_keys))
+      total, method_reg, method_state = ce, jnp.zeros(()), attack_state
       if method.regularizer is not None:
-        out = method.regularizer(RegularizerInputs(
-            args, forward, params, x, y, delta, logits, noise_keys, eps, state.method_state,
-            progress, axis_name))
+        out = method.regularizer(reg_inputs._replace(logits=logits, ce_aux=ce_aux))
         total, method_reg, method_state = total + out.local, out.value, out.state
       local_reg, reg = jnp.zeros(()), jnp.zeros(())
       if use_gradalign:
@@ -123,6 +164,13 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
     if method.carries_delta:  # e.g. Free-AT's perturbation step reuses this backward pass
       new_state = new_state.replace(
           carried_delta=method.next_carried(args, pert.delta, g_delta, x, eps))
+    if pert.example_rows is not None:
+      flat = {k: v.reshape((x.shape[0], -1)) for k, v in pert.example_rows.items()}
+      new_state = new_state.replace(example_state=parallel.store_example_rows(
+          state.example_state, batch["index"], flat, axis_name))
+    if state.ema is not None:
+      new_state = new_state.replace(ema=weight_averaging.update(
+          config, state.ema, new_state.params, new_state.batch_stats, state.step))
 
     # 5. What is logged.
     ce_g, acc = parallel.pmean(ce, axis_name), parallel.pmean(losses.accuracy(logits, y), axis_name)
@@ -138,6 +186,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
     }
     if method.regularizer is not None:
       metrics["train_method_reg"] = method_reg
+    if momentum_at is not None:
+      metrics["momentum"] = momentum_at(state.step)
+    if state.ema is not None:
+      metrics["l2_params_avg"] = _tree_l2(new_state.ema["params"])
     return new_state, metrics
 
   return step

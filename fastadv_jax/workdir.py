@@ -179,8 +179,12 @@ def _evaluate_flags(config: ml_collections.ConfigDict) -> str:
   flags = [f"--n_eval={config.n_final_eval}", f"--attack={config.final_attack}",
            f"--pgd_steps={config.final_pgd_steps}",
            f"--pgd_restarts={config.final_pgd_restarts}"]
-  if config.eval_early_stopped_model:
+  if config.get("selection", "early_stopping") == "validation":
+    flags.append("(and --weights=selected for the validation-selected weights)")
+  elif config.eval_early_stopped_model:
     flags.append("(and --weights=best for the early-stopped weights)")
+  if float(config.get("ema_decay", 0.0)) > 0:
+    flags.append("(and --weights=averaged for the weight average)")
   return " ".join(flags)
 
 

@@ -16,7 +16,7 @@ def test_default_config_is_valid():
 @pytest.mark.parametrize("field,value,pattern", [
     ("dataset", "imagenet", "config.dataset: unknown dataset"),
     ("model", "vgg", "config.model: unknown model"),
-    ("method", "trades", "config.method: unknown method"),
+    ("method", "mart", "config.method: unknown method"),
     ("eps", -0.1, "config.eps: must be in"),
     ("eps", 8.0, "config.eps: must be in"),
     ("num_epochs", 0, "config.num_epochs: must be >= 1"),

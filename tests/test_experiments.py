@@ -12,6 +12,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "experiments"))
 import aggregate  # noqa: E402
 import plots  # noqa: E402
+import protocol_table  # noqa: E402
 import sweep  # noqa: E402
 
 
@@ -46,6 +47,27 @@ def test_aggregate_mean_std_over_seeds(tmp_path):
   assert "| fgsm | 64 | 2 | 75.0 ± 5.0 | 20.0 ± 10.0 |" in table
   aggregate.main([f"--root={tmp_path}"])
   assert (tmp_path / "summary.md").read_text().startswith("| method")
+
+
+def test_protocol_table_reads_results_and_autoattack_files_and_guesses_nothing(tmp_path):
+  for seed, (sel, raw, aa) in enumerate([(0.40, 0.30, 0.20), (0.50, 0.10, None)]):
+    d = tmp_path / f"fgsm_pgi_eps48_s{seed}"
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps({
+        "clean_acc": 0.7, "pgd_acc": raw, "step_time_s": 0.01,
+        "averaged": {"clean_acc": 0.7, "pgd_acc": 0.35},
+        "selected": {"weights": "averaged" if seed else "raw", "clean_acc": 0.75,
+                     "pgd_acc": sel}}))
+    if aa is not None:  # seed 1's AutoAttack has not run yet
+      (d / "eval_selected_eps0.1882_n1000_aa-standard.json").write_text(
+          json.dumps({"autoattack_acc": aa}))
+  md, rows = protocol_table.table(protocol_table.collect(str(tmp_path)))
+  (row,) = rows
+  assert (row["seeds"], row["aa_seeds"], row["averaged_chosen"]) == (2, 1, 1)
+  assert row["sel_aa"] == "20.0" and row["raw_aa"] == ""  # one value: no spread; none: blank
+  assert row["sel_pgd_values"] == pytest.approx([40.0, 50.0])
+  assert row["sel_pgd"] == "45.0 ± 7.1"  # sample std (ddof 1)
+  assert "| fgsm_pgi | 48 | 2 (1) | 1/2 | 20.0 | 45.0 ± 7.1 |" in md
 
 
 def test_plots_are_written(tmp_path):

@@ -63,7 +63,7 @@ def test_registry_is_the_one_list():
     assert name in methods.names(), preset
     assert set(fields) <= set(methods.get(name).arg_names), preset  # the method's own fields
   with pytest.raises(ValueError, match="unknown method"):
-    methods.get("trades")
+    methods.get("mart")
 
 
 def test_readme_lists_every_method():

@@ -33,6 +33,16 @@ def test_preact_resnet18_parameter_count():
   assert abs(expected - 11.17e6) < 0.01e6  # "~11.17M" of the original
 
 
+def test_resnet18_parameter_count_matches_the_benchmark_model():
+  """The CIFAR ResNet-18 the 2024-26 fast-AT benchmark trains (kuangliu's layout): 11,173,962
+  parameters, and BatchNorm after every convolution (20: stem, 16 in blocks, 3 shortcuts)."""
+  c = load_config()
+  c.model = "resnet18"
+  variables = _params(models.create_model(c, 10), (1, 32, 32, 3))
+  assert _count(variables["params"]) == 11_173_962
+  assert len(jax.tree.leaves(variables["batch_stats"])) == 2 * 20
+
+
 @pytest.mark.parametrize("depth,params", [(28, 36_479_194), (34, 46_160_474)])
 def test_wide_resnet_parameter_counts_match_robustbench(depth, params):
   """RobustBench's WRN-28-10 and WRN-34-10 (the published 36.5M and 46.2M)."""

@@ -66,16 +66,24 @@ def _files(workdir):
   return sorted(out)
 
 
-def test_two_processes_equal_one(tmp_path):
-  # Free-AT: the per-example perturbation it carries between steps is split over processes
-  # and gathered for checkpoints, on top of everything FGSM-style methods exercise.
-  extra = ["--config.method=free"]
+@pytest.mark.parametrize("extra", [
+    # Free-AT: the perturbation it carries between steps is split over processes like the batch
+    # and gathered for checkpoints, on top of everything FGSM-style methods exercise.
+    ["--config.method=free"],
+    # FGSM-PGI: per-example buffers keyed by training-set position, in blocks of rows over the
+    # devices of both processes; with weight averaging on.
+    ["--config.method=fgsm_pgi", "--config.grad_align_lambda=0", "--config.ema_decay=0.5"],
+], ids=["free", "fgsm_pgi_ema"])
+def test_two_processes_equal_one(tmp_path, extra):
   _train(tmp_path / "one", 1, 8, extra)
   _train(tmp_path / "two", 2, 4, extra)
   one = json.loads((tmp_path / "one" / "results.json").read_text())
   two = json.loads((tmp_path / "two" / "results.json").read_text())
   for k in ("clean_acc", "pgd_acc", "n_eval", "iterations"):
     assert two[k] == pytest.approx(one[k], abs=1e-6), k
+  assert ("averaged" in one) == ("averaged" in two) == ("--config.ema_decay=0.5" in extra)
+  for k in ("clean_acc", "pgd_acc") if "averaged" in one else ():
+    assert two["averaged"][k] == pytest.approx(one["averaged"][k], abs=1e-6), k
   for k, v in one["final_train_metrics"].items():
     assert two["final_train_metrics"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
   rows = lambda d: [json.loads(r) for r in (d / "metrics.jsonl").read_text().splitlines()]  # noqa

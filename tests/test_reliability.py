@@ -83,7 +83,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(where, exc, tmp_path, moc
                                                        reference):
   config = tiny_config(**CONFIG)
   targets = {
-      "diagnostics": (monitoring.Monitor, "run", lambda self, step, v: step == 4),
+      "diagnostics": (monitoring.Monitor, "run", lambda self, step, *v: step == 4),
       "checkpoint": (checkpointing, "_digest", lambda d: d.endswith(os.sep + "4")),
       "final_evaluation": (evaluation, "final_evaluation", lambda *a: True),
       "step": (train._Run, "step", lambda self, step: step == 3),  # inside iteration 4

@@ -11,16 +11,22 @@ from fastadv_jax import train_state as ts
 N_DEV = 8
 
 
+N_EXAMPLES = 40  # a training set of 40 examples, for methods with per-example state
+
+
 def _batch(n=16, seed=0):
   rng = np.random.default_rng(seed)
   return {"image": rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
-          "label": rng.integers(0, 10, (n,)).astype(np.int32)}
+          "label": rng.integers(0, 10, (n,)).astype(np.int32),
+          # positions in the training set: batches overlap, so rows are read after a write
+          "index": np.sort(rng.permutation(N_EXAMPLES)[:n]).astype(np.int32)}
 
 
 def _run(config, n_dev, steps=2, half=None):
   """`steps` steps on fixed random batches (a new batch each step)."""
   model = models.create_model(config, 10, bn_axis_name=parallel.AXIS, half_precision=half)
-  state = ts.create_train_state(config, model, jax.random.key(0), (28, 28, 1), 10)
+  state = ts.create_train_state(config, model, jax.random.key(0), (28, 28, 1), 10,
+                                n_examples=N_EXAMPLES)
   fn = parallel.pmap_train_step(train_step.make_train_step(config, model, 10),
                                   devices=jax.local_devices()[:n_dev])
   rstate = parallel.replicate(state, n_dev)

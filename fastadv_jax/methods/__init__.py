@@ -144,7 +144,7 @@ def regularizer(method: str | Method, forward: base.Forward, params: Any, x: jax
     return None
   a = m.default_args() if args is None else args
   if state is None and m.init_state is not None:
-    state = m.init_state(a)
+    state = m.init_state(a)  # (a method with init_state_for needs its state passed in)
   keys = randomness.batch_keys(key, x.shape[0], axis_name)
   return m.regularizer(RegularizerInputs(
       a, forward, params, x, y, delta, logits, keys, jax.numpy.asarray(eps, jax.numpy.float32),
@@ -153,8 +153,10 @@ def regularizer(method: str | Method, forward: base.Forward, params: Any, x: jax
 
 def _register_builtins() -> None:
   # pylint: disable=import-outside-toplevel
-  from fastadv_jax.methods import elle, fgsm, free, guided, nfgsm, pgd, standard, zerograd
-  for module in (standard, fgsm, free, pgd, nfgsm, zerograd, elle, guided):
+  from fastadv_jax.methods import (aaer, elle, fgsm, free, guided, liet, nfgsm, pco, pgd, pgi,
+                                   standard, trades, uap, zerograd)
+  for module in (standard, fgsm, free, pgd, nfgsm, zerograd, elle, guided, pgi, pco, aaer,
+                 trades, liet, uap):
     register(*module.METHODS)
 
 

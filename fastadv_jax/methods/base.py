@@ -3,8 +3,17 @@ benchmark all read (see methods/__init__.py for the registry).
 
 A method supplies the inner maximisation (`perturb`) and may add a regulariser on top of the
 cross-entropy, carry a per-example perturbation from one step to the next (Free-AT), replay
-each minibatch, or keep run-level state (ELLE-A's adaptive lambda). GradAlign is not a method
-but a regulariser that goes on top of any of them (`config.grad_align_lambda`).
+each minibatch, keep run-level state (ELLE-A's adaptive lambda, a universal perturbation), keep
+state for every training example across epochs (FGSM-PGI's perturbation and momentum buffers),
+replace the cross-entropy (LIET's random label smoothing) or the point it is taken at
+(FGSM-PCO's mixture). GradAlign is not a method but a regulariser that goes on top of any of
+them (`config.grad_align_lambda`).
+
+Per-example state: `Method.example_state(args, input_shape)` declares one row (a dict of
+`jax.ShapeDtypeStruct`); the train state holds a row for every training example, indexed by its
+position in the training set and spread over the devices (parallel.py), all zeros at the start
+(a method that needs another start keeps a flag in the row). Each step the method sees the rows
+of its batch (`AttackInputs.example_rows`) and returns the new ones (`Perturbation.example_rows`).
 
 A method's hyperparameters are a frozen dataclass owned by its module (`Method.args`), whose
 defaults are the published values and whose `__post_init__` refuses values it cannot run with
@@ -57,11 +66,33 @@ class AttackInputs(NamedTuple):
   step: jax.Array                  # the iteration (0-based), e.g. for alternating attack terms
   progress: jax.Array              # fraction of training done after this step, in (0, 1]
   axis_name: str | None            # the device axis, for terms that couple examples (NuAT)
+  state: Any = None                # run-level method state (replicated), or None
+  example_rows: Any = None         # this batch's rows of the per-example state, or None
+  epoch: jax.Array | int = 0       # the epoch (0-based) of this step, for buffer resets
+  # Logits with BatchNorm in eval mode (running statistics, not updated), for attacks run as
+  # the evaluation sees the model (PGD-AT as the benchmark runs it, TRADES, LIET's starts).
+  eval_logits_fn: Callable[[jax.Array], jax.Array] | None = None
+  # x -> (penultimate features, logits) in train mode, for methods that look inside (FUAP).
+  features_fn: Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None = None
+  label_smoothing: float = 0.0     # the training cross-entropy's (loss_fn has the attack's)
+  # One key for the whole (global) batch, the same on every device: for choices drawn once per
+  # batch (LIET's masking rate), and for initialising run-level state at step 0.
+  batch_key: jax.Array | None = None
+
+
+class ModelInfo(NamedTuple):
+  """What `Method.init_state_for` may size run-level state by."""
+  input_shape: tuple[int, ...]     # one example, (H, W, C)
+  num_classes: int
+  feature_dim: int                 # the penultimate features' width (models.penultimate_features)
 
 
 class Perturbation(NamedTuple):
   delta: jax.Array                 # under stop_gradient
   clean_grad: jax.Array | None = None  # input gradient at x, if computed anyway (GradAlign g1)
+  state: Any = None                # the next run-level state (None: unchanged)
+  example_rows: Any = None         # the batch's next per-example rows (None: unchanged)
+  aux: Any = None                  # what the regulariser needs from the attack (e.g. its start)
 
 
 class RegularizerInputs(NamedTuple):
@@ -78,6 +109,18 @@ class RegularizerInputs(NamedTuple):
   state: Any                       # run-level method state (replicated), or None
   progress: jax.Array              # fraction of training done after this step, in (0, 1]
   axis_name: str | None
+  aux: Any = None                  # Perturbation.aux
+  ce_aux: Any = None               # the second output of a callable `Method.ce_at`
+  epoch: jax.Array | int = 0       # the epoch (0-based) of this step
+
+
+class CELossInputs(NamedTuple):
+  """What a method's own training cross-entropy (`Method.train_ce`) sees."""
+  args: Any
+  logits: jax.Array                # at the point the cross-entropy is taken
+  y: jax.Array
+  keys: jax.Array                  # per-example keys for its own randomness
+  label_smoothing: float           # config.label_smoothing
 
 
 class RegularizerOutput(NamedTuple):
@@ -98,16 +141,27 @@ class Method:
   # The start when config.attack_init is "" (zero | uniform | corner), for methods whose start
   # is configurable (FGSM family, PGD, ZeroGrad, ELLE); the others fix their own start.
   default_init: str = "zero"
-  # Where the cross-entropy is taken: "adversarial" (x + delta) or "clean" (x; GAT, NuAT).
-  ce_at: str = "adversarial"
+  # Where the cross-entropy is taken: "adversarial" (x + delta), "clean" (x; GAT, NuAT), or a
+  # function of the weights (FGSM-PCO's mixture): RegularizerInputs (logits None) ->
+  # (training input, aux passed on as RegularizerInputs.ce_aux), differentiated through.
+  ce_at: str | Callable[[RegularizerInputs], tuple[jax.Array, Any]] = "adversarial"
+  # The training cross-entropy, per example (default: CE with config.label_smoothing):
+  # CELossInputs -> (B,). LIET's random-weight smoothing; FGSM-PCO's soft targets.
+  train_ce: Callable[[CELossInputs], jax.Array] | None = None
   regularizer: Callable[[RegularizerInputs], RegularizerOutput] | None = None
   # Per-example perturbation carried across steps (Free-AT): the next one from the update's
   # own gradient with respect to delta: (args, delta, grad_delta, x, eps) -> carried.
   next_carried: Callable[..., jax.Array] | None = None
   # How many consecutive optimiser steps see the same minibatch (Free-AT's m): args -> int.
   replays: Callable[[Any], int] = lambda args: 1
-  # Run-level state (replicated over devices), e.g. ELLE-A's lambda: args -> pytree.
+  # Run-level state (replicated over devices), e.g. ELLE-A's lambda: args -> pytree. With
+  # `init_state_for`, (args, ModelInfo) -> pytree instead (a universal perturbation's shape, an
+  # auxiliary head's width); give one of the two. State that starts random is drawn at step 0
+  # from `AttackInputs.batch_key`.
   init_state: Callable[[Any], Any] | None = None
+  init_state_for: Callable[[Any, ModelInfo], Any] | None = None
+  # One row of per-example state: (args, input_shape) -> {name: jax.ShapeDtypeStruct}.
+  example_state: Callable[[Any, tuple[int, ...]], Mapping[str, Any]] | None = None
   # Hyperparameters derived from other config fields (e.g. a lambda that depends on eps),
   # computed after all overrides by the config files (configs/common.finish), unless an
   # override set them: config -> {args field: value}.
@@ -128,6 +182,16 @@ class Method:
   @property
   def carries_delta(self) -> bool:
     return self.next_carried is not None
+
+  @property
+  def has_state(self) -> bool:
+    return self.init_state is not None or self.init_state_for is not None
+
+  def initial_state(self, args: Any, info: ModelInfo) -> Any:
+    """The run-level state before the first step (None for a method without)."""
+    if self.init_state_for is not None:
+      return self.init_state_for(args, info)
+    return self.init_state(args) if self.init_state is not None else None
 
   @property
   def arg_names(self) -> tuple[str, ...]:

@@ -1,9 +1,12 @@
-"""PGD-k training (Madry et al.) and the PGD-corner variant of the paper's analysis."""
+"""PGD-k training (Madry et al.), the PGD-corner variant of the paper's analysis, and PGD-AT as
+the 2026 fast-AT benchmark runs it (attack on the eval-mode model)."""
 from __future__ import annotations
 
 import dataclasses
 
-from fastadv_jax import attacks
+import jax
+
+from fastadv_jax import attacks, losses
 from fastadv_jax.methods.base import AttackInputs, Method, Perturbation, check
 
 
@@ -30,10 +33,36 @@ def _pgd_method(name: str, summary: str, to_corner: bool, presets: dict) -> Meth
   return Method(name, summary, perturb, PGDArgs, presets=presets)
 
 
+@dataclasses.dataclass(frozen=True)
+class PGDATArgs(PGDArgs):
+  """The benchmark's PGD-AT: 10 steps of 2/255 at eps 8/255."""
+  alpha: float = 0.25  # step = alpha * eps
+
+
+def _pgd_at_perturb(inp: AttackInputs) -> Perturbation:
+  """PGD-AT of the 2026 fast-AT benchmark (fast_at/pgd_at.py, torchattacks' PGD): a uniform
+  start in the eps-ball, `steps` sign steps of `alpha * eps`, with BatchNorm in eval mode
+  (running statistics, not updated: torchattacks puts the model in eval mode while it attacks)
+  and the plain cross-entropy: torchattacks ascends the unsmoothed CE while the benchmark trains
+  with label smoothing 0.4, so the attack ignores config.label_smoothing and
+  config.label_smoothing_attack. The training CE is the step's (config.label_smoothing). With
+  weight averaging (config.ema_decay = 0.9995) this is the benchmark's PGD-AT-WA."""
+  if inp.eval_logits_fn is None:
+    raise ValueError("pgd_at attacks the eval-mode model: AttackInputs.eval_logits_fn is needed")
+  a = inp.args
+  loss_fn = lambda z: losses.cross_entropy(inp.eval_logits_fn(z), inp.y)  # noqa: E731
+  delta0 = attacks.init_delta(inp.init, inp.keys, inp.x, inp.eps)
+  delta = attacks.pgd(loss_fn, inp.x, inp.eps, a.alpha * inp.eps, a.steps, delta0)
+  return Perturbation(jax.lax.stop_gradient(delta))
+
+
 METHODS = (
     _pgd_method("pgd", "`steps` sign steps of `alpha * eps`, projected", False, {
         "pgd2": {"steps": 2, "alpha": 0.5},
         "pgd10": {"steps": 10, "alpha": 0.2}}),
     _pgd_method("pgd_corner", "PGD, then pushed to `eps * sign(delta)` (paper §3)", True,
                 {"pgd_corner": {}}),
+    Method("pgd_at", "PGD-AT as the benchmark runs it: uniform start, `steps` (10) sign steps of "
+           "`alpha * eps` (2/255), plain-CE attack on the eval-mode (running-stats) model",
+           _pgd_at_perturb, PGDATArgs, default_init="uniform", presets={"pgd_at": {}}),
 )
