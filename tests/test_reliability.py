@@ -232,7 +232,7 @@ def _assert_one_line_error(proc, needle):
     (["--config.seed=-1"], "config.seed"),
     (["--config.batch_size=100000"], "config.batch_size"),
     (["--config.eps=2.0"], "config.eps"),
-    (["--config.method=trades"], "config.method"),
+    (["--config.method=mart"], "config.method"),
 ])
 def test_bad_training_input_is_one_line_and_touches_nothing(args, names, tmp_path):
   wd = tmp_path / "wd"
