@@ -97,6 +97,33 @@ def _registrations_end_with_the_test():
       del sys.modules[name]
 
 
+def _mapped_regions() -> int:
+  try:
+    with open("/proc/self/maps") as f:
+      return sum(1 for _ in f)
+  except OSError:  # not Linux: nothing to watch
+    return 0
+
+
+# XLA:CPU maps about 6 memory regions for each compiled program, and JAX keeps every program it
+# compiled in its caches. A test process that lives through the whole suite compiles tens of
+# thousands (every eager op on a new shape is one), and at Linux's default vm.max_map_count
+# (65530) the next compilation fails and the process dies with a segfault inside XLA (seen in
+# three full-suite runs: the dead worker's core dump held 65194 mappings). Past this many
+# mappings the caches are cleared after a test, which unmaps the programs.
+MAX_MAPPED_REGIONS = 20000
+
+
+@pytest.fixture(autouse=True)
+def _bounded_compilation_caches():
+  yield
+  if _mapped_regions() > MAX_MAPPED_REGIONS:
+    import gc  # pylint: disable=import-outside-toplevel
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture
 def mock_fashion_mnist():
   import tensorflow_datasets as tfds

@@ -3,9 +3,6 @@ N devices == 1 device and follows its recursion; it is checkpointed and resumed 
 diagnostics, results.json, `evaluate` and `torch_export` see the averaged and selected weights;
 the default run gains no key."""
 import json
-import os
-import subprocess
-import sys
 import types
 
 import jax
@@ -30,19 +27,7 @@ RUN = dict(ema_decay=0.5, validation_size=16, selection="validation", num_epochs
 @pytest.mark.parametrize("tau,warmup", [(0.9, False), (0.95, True)])
 def test_the_average_follows_its_recursion_on_1_and_8_devices(tau, warmup):
   """ema_1 = theta_1; ema_t = tau_t ema_{t-1} + (1 - tau_t) theta_t, tau_t = tau or, with the
-  warm-up, min(tau, (1 + t) / (10 + t)) (t 0-based), for the parameters and BN statistics.
-
-  Run in a fresh process: inside a long-lived xdist worker, XLA:CPU's compiler aborted on this
-  test's first program in two full-suite runs (never when run alone); the assertions are the
-  same either way."""
-  if os.environ.get("FASTADV_TEST_ISOLATED") != "1":
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-         f"{__file__}::test_the_average_follows_its_recursion_on_1_and_8_devices"
-         f"[{tau}-{warmup}]"], cwd=os.path.dirname(os.path.dirname(__file__)),
-        env=dict(os.environ, FASTADV_TEST_ISOLATED="1"), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    return
+  warm-up, min(tau, (1 + t) / (10 + t)) (t 0-based), for the parameters and BN statistics."""
   c = tiny_config(method="fgsm", ema_decay=tau, ema_warmup=warmup, lr_schedule="constant",
                   lr_max=0.05)
   states = [_run(c, 1, steps=k)[0] for k in (1, 2, 3)]
