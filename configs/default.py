@@ -94,6 +94,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.batch_size = 128            # global batch, split over all local devices
   c.num_epochs = 3
   c.seed = 0
+  # How the step runs over the devices (fastadv_jax/engines.py): "pmap" (stacked per-device
+  # copies) or "shard_map" (jit + shard_map on a Mesh; the state is global jax.Arrays and
+  # Orbax checkpoints them shard by shard). Same numbers; README "Several hosts" compares them.
+  c.parallelism = "pmap"
 
   # Logging, diagnostics, checkpoints. Durations in iterations (= optimiser steps).
   c.log_every = 50

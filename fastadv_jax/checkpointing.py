@@ -4,9 +4,10 @@ Saves are synchronous and atomic (Orbax writes to a temporary folder and renames
 killed at any moment leaves the previous checkpoint intact. After each save a SHA-256 manifest of
 the checkpoint's files is written to `<workdir>/checksums/<step>.json`; `restore_latest` checks
 it, and a checkpoint whose bytes changed (or that cannot be read) is moved to
-`<workdir>/corrupt_checkpoints/` with a warning and the previous one is used. A checkpoint that
-does not fit the config is an error, not a fallback. Failures are CheckpointErrors naming the
-folder and what to do, not library tracebacks.
+`<workdir>/corrupt_checkpoints/` with a warning and the previous one is used (in a multi-process
+run process 0 alone checks and moves, and the others restore the step it restored). A
+checkpoint that does not fit the config is an error, not a fallback. Failures are
+CheckpointErrors naming the folder and what to do, not library tracebacks.
 
 A checkpoint of model variables alone (`save_variables`, e.g. imported weights) has the same
 items; its `state` is just {'params', 'batch_stats'}. `restore_variables` reads the weights of
@@ -27,6 +28,7 @@ from absl import logging
 
 import flax.serialization
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -54,6 +56,10 @@ def _abstract(state_dict: Any) -> Any:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state_dict)
 
 
+# What process 0 tells the others when it restores no checkpoint (`_NONE`) or refuses them.
+_NONE, _REFUSED = -1, -2
+
+
 class CheckpointCorrupt(CheckpointError):
   """A checkpoint's bytes differ from its manifest, or it cannot be read at all."""
 
@@ -75,11 +81,19 @@ def _digest(step_dir: str) -> dict[str, str]:
 class Checkpointer:
   """CheckpointManager over `<workdir>/checkpoints` with items state / best / meta."""
 
-  def __init__(self, workdir: str, max_to_keep: int = 2, read_only: bool = False):
+  def __init__(self, workdir: str, max_to_keep: int = 2, read_only: bool = False,
+               global_arrays: bool = False):
     """`read_only`: a reader of another run's checkpoints (evaluate, export) creates, deletes
     and cleans up nothing: Orbax's clean-up of temporary folders would otherwise remove the
     checkpoint a running training is writing, and runs in a thread that a reader ending early
-    (an error) cuts off with a traceback."""
+    (an error) cuts off with a traceback.
+
+    `global_arrays` (the shard_map engine, engines.py): the train state is saved and restored
+    as the global `jax.Array`s it is, every process writing and reading its own shards (its
+    template's shardings say which); the early-stopping weights and the bookkeeping stay host
+    data that process 0 writes. Otherwise the state is a host pytree that process 0 alone
+    writes and every process reads in full."""
+    self.global_arrays = global_arrays
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, "checkpoints")
     self.checksums = os.path.join(self.workdir, "checksums")
@@ -87,11 +101,16 @@ class Checkpointer:
     self.read_only = read_only
     self._open()
 
-  def _open(self) -> None:
+  def _open(self, first: bool = True) -> None:
     # Several processes (distributed.py): process 0 alone writes; every process reads the same
     # files, each through a manager of its own (no cross-process barriers inside Orbax).
     extra = {}
-    if jax.process_count() > 1:
+    if jax.process_count() > 1 and self.global_arrays:  # every process saves its shards
+      if distributed.is_main():
+        os.makedirs(self.directory, exist_ok=True)
+      if first:
+        distributed.barrier("checkpoint_folder")
+    elif jax.process_count() > 1:
       extra["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
           primary_host=jax.process_index(), active_processes={jax.process_index()})
       if distributed.is_main():
@@ -112,9 +131,16 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, best: Any, meta: dict) -> None:
-    """`state` and `best` are host pytrees (e.g. an unreplicated TrainState). With several
-    processes only process 0 writes, and every process waits until it has."""
-    if distributed.is_main():
+    """`best` is a host pytree; `state` too (e.g. an unreplicated TrainState) unless
+    `global_arrays`, where it is the global arrays. With several processes only process 0
+    writes host data, and every process waits until the checkpoint is complete."""
+    if self.global_arrays and jax.process_count() > 1:
+      self.manager.save(step, args=self._save_args(state, best, meta))
+      self.manager.wait_until_finished()
+      distributed.barrier(f"checkpoint_shards_{step}")
+      if distributed.is_main():
+        self._write_manifest(step)
+    elif distributed.is_main():
       self._save(step, state, best, meta)
     distributed.barrier(f"checkpoint_{step}")
 
@@ -124,12 +150,24 @@ class Checkpointer:
     method state, and none is made up for them."""
     self.save(step, variables, variables, {**meta, VARIABLES_ONLY: True})
 
+  def _state_sd(self, state: Any) -> Any:
+    """The state's dict as saved: host arrays, or the global arrays themselves."""
+    if self.global_arrays:
+      return flax.serialization.to_state_dict(state)
+    return _state_dict(state)
+
+  def _save_args(self, state: Any, best: Any, meta: dict) -> Any:
+    return ocp.args.Composite(state=ocp.args.StandardSave(self._state_sd(state)),
+                              best=ocp.args.StandardSave(_state_dict(best)),
+                              meta=ocp.args.JsonSave(meta))
+
   def _save(self, step: int, state: Any, best: Any, meta: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_state_dict(state)),
-        best=ocp.args.StandardSave(_state_dict(best)),
-        meta=ocp.args.JsonSave(meta)))
+    self.manager.save(step, args=self._save_args(state, best, meta))
     self.manager.wait_until_finished()
+    self._write_manifest(step)
+
+  def _write_manifest(self, step: int) -> None:
+    """The SHA-256 manifest of checkpoint `step`; those of rotated-out checkpoints go."""
     os.makedirs(self.checksums, exist_ok=True)
     workdir.write_json(os.path.join(self.checksums, f"{step}.json"),
                        _digest(os.path.join(self.directory, str(step))))
@@ -158,7 +196,75 @@ class Checkpointer:
 
     Corrupt checkpoints are moved aside with a warning and the previous one is tried; a
     checkpoint that does not fit the templates (another config) raises CheckpointError.
+    Several processes: process 0 alone decides (`_restore_as_process_0_decides`).
     """
+    if jax.process_count() > 1 and self.global_arrays:
+      return self._restore_global_arrays(state_template, best_template)
+    if jax.process_count() > 1:
+      return self._restore_as_process_0_decides(state_template, best_template)
+    return self._restore_newest_intact(state_template, best_template)
+
+  def _newest_verified(self, reopen: bool = True) -> tuple[int, list[str]]:
+    """The newest checkpoint whose files match their manifest (or _NONE), damaged ones moved
+    aside on the way; and what was wrong with those."""
+    tried = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        self.verify(step)
+        return step, tried
+      except CheckpointCorrupt as e:
+        tried.append(str(e))
+        self._quarantine(step, e, reopen=reopen)
+    return _NONE, tried
+
+  def _no_intact_left(self, tried: list[str]) -> CheckpointError:
+    return CheckpointError(f"no intact checkpoint left in {self.directory}; it could not be "
+                           f"restored: {tried[0]}. The damaged ones are in "
+                           f"{os.path.join(self.workdir, 'corrupt_checkpoints')}. Use a fresh "
+                           f"--workdir, or delete {self.directory} to start over.")
+
+  def _restore_global_arrays(self, state_template: Any, best_template: Any
+                             ) -> tuple[int, Any, Any, dict] | None:
+    """Global arrays over several processes: each process reads its own shards, so they all
+    restore together. Process 0 alone picks the step by the checksums, moving damaged
+    checkpoints aside, and tells the others; every process then reopens its manager (its list
+    of steps may have changed) and restores that step; all fail together if any fails."""
+    if distributed.is_main():
+      step, tried = self._newest_verified(reopen=False)
+      refused = step == _NONE and bool(tried)
+      distributed.from_main(_REFUSED if refused else step)
+      if refused:
+        raise self._no_intact_left(tried)
+    else:
+      step = distributed.from_main(0)
+      if step == _REFUSED:
+        raise CheckpointError(f"process 0 refused the checkpoints in {self.directory} (its "
+                              "error says why)")
+    self.manager.close()
+    self._open(first=False)
+    if step == _NONE:
+      return None
+    return self._restore_together(step, state_template, best_template)
+
+  def _restore_together(self, step: int, state_template: Any, best_template: Any,
+                        restored: tuple | None = None) -> tuple[int, Any, Any, dict]:
+    """Every process restores `step` (unless it already has: `restored`), then says whether
+    that worked, so that all of them fail together rather than some waiting forever in the
+    first step."""
+    try:
+      if restored is None:
+        restored = (step, *self.restore(step, state_template, best_template))
+    except CheckpointError:
+      distributed.failed_processes(True)
+      raise
+    failed = distributed.failed_processes(False)
+    if failed:
+      raise CheckpointError(f"process {failed[0]} could not restore checkpoint "
+                            f"{os.path.join(self.directory, str(step))} (its error says why)")
+    return restored
+
+  def _restore_newest_intact(self, state_template: Any, best_template: Any
+                             ) -> tuple[int, Any, Any, dict] | None:
     tried = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
@@ -166,16 +272,38 @@ class Checkpointer:
         return (step, *self.restore(step, state_template, best_template))
       except CheckpointCorrupt as e:
         tried.append(str(e))
-        if distributed.is_main():
-          self._quarantine(step, e)
+        self._quarantine(step, e)
     if tried:
-      raise CheckpointError(f"no intact checkpoint left in {self.directory}; it could not be "
-                            f"restored: {tried[0]}. The damaged ones are in "
-                            f"{os.path.join(self.workdir, 'corrupt_checkpoints')}. Use a fresh "
-                            f"--workdir, or delete {self.directory} to start over.")
+      raise self._no_intact_left(tried)
     return None
 
-  def _quarantine(self, step: int, why: Exception) -> None:
+  def _restore_as_process_0_decides(self, state_template: Any, best_template: Any
+                                    ) -> tuple[int, Any, Any, dict] | None:
+    """Process 0 verifies the checkpoints, moves damaged ones aside and restores the newest
+    intact one, then tells the others which (or none, or that it refused); they restore that
+    step without checking or moving anything (two processes checking the same files, one of
+    them moving them, would race). Then every process says whether its restore worked, so
+    that all of them fail together rather than some waiting forever in the first step."""
+    if distributed.is_main():
+      try:
+        restored = self._restore_newest_intact(state_template, best_template)
+      except Exception:
+        distributed.from_main(_REFUSED)
+        raise
+      step = distributed.from_main(_NONE if restored is None else restored[0])
+    else:
+      step = distributed.from_main(0)
+      if step == _REFUSED:
+        raise CheckpointError(f"process 0 refused the checkpoints in {self.directory} (its "
+                              "error says why)")
+      restored = None
+    if step == _NONE:
+      return None
+    if restored is None:
+      logging.info("Restoring checkpoint %d, the one process 0 checked and restored", step)
+    return self._restore_together(step, state_template, best_template, restored)
+
+  def _quarantine(self, step: int, why: Exception, reopen: bool = True) -> None:
     dest = os.path.join(self.workdir, "corrupt_checkpoints", f"{step}-{int(time.time())}")
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     shutil.move(os.path.join(self.directory, str(step)), dest)
@@ -183,8 +311,9 @@ class Checkpointer:
     if os.path.exists(manifest):
       shutil.move(manifest, os.path.join(dest, "checksums.json"))
     logging.warning("%s. Moved it to %s; falling back to the previous checkpoint.", why, dest)
-    self.manager.close()
-    self._open()
+    if reopen:
+      self.manager.close()
+      self._open(first=False)
 
   @contextlib.contextmanager
   def _reading(self, step: int) -> Iterator[None]:
@@ -213,7 +342,7 @@ class Checkpointer:
     A checkpoint of variables alone fills the template's params and batch_stats and keeps the
     rest of it (optimiser, step, method state) as it is."""
     with self._reading(step):
-      state_sd = _state_dict(state_template)
+      state_sd = self._state_sd(state_template)
       best_sd = _state_dict(best_template)
       variables_only = self._variables_only(step)
       saved_sd = ({k: state_sd[k] for k in _VARIABLE_KEYS if k in state_sd} if variables_only
@@ -243,8 +372,19 @@ class Checkpointer:
     """CheckpointError when the `state` saved at `step`, read as it was saved, has other
     entries or shapes than `state_sd`."""
     saved = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
+        state=self._restore_as_saved(step)))["state"]
     _check_same_structure(state_sd, saved, "state")
+
+  def _restore_as_saved(self, step: int) -> Any:
+    """Restore args for the `state` saved at `step`, whatever it holds, as host arrays. A
+    state saved as global arrays (the shard_map engine) records the devices it was spread
+    over, and Orbax refuses to restore it without a target on another topology (one process
+    reading a pod's checkpoint): there the target is host arrays shaped from its metadata."""
+    path = os.path.join(self.directory, str(step), "state")
+    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    if not any(getattr(m, "sharding", None) is not None for m in jax.tree.leaves(tree)):
+      return ocp.args.StandardRestore()  # host arrays were saved: read them as they are
+    return ocp.args.StandardRestore(jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree))
 
   def restore_variables(self, step: int, template: Any, averaged: bool = False
                         ) -> tuple[Any, Any, dict]:
@@ -257,7 +397,7 @@ class Checkpointer:
     with self._reading(step):
       sd = _state_dict(template)
       restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(),  # whatever was saved: a train state or variables
+          state=self._restore_as_saved(step),  # whatever was saved: a state or variables
           best=ocp.args.StandardRestore(_abstract(sd)),
           meta=ocp.args.JsonRestore()))
       last_sd = {k: dict(restored["state"]).get(k) for k in sd}
@@ -296,8 +436,16 @@ def _check_same_structure(expected: Any, got: Any, name: str) -> None:
 
 
 def _check_finite(state: Any, where: str) -> None:
-  """A saved state is always finite (the NaN stop never saves one): NaN here means damage."""
-  for leaf in jax.tree.leaves(state):
-    a = np.asarray(leaf)
-    if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
-      raise CheckpointCorrupt(f"checkpoint {where} holds non-finite values")
+  """A saved state is always finite (the NaN stop never saves one): NaN here means damage.
+  Arrays spread over processes are checked where their shards are, and every process gets
+  the verdict."""
+  leaves = [v for v in jax.tree.leaves(state) if np.dtype(v.dtype).kind == "f"]
+  spread = lambda v: isinstance(v, jax.Array) and not v.is_fully_addressable  # noqa: E731
+  host = [np.asarray(v) for v in leaves if not spread(v)]
+  placed = [v for v in leaves if spread(v)]
+  finite = all(np.all(np.isfinite(a)) for a in host)
+  if placed:
+    finite &= bool(np.asarray(jax.jit(
+        lambda vs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in vs])))(placed)))
+  if not finite:
+    raise CheckpointCorrupt(f"checkpoint {where} holds non-finite values")

@@ -5,7 +5,8 @@ non-zero exit, before any work where the input is to blame.
   bad config values, unusable workdirs, missing data, checkpoints that do not fit, NaN stops:
   `error: <what>` and exit 2;
 - Ctrl-C (SIGINT) and SIGTERM (pre-emption): a checkpoint is saved by the trainer, then one
-  line and exit 130 / 143, the shell conventions (128 + signal number).
+  line and exit 130 / 143, the shell conventions (128 + signal number); in a multi-process run
+  a signal to one process stops every process this way (preemption.py).
 """
 from __future__ import annotations
 
@@ -112,6 +113,10 @@ def run(main: Callable[[list[str]], None], expected: tuple[type[BaseException], 
       signal_name = "SIGTERM" if str(e) == "SIGTERM" else "SIGINT"
       print(f"interrupted ({signal_name}): the latest checkpoint is kept; run the same command "
             "again to resume", file=sys.stderr)
-      sys.exit(143 if signal_name == "SIGTERM" else 130)
+      code = 143 if signal_name == "SIGTERM" else 130
+      if "jax" in sys.modules:  # a process of a multi-process run stopped alone ends at once
+        from fastadv_jax import preemption  # pylint: disable=import-outside-toplevel
+        preemption.exit_if_alone(e, code)
+      sys.exit(code)
 
   app.run(wrapped, flags_parser=parse_flags)

@@ -8,6 +8,7 @@ INITS = ("", "zero", "uniform", "corner")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("cyclic", "piecewise", "constant", "onecycle")
 SCHEDULE_UNITS = ("iteration", "epoch")
+PARALLELISM = ("pmap", "shard_map")  # engines.ENGINES (not imported: this module stays light)
 SELECTIONS = ("early_stopping", "validation")
 
 
@@ -84,6 +85,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
          f"unknown schedule {c.lr_schedule!r}; choose from {LR_SCHEDULES}")
   _check(c.get("schedule_unit", "iteration") in SCHEDULE_UNITS, "schedule_unit",
          f"unknown unit {c.get('schedule_unit')!r}; choose from {SCHEDULE_UNITS}")
+  _check(c.get("parallelism", "pmap") in PARALLELISM, "parallelism",
+         f"unknown engine {c.get('parallelism')!r}; choose from {PARALLELISM}")
   _check(0.0 <= c.eps <= 1.0, "eps", f"must be in [0, 1] (pixel units, e.g. 8/255), got {c.eps}")
   _check(c.seed >= 0, "seed", f"must be >= 0, got {c.seed}")
   _check(c.num_epochs >= 1, "num_epochs", f"must be >= 1, got {c.num_epochs}")

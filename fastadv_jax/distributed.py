@@ -3,13 +3,15 @@
 Every process runs the same command; `initialize` connects them. After that the pmapped step
 spans the devices of all processes (the named axis covers them all, so gradient and BatchNorm
 means are global), each process feeds only its rows of every global batch (`process_rows`),
-evaluation splits its points over the processes (`gather_points`), and only process 0 writes
-metrics, TensorBoard, checkpoints, config.json and results.json or shows a progress bar
-(`is_main`). Nothing here changes a single-process run.
+evaluation (PGD, diagnostics, AutoAttack) splits its points over the processes (`point_range`,
+`gather_points`), and only process 0 writes metrics, TensorBoard, checkpoints, config.json,
+results.json and evaluation outputs or shows a progress bar (`is_main`). Nothing here changes a
+single-process run.
 
 How a run is joined, first match wins:
-  1. explicit: coordinator address, process count and id (flags of `main`, or the environment
-     variables FASTADV_COORDINATOR_ADDRESS, FASTADV_NUM_PROCESSES, FASTADV_PROCESS_ID);
+  1. explicit: coordinator address, process count and id (flags of `main` and `evaluate`, in
+     distributed_flags.py, or the environment variables FASTADV_COORDINATOR_ADDRESS,
+     FASTADV_NUM_PROCESSES, FASTADV_PROCESS_ID);
   2. `auto`: `jax.distributed.initialize()` with no arguments, which detects Cloud TPU pods,
      SLURM and Open MPI (`--distributed=auto`).
 On CPU the cross-process collectives use gloo.
@@ -158,6 +160,15 @@ def gather_points(local: Any, n: int) -> Any:
   return jax.tree.map(one, local)
 
 
+def gather_values(local: np.ndarray) -> np.ndarray:
+  """One small array from every process (e.g. its wall times), stacked in process order:
+  (processes, ...); (1, ...) in a single-process run."""
+  if jax.process_count() == 1:
+    return np.asarray(local)[None]
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(np.asarray(local)))
+
+
 def gather_rows(local: np.ndarray) -> np.ndarray:
   """This process's rows of a global batch -> the global batch (the inverse of process_rows)."""
   if jax.process_count() == 1:
@@ -171,3 +182,22 @@ def barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices(name)
+
+
+def from_main(value: int) -> int:
+  """Process 0's `value` (an int32), on every process: how process 0's decisions reach the
+  others. Every process must call it at the same point."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
+
+
+def failed_processes(failed: bool) -> list[int]:
+  """The processes that report a failure (each passes its own `failed`), on every process.
+  Every process must call it at the same point."""
+  if jax.process_count() == 1:
+    return [0] if failed else []
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  every = np.asarray(multihost_utils.process_allgather(np.asarray([failed], np.int32)))
+  return [p for p, f in enumerate(every.reshape(-1)) if f]

@@ -9,7 +9,19 @@ imported before `--attack` is checked.
 
 Reads the run's config.json and latest checkpoint; prints and writes
 `<workdir>/eval_<weights>_eps<eps>_n<n>_<attacks>.json` (e.g. `..._pgd50x10.json`,
-`..._pgd50x10+aa-standard.json`).
+`..._pgd50x10+aa-standard.json`), and beside it the per-point verdicts as `<same name>.npz`:
+`clean`, `pgd_robust` (with PGD), `autoattack_robust` and `autoattack_broken_by` (with
+AutoAttack: the index into `autoattack_attacks` of the attack that broke the point, else -1),
+each indexed by the test point's position.
+
+Several processes (hosts) evaluate as one, with the flags of `fastadv_jax.main`: the same
+command in each, plus --coordinator_address=host:port --num_processes=N --process_id=i (or
+FASTADV_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID), or --distributed=auto;
+--distributed_timeout bounds the wait for the others. Each process evaluates its contiguous
+share of the points on its own devices, the per-point results are gathered (the same numbers as
+one process with all the devices), and process 0 alone prints and writes the outputs.
+`autoattack_seconds` is process 0's time per attack, `autoattack_seconds_per_process` every
+process's (one entry in a single-process run).
 """
 from __future__ import annotations
 
@@ -22,10 +34,12 @@ import os
 import time
 
 import jax
+import numpy as np
 from absl import flags
 
-from fastadv_jax import (autoattack, checkpointing, cli, cli_logging, datasets, evaluation, models,
-                         plugins, saved_run, workdir, xla_cpu)
+from fastadv_jax import (autoattack, checkpointing, cli, cli_logging, datasets, distributed,
+                         distributed_flags, evaluation, models, plugins, saved_run, workdir,
+                         xla_cpu)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -44,6 +58,7 @@ flags.DEFINE_integer("seed", 0, "Seed of the attacks' random starts.")
 flags.DEFINE_string("plugins", "", "Modules to import first, comma-separated (e.g. ones that "
                     "register AutoAttack components with autoattack.register), on top of the "
                     "run's config.plugins and installed plugins.")
+flags.adopt_module_key_flags(distributed_flags)  # listed by --help
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -103,6 +118,7 @@ def main(argv):
   load_plugins(FLAGS.plugins)
   config = run_config(FLAGS.workdir)  # imports config.plugins
   xla_cpu.apply(model=config.model)  # before the first JAX computation starts the backend
+  distributed_flags.initialize()  # before any JAX computation
   eps = config.eps if FLAGS.eps is None else FLAGS.eps
   n_eval = config.n_final_eval if FLAGS.n_eval is None else FLAGS.n_eval
   run_pgd, aa_attacks = check_flags(eps, n_eval, FLAGS.pgd_steps, FLAGS.pgd_restarts,
@@ -118,31 +134,43 @@ def main(argv):
   test = datasets.load_split(config.dataset, "test", config.data_dir, config.download)
   config, variables, step = load_run(FLAGS.workdir, FLAGS.weights, config)
   n = len(test) if n_eval == -1 else min(n_eval, len(test))
+  if n < jax.process_count():
+    raise UsageError(f"--n_eval: {n} points cannot be split over {jax.process_count()} processes")
   model = models.create_model(config, datasets.NUM_CLASSES[config.dataset], half_precision=False)
   ev = evaluation.Evaluator(model, config.eval_batch_size, step_alpha=config.eval_step_alpha)
   x, y = test.images[:n], test.labels[:n]
+  start = time.perf_counter()
+  clean = ev.clean_points(variables, x, y)
   result = {"weights": FLAGS.weights, "iteration": step, "eps": eps, "n_eval": n,
-            "clean_acc": ev.clean_accuracy(variables, x, y),
+            "clean_acc": float(np.mean(clean)),
+            "clean_seconds": round(time.perf_counter() - start, 3),
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  points = {"clean": clean}
   if run_pgd:
     start = time.perf_counter()
+    points["pgd_robust"] = ev.robust_points(variables, x, y, eps, FLAGS.pgd_steps,
+                                            FLAGS.pgd_restarts, jax.random.key(FLAGS.seed))
     result.update(pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts,
-                  pgd_acc=ev.robust_accuracy(variables, x, y, eps, FLAGS.pgd_steps,
-                                             FLAGS.pgd_restarts, jax.random.key(FLAGS.seed)),
+                  pgd_acc=float(np.mean(points["pgd_robust"])),
                   pgd_seconds=round(time.perf_counter() - start, 3))
   if aa_attacks:
     start = time.perf_counter()
     aa = ev.autoattack(variables, x, y, eps, aa_attacks, FLAGS.seed, result.get("pgd_acc"))
     result.update(aa.summary(), autoattack_total_seconds=round(time.perf_counter() - start, 3))
+    points.update(autoattack_robust=aa.robust, autoattack_broken_by=aa.broken_by)
+  if not distributed.is_main():
+    return
   out = os.path.join(FLAGS.workdir, output_name(FLAGS.weights, eps, n, run_pgd, aa_attacks,
                                                 FLAGS.pgd_steps, FLAGS.pgd_restarts))
+  workdir.write_npz(os.path.splitext(out)[0] + ".npz", points)
   workdir.write_json(out, result)
   print(json.dumps(result, indent=2))
 
 
 def run() -> None:
   cli.run(main, (UsageError, checkpointing.CheckpointError, datasets.DatasetUnavailableError,
-                 workdir.WorkdirError, evaluation.NonFiniteOutputError))
+                 workdir.WorkdirError, distributed.DistributedError,
+                 evaluation.NonFiniteOutputError))
 
 
 if __name__ == "__main__":

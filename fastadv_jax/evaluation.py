@@ -155,12 +155,13 @@ class Evaluator:
     checks.check_finite_logits(finite)
     return sharded, correct
 
-  def robust_accuracy(self, variables: Variables, images: np.ndarray, labels: np.ndarray,
-                      eps: float, steps: int, restarts: int, rng: jax.Array) -> float:
-    """PGD-`steps`-`restarts` accuracy (step `step_alpha * eps`, uniform start, worst case over
-    restarts): the share of points classified correctly without attack and at every restart's
-    endpoint, so never above clean accuracy. 0 restarts is refused (it would report every
-    correctly classified point as robust); NonFiniteOutputError as clean_accuracy."""
+  def robust_points(self, variables: Variables, images: np.ndarray, labels: np.ndarray,
+                    eps: float, steps: int, restarts: int, rng: jax.Array) -> np.ndarray:
+    """PGD-`steps`-`restarts` per-point verdicts, (n,) bool indexed by position (step
+    `step_alpha * eps`, uniform start, worst case over restarts): True where the point is
+    classified correctly without attack and at every restart's endpoint. 0 restarts is refused
+    (it would report every correctly classified point as robust); NonFiniteOutputError as
+    clean_accuracy. In a multi-process run, every process returns all n verdicts."""
     if restarts < 1 or steps < 1:
       raise ValueError(f"PGD needs steps >= 1 and restarts >= 1, got {steps} and {restarts}")
     clean, _ = self._clean_pass(variables, images, labels)
@@ -171,7 +172,14 @@ class Evaluator:
         carry = self._restart(variables, carry, x, y, pos, rng, jnp.float32(eps),
                                jnp.int32(r), steps)
       robust.append(parallel.unshard(carry[2], m))
-    return float(np.mean(self._per_point(robust, len(labels))))
+    return self._per_point(robust, len(labels))
+
+  def robust_accuracy(self, variables: Variables, images: np.ndarray, labels: np.ndarray,
+                      eps: float, steps: int, restarts: int, rng: jax.Array) -> float:
+    """PGD-`steps`-`restarts` accuracy: the share of `robust_points`, so never above clean
+    accuracy."""
+    return float(np.mean(self.robust_points(variables, images, labels, eps, steps, restarts,
+                                            rng)))
 
   def diagnostics(self, variables: Variables, images: np.ndarray, labels: np.ndarray,
                   eps: float, rng: jax.Array, pgd_steps: int = 10) -> dict[str, float]:
@@ -194,18 +202,26 @@ class Evaluator:
                  attacks_: str | tuple[str, ...] = "standard", seed: int = 0,
                  pgd_acc: float | None = None, progress: bool = True
                  ) -> autoattack.AutoAttackResult:
-    """AutoAttack (autoattack/) on uint8 images, over this evaluator's devices."""
+    """AutoAttack (autoattack/) on uint8 images, over this evaluator's devices (and, in a
+    multi-process run, over every process's: each attacks its share of the points and every
+    process returns the gathered result)."""
     apply_fn = lambda v, x, _key: self.model.apply(v, x, train=False)  # noqa: E731
     aa = autoattack.AutoAttack(
         apply_fn, autoattack.output_classes(apply_fn, variables, images.shape[1:]), eps,
         attacks_, batch_size=self.batch_size, devices=self.devices, progress=progress)
     return aa.run(variables, np.asarray(images, np.float32) / 255.0, labels, seed, pgd_acc)
 
+  def clean_points(self, variables: Variables, images: np.ndarray, labels: np.ndarray
+                   ) -> np.ndarray:
+    """Per point, (n,) bool indexed by position: classified correctly without perturbation (one
+    forward pass, no gradient). NonFiniteOutputError when the weights or the logits of any
+    point are NaN/Inf."""
+    return self._clean_pass(variables, images, labels)[1]
+
   def clean_accuracy(self, variables: Variables, images: np.ndarray, labels: np.ndarray
                      ) -> float:
-    """Accuracy on the unperturbed images: one forward pass per point, no gradient.
-    NonFiniteOutputError when the weights or the logits of any point are NaN/Inf."""
-    return float(np.mean(self._clean_pass(variables, images, labels)[1]))
+    """Accuracy on the unperturbed images: the share of `clean_points`."""
+    return float(np.mean(self.clean_points(variables, images, labels)))
 
 
 def final_evaluation(config: ml_collections.ConfigDict, evaluator: Evaluator, variables: dict,

@@ -8,17 +8,12 @@ distributed.py and README "Several hosts"."""
 from absl import app, flags
 from ml_collections import config_flags
 
+from fastadv_jax import distributed_flags  # --distributed, --coordinator_address, ...
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and results.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
-flags.DEFINE_enum("distributed", "off", ["off", "auto"],
-                  "auto: jax.distributed.initialize() detects the cluster (TPU pod, SLURM).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for several processes.")
-flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
-flags.DEFINE_float("distributed_timeout", None, "Seconds a multi-process run waits for all its "
-                   "processes to connect before it stops with one line (default: "
-                   "FASTADV_DISTRIBUTED_TIMEOUT, else 120).")
+flags.adopt_module_key_flags(distributed_flags)  # listed by --help
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,12 +21,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # pylint: disable-next=import-outside-toplevel
-  from fastadv_jax import cli_logging, distributed, train, xla_cpu
+  from fastadv_jax import cli_logging, train, xla_cpu
   xla_cpu.apply(model=FLAGS.config.model)  # before the first JAX computation starts the backend
   cli_logging.setup()
-  distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
-                         FLAGS.process_id, timeout_s=FLAGS.distributed_timeout
-                         )  # before any JAX computation
+  distributed_flags.initialize()  # before any JAX computation
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

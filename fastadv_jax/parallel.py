@@ -1,9 +1,11 @@
-"""Device placement, in one place: the pmapped axis, how arrays are laid over devices, and back.
+"""Device placement, in one place: the device axis, how arrays are laid over devices, and back.
 
-The design is data parallelism with `jax.pmap`: a per-device function sees its slice of the
-global batch, and collectives over the named axis `AXIS` (gradient and BatchNorm-statistic
-means, GradAlign's masked counts) make it compute what one device would on the whole batch.
-Everything else in the library asks this module where arrays go:
+The design is data parallelism over a named axis `AXIS`: a per-device function sees its slice of
+the global batch, and collectives over the axis (gradient and BatchNorm-statistic means,
+GradAlign's masked counts) make it compute what one device would on the whole batch. The same
+per-device function runs under `jax.pmap` or under `jax.jit(jax.shard_map(...))`
+(engines.py, `config.parallelism`); the functions below that run inside the step work under
+both. The host-side layout functions are pmap's (stacked per-device copies):
   - `shard(tree, n)`:       host batch (global, leading axis) -> (n, global/n, ...) for pmap;
   - `unshard(tree, m)`:     the reverse, keeping the first m rows (drops evaluation padding);
   - `replicate(state, n)` / `unreplicate(state)`: the train state, with its per-batch carried
@@ -178,6 +180,11 @@ def _owned(all_index: jax.Array, rows_per_device: int, axis_name: str
 def pmean(x: Any, axis_name: str | None = AXIS) -> Any:
   """Mean over the device axis (identity when the function is not mapped)."""
   return x if axis_name is None else jax.lax.pmean(x, axis_name)
+
+
+def pmax(x: Any, axis_name: str | None = AXIS) -> Any:
+  """Maximum over the device axis (identity when the function is not mapped)."""
+  return x if axis_name is None else jax.lax.pmax(x, axis_name)
 
 
 def global_mean(per_example: jax.Array, axis_name: str | None = AXIS

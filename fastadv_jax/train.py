@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -24,9 +22,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fastadv_jax import (checkpointing, config_validation, datasets, distributed, evaluation,
-                         metric_writers, methods, models, monitoring, parallel, schedules,
-                         timing, train_step, weight_averaging, workdir)
+from fastadv_jax import (checkpointing, config_validation, datasets, distributed, engines,
+                         evaluation, metric_writers, methods, models, monitoring, parallel,
+                         preemption, schedules, timing, train_step, weight_averaging, workdir)
 from fastadv_jax import train_state as ts
 
 
@@ -64,12 +62,13 @@ class _Run:
   def __init__(self, config: ml_collections.ConfigDict, workdir_: str,
                splits: tuple[datasets.Split, datasets.Split, datasets.Split | None]):
     self.config, self.workdir, self.wall_start = config, workdir_, time.time()
-    self.n_dev = len(parallel.local_devices())
+    self.engine = engines.create(config.get("parallelism", "pmap"))
+    self.stop: preemption.StopOnSignal | None = None  # the training loop's (train)
     self._data_and_schedule(splits)
     model, eval_model = self._models()
-    state, best, record = self._restore(*self._initial_state(model))
+    self.rstate, best, record = self._restore(*self._initial_state(model))
     self._open_writers()
-    self._step_function(model, state)
+    self._step_function(model)
     self._evaluator_and_monitor(eval_model, record, best)
 
   def _data_and_schedule(self, splits: tuple[datasets.Split, datasets.Split,
@@ -109,10 +108,12 @@ class _Run:
   def _restore(self, state: ts.TrainState, best: dict, record: monitoring.RunRecord
                ) -> tuple[ts.TrainState, dict, monitoring.RunRecord]:
     """Opens the checkpoint manager and continues from its latest checkpoint, if any; the
-    fresh state and record otherwise. Sets `start`, the first iteration to run."""
-    self.ckpt = checkpointing.Checkpointer(self.workdir, self.config.keep_checkpoints)
+    fresh state and record otherwise. Returns the state laid over the devices as the engine
+    runs it. Sets `start`, the first iteration to run."""
+    self.ckpt = checkpointing.Checkpointer(self.workdir, self.config.keep_checkpoints,
+                                           global_arrays=self.engine.global_arrays)
     try:
-      restored = self.ckpt.restore_latest(state, best)
+      restored = self.ckpt.restore_latest(self.engine.checkpoint_template(state), best)
     except BaseException:
       self.ckpt.close()  # a refused checkpoint: nothing is left open at exit
       raise
@@ -120,8 +121,14 @@ class _Run:
       latest, state, best, meta = restored
       record = monitoring.RunRecord.from_json(meta)
       logging.info("Resumed from checkpoint at iteration %d", latest)
-    self.start = int(state.step)
-    return state, best, record
+      placed = self.engine.restored(state)
+    else:
+      placed = self.engine.place_state(state)
+    self.start = self.engine.step_of(placed)
+    # The latest checkpoint, kept by the run itself: the same on every process (a process other
+    # than 0 writes none, and its checkpoint manager does not see process 0's).
+    self.saved_step = None if restored is None else restored[0]
+    return placed, best, record
 
   def _open_writers(self) -> None:
     """metrics.jsonl / TensorBoard, cut back to `start` (rows of iterations a resumed run
@@ -129,11 +136,10 @@ class _Run:
     self.writer = metric_writers.MetricWriter(self.workdir, resume_step=self.start,
                                               enabled=distributed.is_main())
 
-  def _step_function(self, model: Any, state: ts.TrainState) -> None:
-    """The pmapped training step and the state laid over the local devices."""
-    self.p_step = parallel.pmap_train_step(
+  def _step_function(self, model: Any) -> None:
+    """The training step compiled by the engine (pmap or jit + shard_map)."""
+    self.p_step = self.engine.compile_step(
         train_step.make_train_step(self.config, model, self.spe))
-    self.rstate = parallel.replicate(state, self.n_dev)
 
   def _evaluator_and_monitor(self, eval_model: Any, record: monitoring.RunRecord,
                              best: dict) -> None:
@@ -159,15 +165,15 @@ class _Run:
   @property
   def variables(self) -> dict:
     """Evaluation variables (device 0's copy) of the replicated state."""
-    return parallel.first_copy(ts.variables(self.rstate))
+    return self.engine.first(ts.variables(self.rstate))
 
   @property
   def averaged_variables(self) -> dict | None:
     """Evaluation variables of the weight average (device 0's copy), or None without one."""
     if self.rstate.ema is None:
       return None
-    return parallel.first_copy(weight_averaging.variables(self.rstate.ema,
-                                                          ts.variables(self.rstate)))
+    return self.engine.first(weight_averaging.variables(self.rstate.ema,
+                                                        ts.variables(self.rstate)))
 
   def _checked(self) -> list[dict]:
     """The pending per-step metrics on the host; raises NonFiniteError on NaN/Inf."""
@@ -176,7 +182,7 @@ class _Run:
       if not bool(np.all(m["finite"])):
         raise NonFiniteError(
             f"non-finite loss or gradient at iteration {self.pending_step + i + 1}; the last "
-            f"checkpoint ({self.ckpt.latest_step()}) is kept. Lower lr_max, check the data, or "
+            f"checkpoint ({self.saved_step}) is kept. Lower lr_max, check the data, or "
             "disable half_precision, in a new --workdir (a run keeps its config).")
     return ms
 
@@ -203,8 +209,9 @@ class _Run:
           {k: [np.asarray(v)[0].item(), str(np.asarray(v).dtype)] for k, v in m.items()}
           for m in self._checked()]
     record.train_time_s = train_time_s
-    self.ckpt.save(s, parallel.unreplicate(self.rstate), jax.device_get(self.monitor.best),
+    self.ckpt.save(s, self.engine.to_checkpoint(self.rstate), jax.device_get(self.monitor.best),
                    record.to_json())
+    self.saved_step = s
     self.writer.flush()
 
   def diagnose(self, s: int) -> dict[str, float]:
@@ -231,11 +238,17 @@ class _Run:
     """Whether iteration s logs / runs diagnostics / checkpoints: every `every` and the last."""
     return s % every == 0 or s == self.total
 
-  def step(self, step: int) -> None:
-    """Runs iteration `step` and its logging, diagnostics and checkpoint."""
+  def step(self, step: int) -> Any:
+    """Runs iteration `step` and its logging, diagnostics and checkpoint. In a multi-process
+    run the batch carries this process's stop flag (`self.stop`, set by `train`) and the step
+    returns every process's maximum (preemption.py), which is returned here, not logged."""
     batch = self.batches.get(step // self.replay)
-    batch = parallel.shard(parallel.process_rows(batch), self.n_dev)
-    self.rstate, m = self.p_step(self.rstate, batch, self.step_rng)
+    flags = None if self.stop is None else self.stop.batch_flags(len(batch["label"]))
+    if flags is not None:
+      batch = dict(batch, stop=flags)
+    self.rstate, m = self.p_step(self.rstate, self.engine.place_batch(batch), self.step_rng)
+    m = dict(self.engine.local_metrics(m))
+    agreement = m.pop("stop", None)
     self.pending.append(m)
     self._time_step()
     s, c = step + 1, self.config
@@ -251,6 +264,7 @@ class _Run:
         self.save(s, self.train_clock.seconds())
       self.step_clock.start()
     self.progress.update()
+    return agreement
 
   def _start_clocks(self) -> None:
     """Two clocks, both continuing the restored run's counts (RunRecord): `train_clock`, the
@@ -275,30 +289,39 @@ class _Run:
     self.monitor.record.step_seconds += self.step_clock.stop(wait_for=self.rstate)
 
   def train(self) -> float:
-    """The loop; Ctrl-C and SIGTERM save a checkpoint first. Returns the training time."""
+    """The loop; Ctrl-C and SIGTERM save a checkpoint first (in a multi-process run, of an
+    iteration all processes agree on: preemption.py). Returns the training time."""
     self._start_clocks()
     self.progress = _Progress(self.config, self.total, self.start, distributed.is_main())
     try:
-      with _StopOnSignal() as stop:
+      with preemption.StopOnSignal() as stop:
+        self.stop = stop
         self.due_diagnostics()
         for step in range(self.start, self.total):
-          self.step(step)
-          stop.check()  # a signal stops the run here, between two whole iterations
-    except KeyboardInterrupt:
-      self._save_interrupted()
+          agreement = self.step(step)
+          stop.check(step + 1, agreement)  # a signal stops the run here, between iterations
+        stop.finish(self.total)
+    except KeyboardInterrupt as e:
+      self._save_interrupted(e)
       raise
     finally:
       self.progress.close()
     return self.train_clock.seconds()
 
-  def _save_interrupted(self) -> None:
-    """On Ctrl-C / SIGTERM: checkpoints the iterations done since the last checkpoint."""
+  def _save_interrupted(self, why: KeyboardInterrupt) -> None:
+    """On Ctrl-C / SIGTERM: checkpoints the iterations done since the last checkpoint. In a
+    multi-process run only a stop every process agreed on saves (the others join the save); a
+    process stopped alone (a second signal) keeps the last checkpoint."""
+    if jax.process_count() > 1 and not isinstance(why, preemption.StopRequested):
+      kept = "none saved yet" if self.saved_step is None else f"iteration {self.saved_step}"
+      logging.warning("Stopped this process alone; the last checkpoint (%s) is kept", kept)
+      return
     try:
-      done = int(jax.device_get(self.rstate.step)[0])  # the iterations the state has seen
+      done = self.engine.step_of(self.rstate)  # the iterations the state has seen
     except RuntimeError:  # a second signal inside a step: its donated input state is gone
       logging.warning("Interrupted inside a step; the last checkpoint is kept")
       raise
-    if done > self.start and done != self.ckpt.latest_step():
+    if done > self.start and done != self.saved_step:
       logging.warning("Interrupted: saving a checkpoint at iteration %d", done)
       self.save(done, self.train_clock.seconds())
 
@@ -398,7 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir_: str) -> dict
       if main:
         workdir.record_config(config, workdir_)
       train_time = run.train()
-      with _SigtermAsInterrupt():
+      with preemption.SigtermAsInterrupt():
         return run.finish(train_time)
     finally:
       run.close()
@@ -449,55 +472,3 @@ class _Progress:
   def close(self) -> None:
     if self.bar is not None:
       self.bar.close()
-
-
-class _StopOnSignal:
-  """Inside the training loop, SIGINT (Ctrl-C) and SIGTERM (pre-emption) only ask the loop to
-  stop after the current iteration (`check()` raises KeyboardInterrupt there), so a signal never
-  lands inside a step whose input state was donated; a second signal stops at once."""
-
-  def __init__(self):
-    self.requested = ""
-    self.previous = {}
-
-  def _handle(self, signum, frame):
-    del frame
-    name = signal.Signals(signum).name
-    if self.requested:  # a second signal: do not wait
-      raise KeyboardInterrupt(name)
-    self.requested = name
-    logging.warning("%s received: stopping after this iteration (again to stop at once)", name)
-
-  def check(self) -> None:
-    if self.requested:
-      raise KeyboardInterrupt(self.requested)
-
-  def __enter__(self) -> "_StopOnSignal":
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGINT, signal.SIGTERM):
-        self.previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def __exit__(self, *exc: Any) -> None:
-    for sig, handler in self.previous.items():
-      signal.signal(sig, handler)
-
-
-class _SigtermAsInterrupt:
-  """Outside the training loop (the final evaluation) SIGTERM acts like Ctrl-C at once."""
-
-  def __enter__(self):
-    self.previous = None
-    if threading.current_thread() is threading.main_thread():
-      self.previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
-    return self
-
-  def __exit__(self, *exc: Any) -> None:
-    if self.previous is not None:
-      signal.signal(signal.SIGTERM, self.previous)
-
-
-def raise_keyboard_interrupt(signum, frame):
-  """SIGTERM outside the training loop: like Ctrl-C (the final evaluation reruns on resume)."""
-  del frame
-  raise KeyboardInterrupt(signal.Signals(signum).name)

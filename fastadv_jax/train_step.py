@@ -190,6 +190,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
       metrics["momentum"] = momentum_at(state.step)
     if state.ema is not None:
       metrics["l2_params_avg"] = _tree_l2(new_state.ema["params"])
+    if "stop" in batch:  # several processes: every process's stop flag, agreed (preemption.py)
+      metrics["stop"] = parallel.pmax(jnp.max(batch["stop"]), axis_name)
     return new_state, metrics
 
   return step

@@ -1,4 +1,5 @@
-"""The files of a workdir besides checkpoints and metrics: config.json and results.json."""
+"""The files of a workdir besides checkpoints and metrics: config.json, results.json and the
+evaluation outputs (written atomically)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import stat
 from typing import Any
 
 import ml_collections
+import numpy as np
 from absl import logging
 
 
@@ -15,6 +17,14 @@ def write_json(path: str, obj: Any) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def write_npz(path: str, arrays: dict[str, Any]) -> None:
+  """Atomic, as write_json: named arrays in one uncompressed .npz (np.load reads it)."""
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+    np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
   os.replace(tmp, path)
 
 

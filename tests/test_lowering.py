@@ -1,15 +1,17 @@
-"""The accelerator programs, checked without an accelerator: the bf16 GradAlign train step and
-the PGD evaluation lowered for `cuda` and `tpu` on this CPU (jax.export). Convolutions and
+"""The accelerator programs, checked without an accelerator: the bf16 GradAlign train step (alone
+and as both engines run it over devices) and the PGD evaluation lowered for `cuda` and `tpu` on
+this CPU (jax.export). Convolutions and
 matmuls run in bfloat16; parameters, losses and metrics are float32; attack loops stay rolled;
 nothing CPU-only (oneDNN custom calls, unrolled loops) leaks in."""
 import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fastadv_jax import attacks, evaluation, models, train_step
+from fastadv_jax import attacks, engines, evaluation, models, parallel, train_step
 from fastadv_jax import train_state as ts
 
 SHAPE = (16, 28, 28, 1)
@@ -79,3 +81,34 @@ def test_pgd_evaluation_keeps_its_loop_rolled_on_accelerators(platform, rolled):
     assert len(convs) < 10 and "stablehlo.while" in text
   else:
     assert len(convs) > 40
+
+
+def _engine_step_program(engine_name, platform):
+  """The bf16 GradAlign step as each engine runs it on 2 devices, exported for `platform`:
+  pmap's (inside a jit, which is how jax.export takes it) and jit + shard_map's."""
+  c = tiny_config(method="fgsm", grad_align_lambda=0.5, half_precision=True)
+  model = models.create_model(c, 10, bn_axis_name=parallel.AXIS)
+  state = ts.create_train_state(c, model, jax.random.key(0), SHAPE[1:], 10)
+  step = train_step.make_train_step(c, model, 10)
+  engine = engines.create(engine_name, jax.local_devices()[:2])
+  batch = engine.place_batch({"image": np.zeros(SHAPE, np.uint8),
+                              "label": np.zeros(SHAPE[:1], np.int32)})
+  placed = engine.place_state(state)
+  if engine_name == "pmap":
+    fn = jax.jit(engine.compile_step(step))
+  else:
+    fn = engine.jit_step(step, placed)
+  return jax.export.export(fn, platforms=[platform])(placed, batch, jax.random.key(1))
+
+
+@pytest.mark.parametrize("engine_name", ["pmap", "shard_map"])
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_both_engines_lower_for_accelerators_with_their_collectives(engine_name, platform):
+  exp = _engine_step_program(engine_name, platform)
+  text = exp.mlir_module()
+  assert exp.nr_devices == 2
+  # The cross-device means (gradients, BatchNorm statistics, GradAlign's counts) are there.
+  assert len(_ops(text, "all_reduce")) >= 3
+  convs = _ops(text, "convolution")
+  assert convs and all(set(_operand_types(ln)) == {"bf16"} for ln in convs)
+  assert "custom_call" not in text or not re.search(r"onednn|xla_cpu|ynn", text, re.I)

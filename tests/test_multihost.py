@@ -73,7 +73,11 @@ def _files(workdir):
     # FGSM-PGI: per-example buffers keyed by training-set position, in blocks of rows over the
     # devices of both processes; with weight averaging on.
     ["--config.method=fgsm_pgi", "--config.grad_align_lambda=0", "--config.ema_decay=0.5"],
-], ids=["free", "fgsm_pgi_ema"])
+    # The same under jit + shard_map: global arrays over both processes' devices, each process
+    # feeding its rows, Orbax writing and reading each process's shards of the checkpoint.
+    ["--config.method=fgsm_pgi", "--config.grad_align_lambda=0", "--config.ema_decay=0.5",
+     "--config.parallelism=shard_map"],
+], ids=["free", "fgsm_pgi_ema", "fgsm_pgi_ema_shard_map"])
 def test_two_processes_equal_one(tmp_path, extra):
   _train(tmp_path / "one", 1, 8, extra)
   _train(tmp_path / "two", 2, 4, extra)

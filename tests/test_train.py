@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_config
 from fastadv_jax import (checkpointing, config_validation, datasets, metric_writers, monitoring,
-                         train)
+                         preemption, train)
 from fastadv_jax.evaluate import load_run
 
 
@@ -181,7 +181,7 @@ def test_ctrl_c_saves_a_checkpoint_and_loses_nothing(tmp_path, mock_fashion_mnis
   r_cut = train.train_and_evaluate(config, str(tmp_path / "cut"))
   assert (r_cut["clean_acc"], r_cut["pgd_acc"]) == (r_full["clean_acc"], r_full["pgd_acc"])
   with pytest.raises(KeyboardInterrupt):
-    train.raise_keyboard_interrupt(15, None)  # the SIGTERM handler
+    preemption.raise_keyboard_interrupt(15, None)  # the SIGTERM handler
 
 
 def test_diagnostics_use_the_full_eps_during_warmup(tmp_path, mock_fashion_mnist):

@@ -61,18 +61,30 @@ PGD_GAP = 0.05  # PGD accuracy this far above AutoAttack's suggests the PGD eval
 SQUARE_RATE = 0.002  # the reference's threshold: Square breaking more than 0.2 % of the points
 
 
-def randomised(logits_a: np.ndarray, logits_b: np.ndarray, version: str) -> str | None:
-  """Two calls with different model keys disagree: the defence is randomised."""
-  diff = float(np.max(np.abs(logits_a - logits_b)))
+def point_flags(logits_a: np.ndarray, logits_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per point, what `randomised` and `probabilities` look at: max |logits_a - logits_b| over
+  classes (two calls with different model keys), and whether the outputs look like
+  probabilities. Per point, so the verdicts on a set of points do not depend on how the points
+  were split over chunks or processes."""
+  difference = np.max(np.abs(logits_a - logits_b), axis=-1)
+  in_unit = np.all((logits_a >= 0) & (logits_a <= 1), axis=-1)
+  return difference, in_unit & np.isclose(logits_a.sum(-1), 1.0, atol=1e-4)
+
+
+def randomised(difference: np.ndarray, version: str) -> str | None:
+  """Two calls with different model keys disagree: the defence is randomised. `difference`:
+  per point, max |difference| of the logits (point_flags)."""
+  diff = float(np.max(difference))
   if diff > 1e-5 and version != "rand":
     return (f"the model's outputs change between calls (max |difference| {diff:.3g}): it is "
             "randomised, so use the rand version (--attack=autoattack-rand; EOT over 20 draws)")
   return None
 
 
-def probabilities(logits: np.ndarray) -> str | None:
-  """Outputs in [0, 1] that sum to 1 are softmax probabilities, not logits."""
-  if np.all(logits >= 0) and np.all(logits <= 1) and np.allclose(logits.sum(-1), 1.0, atol=1e-4):
+def probabilities(looks_like: np.ndarray) -> str | None:
+  """Outputs in [0, 1] that sum to 1 are softmax probabilities, not logits. `looks_like`: per
+  point, whether its outputs do (point_flags); the warning needs every point to."""
+  if np.all(looks_like):
     return ("the model's outputs look like probabilities (in [0, 1], summing to 1): AutoAttack "
             "needs logits; with probabilities the cross-entropy gradient can vanish")
   return None

@@ -3,7 +3,10 @@ point is robust only if all attacks fail; the first adversarial example found is
 
 Points are compacted after every attack (and every target class) and spread over the local
 devices with pmap, like the Evaluator. Randomness is keyed by a point's position in the evaluated
-set, so results do not depend on the device count, the chunk size or which points are left.
+set, so results do not depend on the device count, the chunk size or which points are left. In a
+multi-process run (distributed.py) each process attacks its own contiguous share of the points
+on its own devices, and the per-point results are gathered at the end, so every process returns
+the same result as one process with all the devices would.
 Every attack is a `component.Component` record looked up by name in the live registry: this
 module asks the record for its state, iterations, blocks and verdicts; only the versions
 and the reference's Square check name attacks.
@@ -20,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastadv_jax import parallel, randomness, xla_cpu
+from fastadv_jax import distributed, parallel, randomness, xla_cpu
 # The built-in components register themselves when their modules are imported.
 from fastadv_jax.autoattack import apgd, fab, square  # noqa: F401  pylint: disable=unused-import
 from fastadv_jax.autoattack import checks, component
@@ -28,8 +31,8 @@ from fastadv_jax.autoattack import losses as aa_losses
 from fastadv_jax.autoattack.checks import NonFiniteOutputError
 
 __all__ = ["ATTACKS", "GRADIENT_BASED", "TARGETED", "VERSIONS", "ApplyFn", "AttackRecord",
-           "AutoAttack", "AutoAttackResult", "NonFiniteOutputError", "check_classes",
-           "output_classes", "parse_attacks"]
+           "AutoAttack", "AutoAttackResult", "NonFiniteOutputError", "attack_records",
+           "check_classes", "output_classes", "parse_attacks"]
 
 # (variables, x, key) -> logits; `key` drives a randomised model and is ignored by others.
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -55,9 +58,27 @@ def __getattr__(name: str):
 @dataclasses.dataclass
 class AttackRecord:
   name: str
-  attacked: int      # points it ran on (still robust before it)
-  robust_after: int  # points still robust after it
-  seconds: float
+  attacked: int      # points it ran on (still robust before it), over all processes
+  robust_after: int  # points still robust after it, over all processes
+  seconds: float     # this process's wall time
+  process_seconds: tuple[float, ...] = ()  # every process's wall time, in process order
+
+
+def attack_records(attacks: Sequence[str], clean: np.ndarray, broken_by: np.ndarray,
+                   seconds: Sequence[float], process_seconds: np.ndarray | None = None
+                   ) -> list[AttackRecord]:
+  """The per-attack records from the per-point verdicts: attack a ran on the clean points no
+  earlier attack broke and left robust those it did not break either; from the gathered arrays
+  of a multi-process run these are the global counts, whichever process attacked which point.
+  `seconds`: this process's wall time per attack; `process_seconds`: (processes, attacks), every
+  process's (default: this process's only)."""
+  clean, broken_by = np.asarray(clean, bool), np.asarray(broken_by)
+  every = np.asarray(seconds if process_seconds is None else process_seconds, float)
+  every = every.reshape(-1, len(attacks))
+  robust_before = lambda a: clean & ~((broken_by >= 0) & (broken_by < a))  # noqa: E731
+  return [AttackRecord(name, int(np.sum(robust_before(a))), int(np.sum(robust_before(a + 1))),
+                       float(seconds[a]), tuple(float(s) for s in every[:, a]))
+          for a, name in enumerate(attacks)]
 
 
 @dataclasses.dataclass
@@ -80,13 +101,17 @@ class AutoAttackResult:
     return float(np.mean(self.clean))
 
   def summary(self) -> dict:
-    """The results.json fields: accuracy, per-attack robust counts and times, warnings."""
+    """The results.json fields: accuracy, per-attack robust counts and times (this process's,
+    and every process's in process order: a one-element list in a single-process run, so the
+    field is always there), warnings."""
     return {
         "autoattack_acc": self.accuracy, "autoattack_clean_acc": self.clean_accuracy,
         "autoattack_eps": self.eps, "autoattack_n": int(self.robust.size),
         "autoattack_attacks": list(self.attacks),
         "autoattack_robust_counts": {r.name: r.robust_after for r in self.records},
         "autoattack_seconds": {r.name: round(r.seconds, 3) for r in self.records},
+        "autoattack_seconds_per_process": {r.name: [round(s, 3) for s in r.process_seconds]
+                                           for r in self.records},
         "autoattack_warnings": list(self.warnings),
     }
 
@@ -235,7 +260,10 @@ class AutoAttack:
 
     A point counts as robust only if it is classified correctly without attack (`clean`).
     Non-finite weights, or non-finite logits on any point in the clean probe, raise
-    checks.NonFiniteOutputError before any attack runs."""
+    checks.NonFiniteOutputError before any attack runs. In a multi-process run every process
+    calls this with all the points and attacks its `distributed.point_range`; the per-point
+    results are gathered, and every process returns the same result (each record's `seconds`
+    is this process's own time, `process_seconds` everyone's)."""
     x = np.asarray(images, np.float32)
     y = np.asarray(labels, np.int32)
     n = len(y)
@@ -243,27 +271,32 @@ class AutoAttack:
       raise ValueError("no points to evaluate")
     checks.check_finite_weights(variables)
     rng = jax.random.key(seed)
-    clean = np.zeros(n, bool)
-    finite = np.zeros(n, bool)
-    warnings: list[str] = []
-    probed = False
+    lo, hi = distributed.point_range(n)
+    mine = slice(lo, hi)
+    clean, finite, zero, looks_like = (np.zeros(n, bool) for _ in range(4))
+    difference = np.zeros(n, np.float32)
     probe = lambda xs, ys: self._probe(variables, xs, ys)  # noqa: E731
-    for pos, (la, lb, zero) in self._map(probe, np.arange(n), (x, y)):
+    for pos, (la, lb, zero_grad) in self._map(probe, np.arange(lo, hi), (x, y)):
       clean[pos] = np.argmax(la, -1) == y[pos]
       finite[pos] = np.all(np.isfinite(la), -1) & np.all(np.isfinite(lb), -1)
-      if not probed:  # the checks look at the first chunk
-        warnings += [checks.randomised(la, lb, self.version), checks.probabilities(la),
-                     checks.zero_gradients(zero)]
-        probed = True
+      difference[pos], looks_like[pos] = checks.point_flags(la, lb)
+      zero[pos] = zero_grad
+    clean, finite, zero, looks_like, difference = distributed.gather_points(
+        tuple(v[mine] for v in (clean, finite, zero, looks_like, difference)), n)
+    checked = self._checked_points(n)
+    warnings = [checks.randomised(difference[:checked], self.version),
+                checks.probabilities(looks_like[:checked]), checks.zero_gradients(zero[:checked])]
     checks.check_finite_logits(finite)
     robust, x_adv = clean.copy(), x.copy()  # robust only where correct without attack
     broken_by = np.full(n, -1)
-    records = []
+    seconds = []
+    where = "" if jax.process_count() == 1 else (
+        f" on process {jax.process_index()} (points {lo}..{hi - 1} of {n})")
     for a, name in enumerate(self.attacks):
-      start, attacked = time.perf_counter(), int(robust.sum())
+      start, attacked = time.perf_counter(), int(robust[mine].sum())
       ranks = range(2, self.n_targets + 2) if self.components[name].targeted else [0]
       for rank in ranks:
-        todo = np.flatnonzero(robust)
+        todo = lo + np.flatnonzero(robust[mine])
         if not todo.size:
           break
         bar = self._bar(name if not rank else f"{name} {rank - 1}/{self.n_targets}", todo.size)
@@ -274,12 +307,16 @@ class AutoAttack:
           robust[hit], x_adv[hit], broken_by[hit] = False, adv[~still], a
           if bar is not None:
             bar.update(len(pos))
-            bar.set_postfix(robust=int(robust.sum()))
+            bar.set_postfix(robust=int(robust[mine].sum()))
         if bar is not None:
           bar.close()
-      records.append(AttackRecord(name, attacked, int(robust.sum()), time.perf_counter() - start))
-      logging.info("autoattack %s: %d -> %d robust of %d (%.1f s)", name, attacked,
-                   records[-1].robust_after, n, records[-1].seconds)
+      seconds.append(time.perf_counter() - start)
+      logging.info("autoattack %s: %d -> %d robust of %d%s (%.1f s)", name, attacked,
+                   int(robust[mine].sum()), hi - lo, where, seconds[-1])
+    robust, x_adv, broken_by = distributed.gather_points(
+        (robust[mine], x_adv[mine], broken_by[mine]), n)
+    records = attack_records(self.attacks, clean, broken_by, seconds,
+                             distributed.gather_values(np.asarray(seconds, np.float64)))
     if "square" in self.attacks:
       warnings.append(checks.square_after_gradients(
           int(np.sum(broken_by == self.attacks.index("square"))), n,
@@ -292,8 +329,18 @@ class AutoAttack:
     return AutoAttackResult(clean, robust, x_adv, broken_by, self.attacks, records, warnings,
                             self.eps)
 
+  def _checked_points(self, n: int) -> int:
+    """How many leading points the reference's sanity checks look at: the first chunk of a
+    single process with all the run's devices (this process's first chunk in a single-process
+    run), so a multi-process run gives the verdict of a one-process run with as many devices
+    (processes with equal device counts assumed, as pmap does)."""
+    n_dev = self.n_dev * jax.process_count()
+    batch = parallel.device_batch_size(self.batch_size, n_dev)
+    return next(parallel.chunks_for_devices(n, batch, n_dev, balanced=True))[0]
+
   def _bar(self, name: str, total: int):
-    if not self.progress or total == 0:
+    """A progress bar, shown by process 0 only (on its own points) in a multi-process run."""
+    if not self.progress or total == 0 or not distributed.is_main():
       return None
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
     return tqdm(total=total, desc=name, unit="pt", dynamic_ncols=True, leave=False)
