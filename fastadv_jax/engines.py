@@ -87,9 +87,6 @@ class PmapEngine:
   def step_of(self, state: Any) -> int:
     return int(jax.device_get(state.step)[0])
 
-  def block(self, state: Any) -> Any:
-    return jax.block_until_ready(state)
-
 
 def _devices_in_process_order(devices: list | None) -> list:
   """Process p's devices form the p-th block of the axis, as pmap orders them and as each
@@ -217,9 +214,6 @@ class ShardMapEngine:
 
   def step_of(self, state: Any) -> int:
     return int(np.asarray(state.step.addressable_shards[0].data))
-
-  def block(self, state: Any) -> Any:
-    return jax.block_until_ready(state)
 
 
 def create(name: str, devices: list | None = None) -> PmapEngine | ShardMapEngine:

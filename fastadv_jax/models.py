@@ -75,6 +75,24 @@ def _conv(features: int, kernel: int, stride: int, name: str, dtype: Dtype) -> n
                     kernel_init=_conv_init, dtype=dtype, name=name)
 
 
+def _two_block_stages(block: type[nn.Module], out: jax.Array, widths: tuple[int, ...],
+                      dtype: Dtype, bn_axis_name: str | None, train: bool) -> jax.Array:
+  """The ResNet-18 body: per width a stage of two `block`s (`layer<stage>_<i>`), the first of
+  each stage after the first with stride 2. Called inside the model's compact __call__."""
+  for stage, width in enumerate(widths):
+    for i in range(2):
+      stride = 1 if (stage == 0 or i > 0) else 2
+      out = block(width, stride, dtype, bn_axis_name, name=f"layer{stage + 1}_{i}")(out, train)
+  return out
+
+
+def _linear_head(features: jax.Array, num_classes: int, dtype: Dtype) -> jax.Array:
+  """The ResNets' final linear layer (`linear`), logits in at least float32."""
+  logits = nn.Dense(num_classes, kernel_init=_linear_init, bias_init=nn.initializers.zeros,
+                    dtype=dtype, name="linear")(features)
+  return logits.astype(jnp.promote_types(dtype, jnp.float32))
+
+
 class PreActBlock(nn.Module):
   """BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3 plus the input, or a 1x1 conv of the activated
   input when the shape changes (PreAct ResNet, and the WideResNets of RobustBench / TRADES)."""
@@ -110,17 +128,11 @@ class PreActResNet18(nn.Module):
     w0 = self.stage_widths[0]
     out = ResNetConv(w0, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                      kernel_init=_conv_init, dtype=self.dtype, name="conv1")(x)
-    for stage, width in enumerate(self.stage_widths):
-      for block in range(2):
-        stride = 1 if (stage == 0 or block > 0) else 2
-        out = PreActBlock(width, stride, self.dtype, self.bn_axis_name,
-                          name=f"layer{stage + 1}_{block}")(out, train)
+    out = _two_block_stages(PreActBlock, out, self.stage_widths, self.dtype, self.bn_axis_name,
+                            train)
     out = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, "bn")(out))
     out = nn.avg_pool(out, (4, 4), strides=(4, 4))
-    out = out.reshape(out.shape[0], -1)
-    logits = nn.Dense(self.num_classes, kernel_init=_linear_init, bias_init=nn.initializers.zeros,
-                      dtype=self.dtype, name="linear")(out)
-    return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
+    return _linear_head(out.reshape(out.shape[0], -1), self.num_classes, self.dtype)
 
 
 class BasicBlock(nn.Module):
@@ -155,16 +167,10 @@ class ResNet18(nn.Module):
   def __call__(self, x, train: bool = False):
     out = _conv(64, 3, 1, "conv1", self.dtype)(x.astype(self.dtype))
     out = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, "bn1")(out))
-    for stage, width in enumerate((64, 128, 256, 512)):
-      for block in range(2):
-        stride = 1 if (stage == 0 or block > 0) else 2
-        out = BasicBlock(width, stride, self.dtype, self.bn_axis_name,
-                         name=f"layer{stage + 1}_{block}")(out, train)
+    out = _two_block_stages(BasicBlock, out, (64, 128, 256, 512), self.dtype, self.bn_axis_name,
+                            train)
     out = nn.avg_pool(out, (4, 4), strides=(4, 4))
-    out = out.reshape(out.shape[0], -1)
-    logits = nn.Dense(self.num_classes, kernel_init=_linear_init, bias_init=nn.initializers.zeros,
-                      dtype=self.dtype, name="linear")(out)
-    return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
+    return _linear_head(out.reshape(out.shape[0], -1), self.num_classes, self.dtype)
 
 
 class WideResNet(nn.Module):
@@ -191,10 +197,7 @@ class WideResNet(nn.Module):
         out = PreActBlock(width * self.widen, stride if block == 0 else 1, self.dtype,
                           self.bn_axis_name, name=f"block{group + 1}_{block}")(out, train)
     out = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, "bn")(out))
-    out = jnp.mean(out, axis=(1, 2))
-    logits = nn.Dense(self.num_classes, kernel_init=_linear_init, bias_init=nn.initializers.zeros,
-                      dtype=self.dtype, name="linear")(out)
-    return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
+    return _linear_head(jnp.mean(out, axis=(1, 2)), self.num_classes, self.dtype)
 
 
 class PaperCNN(nn.Module):
