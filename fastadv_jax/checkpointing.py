@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from absl import logging
 
@@ -229,22 +229,35 @@ class Checkpointer:
     restore together. Process 0 alone picks the step by the checksums, moving damaged
     checkpoints aside, and tells the others; every process then reopens its manager (its list
     of steps may have changed) and restores that step; all fail together if any fails."""
-    if distributed.is_main():
+    def decide() -> int:
       step, tried = self._newest_verified(reopen=False)
-      refused = step == _NONE and bool(tried)
-      distributed.from_main(_REFUSED if refused else step)
-      if refused:
+      if step == _NONE and tried:
         raise self._no_intact_left(tried)
-    else:
-      step = distributed.from_main(0)
-      if step == _REFUSED:
-        raise CheckpointError(f"process 0 refused the checkpoints in {self.directory} (its "
-                              "error says why)")
+      return step
+
+    step = self._step_from_main(decide)
     self.manager.close()
     self._open(first=False)
     if step == _NONE:
       return None
     return self._restore_together(step, state_template, best_template)
+
+  def _step_from_main(self, decide: Callable[[], int]) -> int:
+    """Process 0 runs `decide` (the checkpoint step to restore, or _NONE) and every process
+    gets its answer; when it raises (process 0 refuses the checkpoints), the others raise a
+    CheckpointError saying so."""
+    if distributed.is_main():
+      try:
+        step = decide()
+      except Exception:
+        distributed.from_main(_REFUSED)
+        raise
+      return distributed.from_main(step)
+    step = distributed.from_main(0)
+    if step == _REFUSED:
+      raise CheckpointError(f"process 0 refused the checkpoints in {self.directory} (its "
+                            "error says why)")
+    return step
 
   def _restore_together(self, step: int, state_template: Any, best_template: Any,
                         restored: tuple | None = None) -> tuple[int, Any, Any, dict]:
@@ -284,19 +297,14 @@ class Checkpointer:
     step without checking or moving anything (two processes checking the same files, one of
     them moving them, would race). Then every process says whether its restore worked, so
     that all of them fail together rather than some waiting forever in the first step."""
-    if distributed.is_main():
-      try:
-        restored = self._restore_newest_intact(state_template, best_template)
-      except Exception:
-        distributed.from_main(_REFUSED)
-        raise
-      step = distributed.from_main(_NONE if restored is None else restored[0])
-    else:
-      step = distributed.from_main(0)
-      if step == _REFUSED:
-        raise CheckpointError(f"process 0 refused the checkpoints in {self.directory} (its "
-                              "error says why)")
-      restored = None
+    restored = None
+
+    def decide() -> int:
+      nonlocal restored
+      restored = self._restore_newest_intact(state_template, best_template)
+      return _NONE if restored is None else restored[0]
+
+    step = self._step_from_main(decide)
     if step == _NONE:
       return None
     if restored is None:

@@ -196,8 +196,5 @@ def from_main(value: int) -> int:
 def failed_processes(failed: bool) -> list[int]:
   """The processes that report a failure (each passes its own `failed`), on every process.
   Every process must call it at the same point."""
-  if jax.process_count() == 1:
-    return [0] if failed else []
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  every = np.asarray(multihost_utils.process_allgather(np.asarray([failed], np.int32)))
+  every = gather_values(np.asarray([failed], np.int32))
   return [p for p, f in enumerate(every.reshape(-1)) if f]
