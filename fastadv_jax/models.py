@@ -93,19 +93,28 @@ def _linear_head(features: jax.Array, num_classes: int, dtype: Dtype) -> jax.Arr
   return logits.astype(jnp.promote_types(dtype, jnp.float32))
 
 
-class PreActBlock(nn.Module):
-  """BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3 plus the input, or a 1x1 conv of the activated
-  input when the shape changes (PreAct ResNet, and the WideResNets of RobustBench / TRADES)."""
+class _ResidualBlock(nn.Module):
+  """What every residual block takes: its width, its stride, the compute dtype and the device
+  axis its BatchNorm statistics are shared over (None: not shared)."""
   planes: int
   stride: int
   dtype: Dtype = jnp.float32
   bn_axis_name: str | None = None
 
+  def reshapes(self, x: jax.Array) -> bool:
+    """Whether the shortcut needs a 1x1 conv: the block changes the input's shape."""
+    return self.stride != 1 or x.shape[-1] != self.planes
+
+
+class PreActBlock(_ResidualBlock):
+  """BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3 plus the input, or a 1x1 conv of the activated
+  input when the shape changes (PreAct ResNet, and the WideResNets of RobustBench / TRADES)."""
+
   @nn.compact
   def __call__(self, x, train: bool):
     conv = functools.partial(_conv, dtype=self.dtype)
     out = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, "bn1")(x))
-    if self.stride != 1 or x.shape[-1] != self.planes:
+    if self.reshapes(x):
       shortcut = conv(self.planes, 1, self.stride, "shortcut")(out)
     else:
       shortcut = x
@@ -135,13 +144,9 @@ class PreActResNet18(nn.Module):
     return _linear_head(out.reshape(out.shape[0], -1), self.num_classes, self.dtype)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(_ResidualBlock):
   """conv3x3(stride)-BN-ReLU-conv3x3-BN plus the input (or a 1x1 conv + BN of it when the
   shape changes), then ReLU: the post-activation block of the standard ResNet-18."""
-  planes: int
-  stride: int
-  dtype: Dtype = jnp.float32
-  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -149,7 +154,7 @@ class BasicBlock(nn.Module):
     bn = functools.partial(_batch_norm, train, self.dtype, self.bn_axis_name)
     out = nn.relu(bn("bn1")(conv(self.planes, 3, self.stride, "conv1")(x)))
     out = bn("bn2")(conv(self.planes, 3, 1, "conv2")(out))
-    if self.stride != 1 or x.shape[-1] != self.planes:
+    if self.reshapes(x):
       x = bn("shortcut_bn")(conv(self.planes, 1, self.stride, "shortcut")(x))
     return nn.relu(out + x)
 
