@@ -15,15 +15,15 @@ import jax
 import numpy as np
 
 from fastadv_jax.autoattack import runner
-from fastadv_jax.autoattack.component import (Component, Context, Settings, components, get, names,
-                                              register, unregister)
+from fastadv_jax.autoattack.component import (NORMS, Component, Context, Settings, components, get,
+                                              names, register, unregister)
 from fastadv_jax.autoattack.runner import (VERSIONS, AttackRecord, AutoAttack, AutoAttackResult,
-                                           NonFiniteOutputError, check_classes, output_classes,
-                                           parse_attacks)
+                                           NonFiniteOutputError, check_classes, check_norm,
+                                           output_classes, parse_attacks)
 
-__all__ = ["ATTACKS", "GRADIENT_BASED", "TARGETED", "VERSIONS", "AttackRecord", "AutoAttack",
-           "AutoAttackResult", "Component", "Context", "NonFiniteOutputError", "Settings",
-           "check_classes", "components", "evaluate", "get", "names", "output_classes",
+__all__ = ["ATTACKS", "GRADIENT_BASED", "NORMS", "TARGETED", "VERSIONS", "AttackRecord",
+           "AutoAttack", "AutoAttackResult", "Component", "Context", "NonFiniteOutputError",
+           "Settings", "check_classes", "check_norm", "components", "evaluate", "get", "names", "output_classes",
            "parse_attacks", "register", "unregister"]
 
 

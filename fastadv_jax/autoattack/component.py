@@ -15,17 +15,20 @@ import jax
 
 from fastadv_jax import registry
 
-__all__ = ["Component", "Context", "Settings", "components", "get", "names", "register",
+__all__ = ["NORMS", "Component", "Context", "Settings", "components", "get", "names", "register",
            "unregister"]
 
 State = Any  # a pytree of arrays with a leading per-point axis (or scalars)
+
+NORMS = ("Linf", "L2")  # the threat models a component can support (Settings.norm)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """The run-wide knobs of an AutoAttack run, as components read them.
 
-  `options` carries settings of components from outside the package (AutoAttack(options=...)),
+  `norm` is the threat model, one of NORMS: "Linf" (eps bounds every pixel's change) or "L2"
+  (eps bounds the Euclidean norm of the whole perturbation). `options` carries settings of components from outside the package (AutoAttack(options=...)),
   so a plugin needs no new keyword in the runner.
   """
   apgd_steps: int = 100
@@ -33,6 +36,7 @@ class Settings:
   square_queries: int = 5000
   eot_iter: int = 1
   n_targets: int = 9
+  norm: str = "Linf"
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -44,7 +48,7 @@ class Context:
   key folded from it). x: float32 NHWC clean points in [0, 1]; y: labels; target: the target
   class of a targeted component (the `rank`-th largest clean logit), else y; keys: one key per
   point, keyed by its position in the evaluated set (so results do not depend on the batch or
-  device count); eps: the L-inf radius; rank: the target rank (0 for untargeted components).
+  device count); eps: the radius in `settings.norm`; rank: the target rank (0 for untargeted components).
   """
   logits_fn: Callable[[jax.Array, jax.Array], jax.Array]
   x: jax.Array
@@ -69,7 +73,8 @@ class Component:
   n_targets + 1, ctx.target set); gradient_based: used by the gradient-masking check.
   settled(state), optional, on the host after each block with the state's device arrays:
   per-point booleans; once all are True the remaining blocks are skipped (results must not
-  change by stopping).
+  change by stopping). norms: the threat models (NORMS) it implements; the runner refuses to
+  run it under any other.
   """
   name: str
   init: Callable[[Context], State]
@@ -81,6 +86,7 @@ class Component:
   gradient_based: bool = True
   settled: Callable[[State], Any] | None = None
   summary: str = ""
+  norms: tuple[str, ...] = ("Linf",)
 
   def __post_init__(self):
     if not self.name or "," in self.name or self.name != self.name.strip():
@@ -88,6 +94,9 @@ class Component:
                        f"spaces, got {self.name!r}")
     if self.block < 1:
       raise ValueError(f"component {self.name!r}: block must be >= 1, got {self.block}")
+    if not self.norms or any(n not in NORMS for n in self.norms):
+      raise ValueError(f"component {self.name!r}: norms must be a non-empty subset of {NORMS}, "
+                       f"got {self.norms!r}")
 
 
 _REGISTRY: registry.Registry[Component] = registry.Registry("AutoAttack component", Component)

@@ -32,7 +32,7 @@ from fastadv_jax.autoattack.checks import NonFiniteOutputError
 
 __all__ = ["ATTACKS", "GRADIENT_BASED", "TARGETED", "VERSIONS", "ApplyFn", "AttackRecord",
            "AutoAttack", "AutoAttackResult", "NonFiniteOutputError", "attack_records",
-           "check_classes", "output_classes", "parse_attacks"]
+           "check_classes", "check_norm", "output_classes", "parse_attacks"]
 
 # (variables, x, key) -> logits; `key` drives a randomised model and is ignored by others.
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -91,6 +91,7 @@ class AutoAttackResult:
   records: list[AttackRecord]
   warnings: list[str]
   eps: float
+  norm: str = "Linf"
 
   @property
   def accuracy(self) -> float:
@@ -106,7 +107,8 @@ class AutoAttackResult:
     field is always there), warnings."""
     return {
         "autoattack_acc": self.accuracy, "autoattack_clean_acc": self.clean_accuracy,
-        "autoattack_eps": self.eps, "autoattack_n": int(self.robust.size),
+        "autoattack_eps": self.eps, "autoattack_norm": self.norm,
+        "autoattack_n": int(self.robust.size),
         "autoattack_attacks": list(self.attacks),
         "autoattack_robust_counts": {r.name: r.robust_after for r in self.records},
         "autoattack_seconds": {r.name: round(r.seconds, 3) for r in self.records},
@@ -123,6 +125,21 @@ def check_classes(attacks: Sequence[str], num_classes: int) -> None:
   if (any(component.get(a).targeted for a in attacks)
       and num_classes < aa_losses.MIN_CLASSES_TARGETED):
     raise ValueError(aa_losses.targeted_error(num_classes))
+
+
+def check_norm(attacks: Sequence[str], norm: str, eps: float) -> None:
+  """ValueError unless every attack implements `norm` and eps is a radius it can take: in
+  (0, 1] for L-inf (pixel units), positive for L2 (the whole perturbation's Euclidean norm)."""
+  if norm not in component.NORMS:
+    raise ValueError(f"norm must be one of {', '.join(component.NORMS)}, got {norm!r}")
+  if norm == "Linf" and not 0.0 < eps <= 1.0:
+    raise ValueError(f"eps must be in (0, 1] (pixel units, e.g. 8/255), got {eps}")
+  if norm == "L2" and not eps > 0.0:
+    raise ValueError(f"eps must be > 0 (the L2 norm of the perturbation, e.g. 0.5), got {eps}")
+  unsupported = [a for a in attacks if norm not in component.get(a).norms]
+  if unsupported:
+    raise ValueError(f"attack {unsupported[0]!r} does not implement the {norm} threat model "
+                     f"(it implements {', '.join(component.get(unsupported[0]).norms)})")
 
 
 def output_classes(apply_fn: ApplyFn, variables: Any, image_shape: tuple) -> int:
@@ -152,8 +169,9 @@ class AutoAttack:
 
   Images are float32 NHWC in [0, 1]. `attacks` is 'standard', 'rand' or a list of registered
   components (component.py); 'rand' uses EOT over `eot_iter` (default 20) model draws per
-  gradient, as the reference. `options` reaches components from outside the package as
-  `ctx.settings.options`.
+  gradient, as the reference. `norm` is the threat model ("Linf" or "L2"; check_norm), which
+  every attack must implement (Component.norms). `options` reaches components from outside the
+  package as `ctx.settings.options`.
   """
 
   def __init__(self, apply_fn: ApplyFn, num_classes: int, eps: float,
@@ -161,10 +179,9 @@ class AutoAttack:
                fab_steps: int = 100, square_queries: int = 5000, n_target_classes: int = 9,
                eot_iter: int | None = None, batch_size: int = 500,
                devices: list | None = None, progress: bool = True,
-               options: dict[str, Any] | None = None):
+               options: dict[str, Any] | None = None, norm: str = "Linf"):
     self.attacks = parse_attacks(attacks)
-    if not 0.0 < eps <= 1.0:
-      raise ValueError(f"eps must be in (0, 1] (pixel units, e.g. 8/255), got {eps}")
+    check_norm(self.attacks, norm, eps)
     for name, v in (("apgd_steps", apgd_steps), ("fab_steps", fab_steps),
                     ("square_queries", square_queries), ("n_target_classes", n_target_classes)):
       if v < 1:
@@ -179,7 +196,7 @@ class AutoAttack:
     self.settings = component.Settings(
         apgd_steps=apgd_steps, fab_steps=fab_steps, square_queries=square_queries,
         eot_iter=eot_iter if eot_iter is not None else (20 if rand else 1),
-        n_targets=self.n_targets, options=dict(options or {}))
+        n_targets=self.n_targets, norm=norm, options=dict(options or {}))
     self.devices = devices or parallel.local_devices()
     self.n_dev = len(self.devices)
     self.batch_size = parallel.device_batch_size(batch_size, self.n_dev)
@@ -327,7 +344,7 @@ class AutoAttack:
     for w in warnings:
       logging.warning("autoattack: %s", w)
     return AutoAttackResult(clean, robust, x_adv, broken_by, self.attacks, records, warnings,
-                            self.eps)
+                            self.eps, self.settings.norm)
 
   def _checked_points(self, n: int) -> int:
     """How many leading points the reference's sanity checks look at: the first chunk of a
