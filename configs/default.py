@@ -41,6 +41,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.n_layers = 1                # cnn only
   c.use_batch_norm = True       # small_cnn only
   c.half_precision = False      # bfloat16 compute, float32 parameters
+  # Input normalisation inside the model, (x - input_mean) / input_std per channel, e.g. CIFAR-10's
+  # (0.4914, 0.4822, 0.4465) / (0.2471, 0.2435, 0.2616) as RobustBench's models with `mu` /
+  # `sigma` buffers. Data, eps and attacks stay in [0, 1] pixels. () = none (the default).
+  c.input_mean = ()
+  c.input_std = ()
 
   # Training perturbation (docs/algorithms.md §1). eps in pixel units ([0, 1]).
   c.method = "fgsm"             # a registered method: fastadv_jax.methods.names() (README)

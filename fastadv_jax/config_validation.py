@@ -1,6 +1,8 @@
 """Up-front config checks, so a bad run fails in one line naming the field, not mid-training."""
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 DATASETS = ("cifar10", "svhn_cropped", "mnist", "fashion_mnist")
@@ -60,6 +62,21 @@ def _check(cond: bool, field: str, msg: str) -> None:
     raise ConfigError(f"config.{field}: {msg}")
 
 
+def _check_normalization(c: ml_collections.ConfigDict) -> None:
+  """input_mean / input_std: both empty, or one value per image channel, std > 0."""
+  from fastadv_jax import datasets  # pylint: disable=import-outside-toplevel
+  mean, std = tuple(c.get("input_mean", ())), tuple(c.get("input_std", ()))
+  if not mean and not std:
+    return
+  channels = datasets.IMAGE_SHAPES[c.dataset][2]
+  for field, values in (("input_mean", mean), ("input_std", std)):
+    _check(all(isinstance(v, (int, float)) and math.isfinite(v) for v in values), field,
+           f"must be finite numbers, got {values}")
+    _check(len(values) == channels, field,
+           f"needs one value per channel of {c.dataset} ({channels}), got {len(values)}: {values}")
+  _check(min(std) > 0, "input_std", f"must be > 0 (it divides the input), got {std}")
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Raises ConfigError naming the first offending field. Imports `config.plugins` first, so
   the registries it reads hold what the run's plugins register."""
@@ -102,6 +119,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   _check(c.wrn_depth >= 10 and (c.wrn_depth - 4) % 6 == 0, "wrn_depth",
          f"must be 6n + 4 with n >= 1 (e.g. 28, 34), got {c.wrn_depth}")
   _check(c.wrn_widen >= 1, "wrn_widen", f"must be >= 1, got {c.wrn_widen}")
+  _check_normalization(c)
   _check(len(c.resnet_widths) == 4 and min(c.resnet_widths) >= 1, "resnet_widths",
          f"must be 4 positive stage widths, got {tuple(c.resnet_widths)}")
   _check(c.grad_align_derivative in ("auto", "double_backprop", "jvp"), "grad_align_derivative",

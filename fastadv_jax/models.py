@@ -6,7 +6,9 @@ Everything that depends on the model (create_model, config_validation, xla_cpu, 
 torch_interop) reads that record, so a model defined outside the package is one
 `models.register(ModelSpec(...))` in a plugin module (fastadv_jax/plugins.py).
 
-All models take images in [0, 1] (NHWC, no normalisation layer: eps lives in pixel space), compute
+All models take images in [0, 1] (NHWC: eps lives in pixel space); a config with `input_mean` /
+`input_std` makes create_model wrap the model in `InputNormalization`, which computes
+(x - mean) / std first and leaves the parameters as they are (same names, same values). They compute
 in `dtype` (bfloat16 for mixed precision) with float32 parameters, and return float32 logits.
 `bn_axis_name` makes BatchNorm average its batch statistics over a pmapped axis, so that an
 N-device step normalises with the statistics of the whole global batch.
@@ -29,7 +31,7 @@ __all__ = [
     "ModelSpec", "TorchEntry", "TorchLayout", "register", "unregister", "get", "names",
     "create_model",
     "PreActResNet18", "PreActBlock", "WideResNet", "PaperCNN", "SmallCNN", "max_pool_2x2",
-    "ResNetConv", "DERIVATIVES", "TORCH_KINDS",
+    "ResNetConv", "InputNormalization", "DERIVATIVES", "TORCH_KINDS",
 ]
 
 Dtype = Any
@@ -181,8 +183,10 @@ class ResNet18(nn.Module):
 class WideResNet(nn.Module):
   """WideResNet-depth-widen (Zagoruyko & Komodakis 2016) as RobustBench's CIFAR models:
   3x3 stem conv of 16, three groups of (depth - 4) / 6 blocks of widths 16k, 32k, 64k with
-  strides 1, 2, 2, BN-ReLU, global average pool, linear. WRN-28-10: 36.5M parameters,
-  WRN-34-10: 46.2M (tested)."""
+  strides 1, 2, 2, BN-ReLU, global average pool (RobustBench's avg_pool 8 on the 8x8 maps of a
+  32x32 input), linear. A block has its 1x1 shortcut where it changes the width, as
+  RobustBench's `convShortcut` (the PyTorch layout maps one to the other). WRN-28-10: 36.5M
+  parameters, WRN-34-10: 46.2M (tested)."""
   num_classes: int = 10
   depth: int = 28
   widen: int = 10
@@ -203,6 +207,28 @@ class WideResNet(nn.Module):
                           self.bn_axis_name, name=f"block{group + 1}_{block}")(out, train)
     out = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, "bn")(out))
     return _linear_head(jnp.mean(out, axis=(1, 2)), self.num_classes, self.dtype)
+
+
+class InputNormalization(nn.Module):
+  """`inner` applied to (x - mean) / std, per channel, as RobustBench's models with `mu` /
+  `sigma` buffers do. The attack still sees pixels in [0, 1]. It shares `inner`'s scope
+  (nn.share_scope), so the parameters keep the names and the values `inner` alone gets."""
+  inner: nn.Module
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+  def setup(self):
+    nn.share_scope(self, self.inner)
+
+  @property
+  def dtype(self) -> Dtype:
+    """The inner model's compute dtype (evaluation checks it)."""
+    return getattr(self.inner, "dtype", jnp.float32)
+
+  def __call__(self, x, *args, **kwargs):
+    mean = jnp.asarray(self.mean, jnp.float32)
+    std = jnp.asarray(self.std, jnp.float32)
+    return self.inner((x.astype(jnp.float32) - mean) / std, *args, **kwargs)
 
 
 class PaperCNN(nn.Module):
@@ -292,7 +318,9 @@ class TorchLayout:
   num_classes, image_shape)` are the constructor arguments written to the export's spec.json
   (with `"architecture": <model name>`); `module_file` is the self-contained PyTorch file copied
   next to the export as model.py, whose `load(export_dir)` rebuilds the module (None: this
-  package's torch_models.py, which defines the built-in models)."""
+  package's torch_models.py, which defines the built-in models). A config with input_mean /
+  input_std adds `mean` and `std` to the kwargs and `mu` / `sigma` buffers to the state_dict
+  (torch_interop), which a module_file's module then has to take."""
   entries: Callable[[ml_collections.ConfigDict, Mapping, tuple], list[TorchEntry]]
   kwargs: Callable[[ml_collections.ConfigDict, int, tuple], dict]
   module_file: str | None = None
@@ -377,14 +405,19 @@ def penultimate_features(apply: Callable[[jax.Array], jax.Array], x: jax.Array
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int,
                  bn_axis_name: str | None = None, half_precision: bool | None = None) -> nn.Module:
-  """Builds the model named by `config.model`; `half_precision` overrides the config's."""
+  """Builds the model named by `config.model`, inside InputNormalization when the config sets
+  `input_mean` / `input_std`; `half_precision` overrides the config's."""
   half = config.half_precision if half_precision is None else half_precision
   dtype = jnp.bfloat16 if half else jnp.float32
   try:
     spec = get(config.model)
   except ValueError as e:
     raise ValueError(f"config.model: {e}") from None
-  return spec.build(config, num_classes, dtype, bn_axis_name)
+  model = spec.build(config, num_classes, dtype, bn_axis_name)
+  mean, std = tuple(config.get("input_mean", ())), tuple(config.get("input_std", ()))
+  if not mean and not std:
+    return model  # the model itself: nothing changes for a config without normalisation
+  return InputNormalization(model, tuple(map(float, mean)), tuple(map(float, std)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,7 +449,8 @@ def _build_small_cnn(config, num_classes, dtype, bn_axis_name) -> nn.Module:
 
 
 # PyTorch layouts of the original code (torch_models.py): Wong et al.'s PreActResNet18, the
-# paper's CNN as nn.Sequential `_model`, and the small CNN's named layers.
+# paper's CNN as nn.Sequential `_model`, the small CNN's named layers, and RobustBench's
+# WideResNet. Input normalisation is not part of a layout: torch_interop adds it to any model.
 
 def _preact_resnet18_torch_entries(config, params, image_shape) -> list[TorchEntry]:
   del config, image_shape
@@ -431,6 +465,28 @@ def _preact_resnet18_torch_entries(config, params, image_shape) -> list[TorchEnt
       if "shortcut" in params[f]:
         out.append(TorchEntry(f"{t}.shortcut.0", (f, "shortcut"), "conv"))
   return out + [TorchEntry("bn", ("bn",), "bn"), TorchEntry("linear", ("linear",), "dense")]
+
+
+def _wide_resnet_torch_entries(config, params, image_shape) -> list[TorchEntry]:
+  # RobustBench's WideResNet (TRADES' code): block{1,2,3}.layer.<i>, `convShortcut` where the
+  # block changes the width (our PreActBlock's `shortcut`: the same blocks), final `bn1`, `fc`.
+  del image_shape
+  out = [TorchEntry("conv1", ("conv1",), "conv")]
+  for group in range(1, 4):
+    for block in range((config.wrn_depth - 4) // 6):
+      t, f = f"block{group}.layer.{block}", f"block{group}_{block}"
+      out += [TorchEntry(f"{t}.bn1", (f, "bn1"), "bn"),
+              TorchEntry(f"{t}.conv1", (f, "conv1"), "conv"),
+              TorchEntry(f"{t}.bn2", (f, "bn2"), "bn"),
+              TorchEntry(f"{t}.conv2", (f, "conv2"), "conv")]
+      if "shortcut" in params[f]:
+        out.append(TorchEntry(f"{t}.convShortcut", (f, "shortcut"), "conv"))
+  return out + [TorchEntry("bn1", ("bn",), "bn"), TorchEntry("fc", ("linear",), "dense")]
+
+
+def _wide_resnet_torch_kwargs(config, num_classes, image_shape) -> dict:
+  return dict(depth=config.wrn_depth, num_classes=num_classes, widen_factor=config.wrn_widen,
+              in_channels=image_shape[2])
 
 
 def _preact_resnet18_torch_kwargs(config, num_classes, image_shape) -> dict:
@@ -474,12 +530,12 @@ def _small_cnn_torch_kwargs(config, num_classes, image_shape) -> dict:
 
 # The flags and derivative modes as measured (BENCHMARKS.md; xla_cpu's docstring, item 1): the
 # ResNets run with YNNPACK's convolutions off and GradAlign by jvp (1.6-1.7x faster there); the
-# CNNs with oneDNN and double backpropagation (as fast or faster). The WideResNet has no
-# PyTorch layout here.
+# CNNs with oneDNN and double backpropagation (as fast or faster).
 register(ModelSpec("preact_resnet18", _build_preact_resnet18, xla_cpu.RESNET_FLAGS, "jvp",
                    TorchLayout(_preact_resnet18_torch_entries, _preact_resnet18_torch_kwargs)))
 register(ModelSpec("resnet18", _build_resnet18, xla_cpu.RESNET_FLAGS, "jvp"))
-register(ModelSpec("wide_resnet", _build_wide_resnet, xla_cpu.RESNET_FLAGS, "jvp"))
+register(ModelSpec("wide_resnet", _build_wide_resnet, xla_cpu.RESNET_FLAGS, "jvp",
+                   TorchLayout(_wide_resnet_torch_entries, _wide_resnet_torch_kwargs)))
 register(ModelSpec("cnn", _build_cnn, xla_cpu.CNN_FLAGS, "double_backprop",
                    TorchLayout(_cnn_torch_entries, _cnn_torch_kwargs)))
 register(ModelSpec("small_cnn", _build_small_cnn, xla_cpu.CNN_FLAGS, "double_backprop",

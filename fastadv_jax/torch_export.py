@@ -105,7 +105,9 @@ def main(argv):
       FLAGS.out, config, variables, datasets.NUM_CLASSES[config.dataset], shape,
       info={"source_workdir": FLAGS.workdir, "weights": FLAGS.weights, "iteration": step,
             "dataset": config.dataset, "eps": config.eps,
-            "input": "NCHW float32 in [0, 1], no normalisation"})
+            "input": "NCHW float32 in [0, 1], " + (
+                "normalised inside the model by its mu and sigma buffers"
+                if torch_interop.normalization(config)["input_mean"] else "no normalisation")})
   _record(FLAGS.out, {os.path.basename(p): _sha256(p) for p in paths})
   print("\n".join(paths))
 

@@ -2,7 +2,7 @@
 
 Which layers a model has in PyTorch is part of its record (models.ModelSpec.torch, a
 models.TorchLayout: the state_dict entries and the constructor arguments); a model without one
-(torch=None, e.g. wide_resnet) cannot be converted, and says so. This module only converts.
+(torch=None, e.g. resnet18) cannot be converted, and says so. This module only converts.
 
 The conversions are plain numpy, so exporting needs no PyTorch; writing or reading a `.pt` file
 does (`pip install fastadv_jax[torch]`), a `.npz` of the same arrays does not. What changes
@@ -13,10 +13,20 @@ between the frameworks:
   - BatchNorm: scale/bias/mean/var <-> weight/bias/running_mean/running_var, eps 1e-5 in both
     (models.py); PyTorch's `num_batches_tracked` is written as 0 and ignored on import;
   - biases: the ResNets' convs have none in either layout.
+Input normalisation (config.input_mean / input_std, models.InputNormalization) is no layer of
+any layout: it is the buffers `mu` and `sigma`, shape (1, C, 1, 1), at the top of the state_dict
+(the names RobustBench's models use), and `mean` / `std` in spec.json's kwargs, for every model.
+Export writes them when the config normalises and not otherwise. Import checks them where a
+state_dict has them: they must equal the config's values (mean 0 and std 1 when the config has
+none), else a one-line error naming the key, since a model fed inputs normalised otherwise than it
+was trained with is wrong without any error. A state_dict without them (TRADES' checkpoints, whose
+normalisation is in the evaluation code) imports under any config.
+
 Import tolerates keys the original code has beyond these (e.g. `num_batches_tracked`, a
-`normalize` buffer) and a DataParallel `module.` prefix; a missing key, a shape that does not
-fit, a NaN/Inf value (also one that overflows float32) or a BatchNorm running_var below zero
-(which makes every logit NaN) is an error naming the tensor.
+`normalize` buffer, the `sub_block1` of RobustBench's TRADES-style WideResNet checkpoints) and a
+DataParallel `module.` prefix; a missing key, a shape that does not fit, a NaN/Inf value (also one
+that overflows float32) or a BatchNorm running_var below zero (which makes every logit NaN) is an
+error naming the tensor.
 """
 from __future__ import annotations
 
@@ -29,6 +39,10 @@ import ml_collections
 import numpy as np
 
 from fastadv_jax import checkpointing, config_validation, datasets, models, monitoring, workdir
+
+# The state_dict buffers of the input normalisation: (key, config field, value meaning "none").
+NORMALIZATION_KEYS = (("mu", "input_mean", 0.0), ("sigma", "input_std", 1.0))
+
 
 class InteropError(ValueError):
   """A state_dict or model that cannot be converted."""
@@ -59,6 +73,31 @@ def check_supported(config: ml_collections.ConfigDict) -> None:
 def _layout(config: ml_collections.ConfigDict, params: Mapping, image_shape: tuple
             ) -> list[models.TorchEntry]:
   return list(torch_layout(config).entries(config, params, tuple(image_shape)))
+
+
+def normalization(config: ml_collections.ConfigDict) -> dict[str, tuple[float, ...]]:
+  """{"input_mean": ..., "input_std": ...} of the config, as floats (empty: no normalisation)."""
+  return {field: tuple(float(v) for v in config.get(field, ()))
+          for _, field, _ in NORMALIZATION_KEYS}
+
+
+def _check_normalization(config: ml_collections.ConfigDict, sd: Mapping, channels: int) -> None:
+  """InteropError naming the key if a `mu` / `sigma` buffer of `sd` disagrees with the config."""
+  norm = normalization(config)
+  for key, field, neutral in NORMALIZATION_KEYS:
+    if key not in sd:
+      continue
+    with np.errstate(over="ignore"):
+      got = np.asarray(sd[key]).astype(np.float32).reshape(-1)
+    want = np.asarray(norm[field] or (neutral,) * channels, np.float32)
+    shown = ", ".join(f"{v:.6g}" for v in got[:8])
+    if got.size != channels:
+      raise InteropError(f"state_dict[{key!r}] (input normalisation) has {got.size} values, the "
+                         f"{channels}-channel input needs {channels}")
+    if not np.allclose(got, want, rtol=1e-6, atol=1e-7):
+      raise InteropError(f"state_dict[{key!r}] normalises the input with ({shown}) but "
+                         f"config.{field} is {norm[field] or '() (none)'}: set "
+                         f"--config.{field}=({shown}) to use the model as it was trained")
 
 
 def _get(tree: Mapping, path: tuple) -> Any:
@@ -102,15 +141,23 @@ def to_torch_state_dict(config: ml_collections.ConfigDict, variables: Mapping,
                  f"{e.torch}.running_mean": np.asarray(s["mean"]),
                  f"{e.torch}.running_var": np.asarray(s["var"]),
                  f"{e.torch}.num_batches_tracked": np.zeros((), np.int64)})
-  return {k: np.ascontiguousarray(v, dtype=np.int64 if v.dtype == np.int64 else np.float32)
+  for key, field, _ in NORMALIZATION_KEYS:
+    values = normalization(config)[field]
+    if values:
+      sd[key] = np.asarray(values, np.float32).reshape(1, -1, 1, 1)
+  # order="C", not ascontiguousarray: that makes num_batches_tracked 1-d, PyTorch's is 0-d
+  return {k: np.asarray(v, dtype=np.int64 if v.dtype == np.int64 else np.float32, order="C")
           for k, v in sd.items()}
 
 
 def from_torch_state_dict(config: ml_collections.ConfigDict, state_dict: Mapping,
                           template: Mapping, image_shape: tuple) -> dict:
-  """A PyTorch state_dict (arrays or tensors) -> Flax variables shaped like `template`."""
+  """A PyTorch state_dict (arrays or tensors) -> Flax variables shaped like `template` (the
+  variables, or their shapes from jax.eval_shape). Checks the normalisation buffers against the
+  config (_check_normalization)."""
   sd = {k[len("module."):] if k.startswith("module.") else k: np.asarray(v)
         for k, v in state_dict.items()}
+  _check_normalization(config, sd, image_shape[2])
 
   def take(key: str, shape: tuple) -> np.ndarray:
     if key not in sd:
@@ -156,13 +203,19 @@ def from_torch_state_dict(config: ml_collections.ConfigDict, state_dict: Mapping
 
 
 def _copy_tree(tree: Mapping) -> dict:
-  return {k: (_copy_tree(v) if isinstance(v, Mapping) else np.array(v)) for k, v in tree.items()}
+  """The nested dicts copied; array leaves copied, shape-only leaves (jax.ShapeDtypeStruct, no
+  __array__) kept: every one the layout covers is replaced by a converted array."""
+  return {k: (_copy_tree(v) if isinstance(v, Mapping)
+              else np.array(v) if hasattr(v, "__array__") else v) for k, v in tree.items()}
 
 
 def torch_spec(config: ml_collections.ConfigDict, num_classes: int, image_shape: tuple) -> dict:
   """The architecture (the model's name) and constructor arguments of this config, as the
   export's model.py (torch_models.build for the built-in models) reads them from spec.json."""
   kwargs = torch_layout(config).kwargs(config, num_classes, tuple(image_shape))
+  norm = normalization(config)
+  if norm["input_mean"] or norm["input_std"]:  # only then: other exports' spec.json unchanged
+    kwargs = {**kwargs, "mean": list(norm["input_mean"]), "std": list(norm["input_std"])}
   return {"architecture": config.model, "kwargs": kwargs}
 
 

@@ -51,6 +51,47 @@ def test_wide_resnet_parameter_counts_match_robustbench(depth, params):
   assert _count(_params(models.create_model(c, 10), (1, 32, 32, 3))["params"]) == params
 
 
+@pytest.mark.parametrize("depth", [28, 34, 70])
+@pytest.mark.parametrize("widen", [10, 16])
+def test_wide_resnet_parameter_counts_by_hand(depth, widen):
+  """Counted by hand (jax.eval_shape: WRN-70-16 allocates nothing): stem conv of 16, per block
+  BN (2 x in), conv3x3, BN, conv3x3 and a 1x1 shortcut where the width changes; BN, linear."""
+  c = load_config()
+  c.model, c.wrn_depth, c.wrn_widen = "wide_resnet", depth, widen
+  expected, c_in = 9 * 3 * 16, 16
+  for width in (16 * widen, 32 * widen, 64 * widen):
+    for _ in range((depth - 4) // 6):
+      expected += 2 * c_in + 9 * c_in * width + 2 * width + 9 * width * width
+      expected += c_in * width if c_in != width else 0
+      c_in = width
+  expected += 2 * c_in + c_in * 10 + 10
+  assert _count(_params(models.create_model(c, 10), (1, 32, 32, 3))["params"]) == expected
+  if (depth, widen) == (70, 16):
+    assert abs(expected - 266.8e6) < 0.05e6  # Gowal et al. (2020)'s "266.8M" WRN-70-16
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "wide_resnet"])
+def test_input_normalization_keeps_the_parameters_and_normalises_the_input(name):
+  """With input_mean / input_std the model is wrapped, its parameters keep their names and
+  initial values, and it computes the bare model on (x - mean) / std (also in training, with
+  its BatchNorm updates); without, it is the bare model itself."""
+  c = load_config()
+  c.model, c.dataset, c.n_filters, c.wrn_depth, c.wrn_widen = name, "cifar10", 4, 10, 1
+  bare = models.create_model(c, 10)
+  assert not isinstance(bare, models.InputNormalization)
+  c.input_mean, c.input_std = (0.5, 0.25, 0.125), (0.2, 0.3, 0.4)
+  wrapped = models.create_model(c, 10)
+  assert isinstance(wrapped, models.InputNormalization) and wrapped.dtype == jnp.float32
+  x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
+  v = bare.init(jax.random.key(0), x, train=False)
+  jax.tree.map(np.testing.assert_array_equal, wrapped.init(jax.random.key(0), x, train=False), v)
+  normalised = (x - jnp.array(c.input_mean)) / jnp.array(c.input_std)
+  got = wrapped.apply(v, x, train=True, mutable=["batch_stats"])
+  want = bare.apply(v, normalised, train=True, mutable=["batch_stats"])
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert not np.allclose(got[0], bare.apply(v, x, train=True, mutable=["batch_stats"])[0])
+
+
 @pytest.mark.parametrize("name,shape", [("preact_resnet18", (2, 32, 32, 3)),
                                         ("wide_resnet", (2, 32, 32, 3)),
                                         ("cnn", (2, 32, 32, 3)), ("small_cnn", (2, 28, 28, 1))])

@@ -1,16 +1,18 @@
 """PyTorch interop: export then import reproduces the model; the exported layout is what an
 NCHW PyTorch forward pass expects (checked with a numpy NCHW forward pass, and with PyTorch itself
-where the optional .venv-torch exists); the command lines round-trip a trained run."""
+where the optional .venv-torch exists); the command lines round-trip a trained run. WideResNets
+in RobustBench's layout at every size, and the input normalisation's mu / sigma buffers."""
 import json
 import os
 import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
-from fastadv_jax import models, saved_run, torch_interop, train
+from conftest import MOCK_DATA_CLI, ROOT, tiny_config
+from fastadv_jax import config_validation, models, saved_run, torch_interop, train
 
 SHAPE = (28, 28, 1)
 
@@ -107,7 +109,7 @@ def test_import_tolerates_extra_keys_and_names_what_is_missing_or_misshapen():
                                         sd, _variables(tiny_config(**dict(
                                             CONFIGS["small_cnn"], n_filters=8)), 1)[1], SHAPE)
   with pytest.raises(torch_interop.InteropError, match="supports"):
-    torch_interop.torch_spec(tiny_config(model="wide_resnet"), 10, SHAPE)
+    torch_interop.torch_spec(tiny_config(model="resnet18"), 10, SHAPE)
 
 
 def test_a_trained_run_round_trips_through_the_files(tmp_path, mock_fashion_mnist):
@@ -159,3 +161,225 @@ def test_pytorch_runs_the_export_with_the_same_logits(name, tmp_path):
   subprocess.run([str(TORCH), "-c", code, str(tmp_path)], check=True, timeout=120)
   np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.apply(v, x, train=False),
                              atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# WideResNets in RobustBench's layout, and the input normalisation (mu / sigma buffers).
+
+CIFAR = (32, 32, 3)
+WRN_SIZES = [(d, k) for d in (28, 34, 70) for k in (10, 16)]
+NORM = dict(input_mean=(0.4914, 0.4822, 0.4465), input_std=(0.2471, 0.2435, 0.2616))
+
+
+def _wrn_config(depth, widen, norm=False, **overrides):
+  return tiny_config(**{"model": "wide_resnet", "dataset": "cifar10", "wrn_depth": depth,
+                        "wrn_widen": widen, **(NORM if norm else {}), **overrides})
+
+
+def _shapes(config):
+  """The variables' shapes (jax.eval_shape: nothing allocated, WRN-70-16 is 267M parameters)."""
+  model = models.create_model(config, 10, half_precision=False)
+  return jax.eval_shape(model.init, jax.random.key(0), np.zeros((1,) + CIFAR, np.float32))
+
+
+def _random_like(shapes, seed):
+  """Random float32 values in [0, 1) for every leaf (a valid BatchNorm variance too): views of
+  one pool at random offsets, so WRN-70-16's 267M values cost no time or memory; within a leaf
+  (at most 9.4M values) they are distinct, and two leaves of one shape differ."""
+  rng = np.random.default_rng(seed)
+  pool = rng.random(1 << 24, np.float32)
+
+  def leaf(s):
+    size = int(np.prod(s.shape))
+    start = int(rng.integers(0, pool.size - size + 1))
+    return pool[start:start + size].reshape(s.shape)
+
+  return jax.tree.map(leaf, shapes)
+
+
+# Every size once; with normalisation (mu, sigma) for one widen factor of each depth.
+@pytest.mark.parametrize("depth,widen,norm", [(28, 10, False), (28, 16, True), (34, 10, True),
+                                              (34, 16, False), (70, 10, True), (70, 16, False)])
+def test_every_wide_resnet_size_round_trips_bit_exactly(depth, widen, norm):
+  config = _wrn_config(depth, widen, norm)
+  shapes = _shapes(config)
+  v = _random_like(shapes, depth + widen)
+  sd = torch_interop.to_torch_state_dict(config, v, CIFAR)
+  assert ("mu" in sd and "sigma" in sd) == norm
+  if norm:
+    np.testing.assert_array_equal(sd["mu"], np.float32(NORM["input_mean"]).reshape(1, 3, 1, 1))
+    np.testing.assert_array_equal(sd["sigma"], np.float32(NORM["input_std"]).reshape(1, 3, 1, 1))
+  back = torch_interop.from_torch_state_dict(config, sd, shapes, CIFAR)
+  del sd
+  assert jax.tree.structure(back) == jax.tree.structure(v)
+  assert all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in jax.tree.leaves(back))
+  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, back, v)))
+
+
+def test_wide_resnet_shortcuts_are_robustbenchs_convshortcuts():
+  """RobustBench has `convShortcut` exactly where a block changes the width: the first block of
+  groups 2 and 3, and of group 1 unless widen_factor is 1 (16 -> 16 channels)."""
+  for widen, first in ((1, ["block2", "block3"]), (2, ["block1", "block2", "block3"])):
+    config = _wrn_config(16, widen)
+    v = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), _shapes(config))
+    sd = torch_interop.to_torch_state_dict(config, v, CIFAR)
+    assert sorted(k for k in sd if "convShortcut" in k) == [
+        f"{g}.layer.0.convShortcut.weight" for g in first]
+    assert {k.split(".")[0] for k in sd} == {"conv1", "block1", "block2", "block3", "bn1", "fc"}
+    assert sd["fc.bias"].shape == (10,) and sd["block1.layer.1.bn2.running_var"].shape == (
+        16 * widen,)
+
+
+def _robustbench_checkpoint(sd):
+  """`sd` as RobustBench's TRADES-style checkpoints are: a DataParallel `module.` prefix, a
+  `sub_block1` beside block1, float64 normalisation buffers, num_batches_tracked counts."""
+  out = {}
+  for k, a in sd.items():
+    a = np.full((), 1234, np.int64) if k.endswith("num_batches_tracked") else a
+    out["module." + k] = a.astype(np.float64) if k in ("mu", "sigma") else a
+    if k.startswith("block1."):
+      out["module.sub_block1." + k[len("block1."):]] = a + np.ones_like(a)
+  return out
+
+
+def test_import_checks_the_normalisation_buffers_against_the_config():
+  config, plain = _wrn_config(10, 1, True), _wrn_config(10, 1)
+  shapes = _shapes(config)
+  v = _random_like(shapes, 5)
+  sd = _robustbench_checkpoint(torch_interop.to_torch_state_dict(config, v, CIFAR))
+  back = torch_interop.from_torch_state_dict(config, sd, shapes, CIFAR)
+  jax.tree.map(np.testing.assert_array_equal, back, v)
+  # a model trained on normalised inputs, imported without normalisation: refused
+  with pytest.raises(torch_interop.InteropError,
+                     match=r"state_dict\['mu'\] normalises the input .* config.input_mean is \(\)"):
+    torch_interop.from_torch_state_dict(plain, sd, shapes, CIFAR)
+  other = _wrn_config(10, 1, True, input_std=(0.25, 0.25, 0.25))
+  with pytest.raises(torch_interop.InteropError, match=r"'sigma'.*config.input_std"):
+    torch_interop.from_torch_state_dict(other, sd, shapes, CIFAR)
+  bad = dict(sd, **{"module.mu": np.zeros(4, np.float32)})
+  with pytest.raises(torch_interop.InteropError, match=r"'mu'.*has 4 values.* needs 3"):
+    torch_interop.from_torch_state_dict(config, bad, shapes, CIFAR)
+  # buffers that do nothing (mean 0, std 1) agree with no normalisation; none at all with any
+  neutral = dict(sd, **{"module.mu": np.zeros((1, 3, 1, 1)), "module.sigma": np.ones(3)})
+  torch_interop.from_torch_state_dict(plain, neutral, shapes, CIFAR)
+  bare = {k: a for k, a in sd.items() if k not in ("module.mu", "module.sigma")}
+  for c in (config, plain):
+    jax.tree.map(np.testing.assert_array_equal,
+                 torch_interop.from_torch_state_dict(c, bare, shapes, CIFAR), v)
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(input_mean=(0.5, 0.5), input_std=(0.2, 0.2, 0.2)), r"input_mean: needs one value .*3"),
+    (dict(input_mean=(0.5,) * 3, input_std=()), r"input_std: needs one value per channel"),
+    (dict(input_mean=(), input_std=(0.2,) * 3), r"input_mean: needs one value per channel"),
+    (dict(input_mean=(0.5,) * 3, input_std=(0.2, 0.0, 0.2)), r"input_std: must be > 0"),
+    (dict(input_mean=(0.5, float("nan"), 0.5), input_std=(0.2,) * 3), r"input_mean: must be fin"),
+])
+def test_the_normalisation_fields_are_validated(fields, match):
+  with pytest.raises(config_validation.ConfigError, match=match):
+    config_validation.validate_config(_wrn_config(10, 1, **fields))
+  with pytest.raises(config_validation.ConfigError, match=r"input_mean: .*fashion_mnist \(1\)"):
+    config_validation.validate_config(tiny_config(**NORM))  # fashion_mnist has one channel
+  config_validation.validate_config(_wrn_config(10, 1, True))
+
+
+def test_a_robustbench_checkpoint_imports_through_the_command_line_and_evaluates(tmp_path):
+  """The CLI imports a state_dict with RobustBench's extra keys and normalisation buffers into
+  a run that records the normalisation and holds the exported weights; evaluate reads it."""
+  config = _wrn_config(10, 1, True)
+  shapes = _shapes(config)
+  v = _random_like(shapes, 6)
+  v["params"] = jax.tree.map(lambda a: (a - 0.5) * 0.5, v["params"])
+  np.savez(tmp_path / "rb.npz",
+           **_robustbench_checkpoint(torch_interop.to_torch_state_dict(config, v, CIFAR)))
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
+
+  def cli(module, *args):
+    proc = subprocess.run([sys.executable, "-c", MOCK_DATA_CLI, module, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+  wd = tmp_path / "imported"
+  cli("fastadv_jax.torch_import", f"--state_dict={tmp_path / 'rb.npz'}",
+      f"--config={ROOT}/configs/cifar10.py", f"--workdir={wd}", "--config.model=wide_resnet",
+      "--config.wrn_depth=10", "--config.wrn_widen=1", "--config.data_dir=/nonexistent-use-mock",
+      f"--config.input_mean={NORM['input_mean']}", f"--config.input_std={NORM['input_std']}")
+  recorded, back, step = saved_run.load_run(str(wd))
+  assert step == 0 and tuple(recorded.input_std) == NORM["input_std"]
+  jax.tree.map(np.testing.assert_array_equal, back, v)
+  cli("fastadv_jax.evaluate", f"--workdir={wd}", "--n_eval=8", "--pgd_steps=1",
+      "--pgd_restarts=1")
+  out = next(wd.glob("eval_last_*.json"))
+  assert 0.0 <= json.loads(out.read_text())["clean_acc"] <= 1.0
+
+
+_TORCH_SHAPES = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import torch_models
+out = {}
+for name, spec in json.load(open(sys.argv[2])).items():
+  with torch.device("meta"):  # shapes only: nothing allocated
+    net = torch_models.build(spec)
+  out[name] = {k: list(t.shape) for k, t in net.state_dict().items()}
+json.dump(out, open(sys.argv[3], "w"))
+"""
+
+
+@pytest.mark.skipif(not TORCH.exists(), reason="needs the PyTorch environment "
+                    "(bash scripts/setup_bench.sh)")
+def test_the_pytorch_wide_resnet_has_the_exports_keys_and_shapes(tmp_path):
+  """torch_models.WideResNet, built from the export's spec.json for every size, has exactly the
+  state_dict keys and shapes the export writes (normalisation buffers included)."""
+  specs, expected = {}, {}
+  for depth, widen in WRN_SIZES + [(10, 1), (16, 2)]:
+    for norm in (False, True) if depth < 28 or (depth, widen) == (28, 10) else (False,):
+      config, name = _wrn_config(depth, widen, norm), f"{depth}-{widen}-{norm}"
+      zeros = jax.tree.map(lambda s: np.broadcast_to(np.float32(0), s.shape), _shapes(config))
+      sd = torch_interop.to_torch_state_dict(config, zeros, CIFAR)
+      expected[name] = {k: list(a.shape) for k, a in sd.items()}
+      specs[name] = torch_interop.torch_spec(config, 10, CIFAR)
+      del zeros, sd
+  (tmp_path / "specs.json").write_text(json.dumps(specs))
+  module_dir = os.path.join(ROOT, "fastadv_jax")
+  subprocess.run([str(TORCH), "-c", _TORCH_SHAPES, module_dir, str(tmp_path / "specs.json"),
+                  str(tmp_path / "out.json")], check=True, timeout=300)
+  got = json.loads((tmp_path / "out.json").read_text())
+  assert got.keys() == expected.keys()
+  for name in expected:
+    assert got[name] == expected[name], name
+
+
+@pytest.mark.skipif(not TORCH.exists(), reason="needs the PyTorch environment "
+                    "(bash scripts/setup_bench.sh)")
+def test_pytorch_runs_exported_wide_resnets_and_normalising_models_with_the_same_logits(
+    tmp_path):
+  """Small WideResNets (10-1: no shortcut in group 1; 16-2: two blocks a group) with and without
+  normalisation, non-trivial BatchNorm statistics, and a normalising small CNN (1 channel)."""
+  cases = {f"wrn{d}-{k}-{n}": (_wrn_config(d, k, n), CIFAR)
+           for d, k in ((10, 1), (16, 2)) for n in (False, True)}
+  cases["small_cnn-norm"] = (tiny_config(**CONFIGS["small_cnn"], input_mean=(0.3,),
+                                         input_std=(0.4,)), SHAPE)
+  expected = {}
+  for i, (name, (config, shape)) in enumerate(cases.items()):
+    model = models.create_model(config, 10, half_precision=False)
+    v = _random_like(jax.eval_shape(model.init, jax.random.key(0),
+                                    np.zeros((1,) + shape, np.float32)), i)
+    v["params"] = jax.tree.map(lambda a: (a - 0.5) * 0.6, v["params"])
+    v["batch_stats"] = jax.tree.map(lambda a: a + 0.5, v["batch_stats"])  # mean, var in [.5, 1.5)
+    torch_interop.write_export(str(tmp_path / name), config, v, 10, shape)
+    x = np.random.default_rng(10 + i).uniform(size=(4,) + shape).astype(np.float32)
+    np.save(tmp_path / name / "x.npy", x.transpose(0, 3, 1, 2))
+    expected[name] = np.asarray(model.apply(v, x, train=False))
+  code = ("import sys, numpy as np, torch\n"
+          "for d in sys.argv[1:]:\n"
+          "  sys.path.insert(0, d); import model; net = model.load(d); sys.path.pop(0)\n"
+          "  del sys.modules['model']\n"
+          "  y = net(torch.from_numpy(np.load(d + '/x.npy'))).detach().numpy()\n"
+          "  np.save(d + '/y.npy', y)\n")
+  subprocess.run([str(TORCH), "-c", code] + [str(tmp_path / n) for n in cases], check=True,
+                 timeout=300)
+  for name in cases:
+    assert np.std(expected[name]) > 1e-3, name  # the logits say something about the weights
+    np.testing.assert_allclose(np.load(tmp_path / name / "y.npy"), expected[name], atol=1e-4,
+                               err_msg=name)
