@@ -268,6 +268,17 @@ def test_import_checks_the_normalisation_buffers_against_the_config():
                  torch_interop.from_torch_state_dict(c, bare, shapes, CIFAR), v)
 
 
+def test_a_wide_resnet_of_another_size_is_refused_naming_the_tensor():
+  sd = torch_interop.to_torch_state_dict(
+      _wrn_config(10, 1), _random_like(_shapes(_wrn_config(10, 1)), 7), CIFAR)
+  deeper, wider = _wrn_config(16, 1), _wrn_config(10, 2)
+  with pytest.raises(torch_interop.InteropError, match=r"no 'block1.layer.1.bn1.weight'"):
+    torch_interop.from_torch_state_dict(deeper, sd, _shapes(deeper), CIFAR)
+  with pytest.raises(torch_interop.InteropError,
+                     match=r"'block1.layer.0.conv1.weight'\] has shape \(16, 16, 3, 3\)"):
+    torch_interop.from_torch_state_dict(wider, sd, _shapes(wider), CIFAR)
+
+
 @pytest.mark.parametrize("fields,match", [
     (dict(input_mean=(0.5, 0.5), input_std=(0.2, 0.2, 0.2)), r"input_mean: needs one value .*3"),
     (dict(input_mean=(0.5,) * 3, input_std=()), r"input_std: needs one value per channel"),
