@@ -34,7 +34,7 @@ def test_builtin_records_keep_their_flags_derivatives_and_layouts():
     assert xla_cpu.flags_for(name) == xla_cpu.CNN_FLAGS
     assert gradalign.derivative_mode(tiny_config(model=name)) == "double_backprop"
   assert xla_cpu.flags_for("not_registered") == xla_cpu.CNN_FLAGS
-  assert torch_interop.exportable() == ("preact_resnet18", "cnn", "small_cnn")
+  assert torch_interop.exportable() == ("preact_resnet18", "wide_resnet", "cnn", "small_cnn")
 
 
 def test_a_taken_name_refuses_a_different_record():
