@@ -97,7 +97,8 @@ def _check_normalization(config: ml_collections.ConfigDict, sd: Mapping, channel
     if not np.allclose(got, want, rtol=1e-6, atol=1e-7):
       raise InteropError(f"state_dict[{key!r}] normalises the input with ({shown}) but "
                          f"config.{field} is {norm[field] or '() (none)'}: set "
-                         f"--config.{field}=({shown}) to use the model as it was trained")
+                         f"--config.{field}=({shown.replace(' ', '')}) to use the model as "
+                         "it was trained")
 
 
 def _get(tree: Mapping, path: tuple) -> Any:
