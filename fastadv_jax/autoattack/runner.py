@@ -3,7 +3,9 @@ point is robust only if all attacks fail; the first adversarial example found is
 
 Points are compacted after every attack (and every target class) and spread over the local
 devices with pmap, like the Evaluator. Randomness is keyed by a point's position in the evaluated
-set, so results do not depend on the device count, the chunk size or which points are left. In a
+set, so results do not depend on the device count, the chunk size or which points are left, and
+by the attack (attack_key_id), not its place in the list; an attack restarted (restarts=) runs
+again on the points still robust with keys of its own per restart. In a
 multi-process run (distributed.py) each process attacks its own contiguous share of the points
 on its own devices, and the per-point results are gathered at the end, so every process returns
 the same result as one process with all the devices would.
@@ -230,7 +232,7 @@ class AutoAttack:
   draws per gradient, as the reference. `norm` is the threat model ("Linf" or "L2"; check_norm),
   which every attack must implement (Component.norms). `restarts` {name: n}: run that attack n
   times, each time on the points still robust with fresh randomness (a targeted one n times per
-  target class), on top of the version's (RESTARTS: plus runs apgd-ce, apgd-dlr and fab 5
+  target class), overriding the version's (RESTARTS: plus runs apgd-ce, apgd-dlr and fab 5
   times); restart 0 draws exactly what a run without restarts does. An attack's randomness
   does not depend on its place in the list (attack_key_id). `options` reaches components from
   outside the package as `ctx.settings.options`.
