@@ -49,9 +49,9 @@ flags.DEFINE_enum("weights", "last", list(saved_run.WEIGHTS),
                   "config.selection=validation).")
 flags.DEFINE_float("eps", None, "L-inf radius in pixel units; default: the training eps.")
 flags.DEFINE_integer("n_eval", None, "First n test points (-1 = all); default: n_final_eval.")
-flags.DEFINE_string("attack", "pgd", "pgd, autoattack (standard), autoattack-rand, or AutoAttack "
-                    "components (apgd-ce, apgd-t, fab-t, square, apgd-dlr, or any registered by "
-                    "a plugin), comma-separated.")
+flags.DEFINE_string("attack", "pgd", "pgd, autoattack (standard), autoattack-rand, "
+                    "autoattack-plus, or AutoAttack components (apgd-ce, apgd-t, fab-t, square, "
+                    "apgd-dlr, fab, or any registered by a plugin), comma-separated.")
 flags.DEFINE_integer("pgd_steps", 50, "PGD iterations.")
 flags.DEFINE_integer("pgd_restarts", 10, "PGD restarts.")
 flags.DEFINE_integer("seed", 0, "Seed of the attacks' random starts.")
@@ -93,9 +93,7 @@ def output_name(weights: str, eps: float, n: int, run_pgd: bool, aa_attacks: tup
                 steps: int, restarts: int) -> str:
   parts = [f"pgd{steps}x{restarts}"] if run_pgd else []
   if aa_attacks:
-    standard = tuple(aa_attacks) == autoattack.VERSIONS["standard"]
-    rand = tuple(aa_attacks) == autoattack.VERSIONS["rand"]
-    parts.append("aa-" + ("standard" if standard else "rand" if rand else "+".join(aa_attacks)))
+    parts.append("aa-" + (autoattack.version_of(aa_attacks) or "+".join(aa_attacks)))
   return f"eval_{weights}_eps{eps:.4f}_n{n}_{'+'.join(parts)}.json"
 
 

@@ -32,28 +32,35 @@ Variables = dict[str, Any]
 NonFiniteOutputError = checks.NonFiniteOutputError  # NaN/Inf weights or logits: no accuracy
 
 
+# --attack items that name an AutoAttack version (autoattack.VERSIONS).
+_VERSION_ITEMS = {"autoattack": "standard", "autoattack-rand": "rand",
+                  "autoattack-plus": "plus"}
+
+
 def parse_attack_spec(spec: str) -> tuple[bool, tuple[str, ...]]:
-  """'pgd' | 'autoattack' | 'autoattack-rand' | AutoAttack components, comma-separated and
-  combinable (e.g. 'pgd,autoattack', 'apgd-ce,apgd-t') -> (run PGD?, AutoAttack's attacks).
+  """'pgd' | 'autoattack' | 'autoattack-rand' | 'autoattack-plus' | AutoAttack components,
+  comma-separated and combinable (e.g. 'pgd,autoattack', 'apgd-ce,apgd-t') -> (run PGD?,
+  AutoAttack's attacks). A version alone gives exactly its attacks, so AutoAttack recognises it
+  (runner.version_of: plus's restarts, rand's EOT).
 
   Components are those registered when it is called (plugins included). ValueError names the
   bad item."""
   known = autoattack.names()
   items = [s.strip() for s in str(spec).split(",") if s.strip()]
   if not items:
-    raise ValueError("empty attack list: use pgd, autoattack, autoattack-rand or components "
-                     f"({', '.join(known)})")
+    raise ValueError("empty attack list: use pgd, autoattack, autoattack-rand, autoattack-plus "
+                     f"or components ({', '.join(known)})")
   pgd, aa = False, []
   for item in items:
     if item == "pgd":
       pgd = True
-    elif item in ("autoattack", "autoattack-rand"):
-      aa += autoattack.VERSIONS["rand" if item.endswith("rand") else "standard"]
+    elif item in _VERSION_ITEMS:
+      aa += autoattack.VERSIONS[_VERSION_ITEMS[item]]
     elif item in known:
       aa.append(item)
     else:
-      raise ValueError(f"unknown attack {item!r}: choose pgd, autoattack, autoattack-rand or "
-                       f"AutoAttack components ({', '.join(known)})")
+      raise ValueError(f"unknown attack {item!r}: choose pgd, autoattack, autoattack-rand, "
+                       f"autoattack-plus or AutoAttack components ({', '.join(known)})")
   return pgd, tuple(dict.fromkeys(aa))
 
 

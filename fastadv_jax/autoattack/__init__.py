@@ -1,4 +1,5 @@
-"""AutoAttack in JAX (Croce & Hein, ICML 2020): APGD-CE, APGD-T, FAB-T and Square, composed.
+"""AutoAttack in JAX (Croce & Hein, ICML 2020): APGD-CE, APGD-T, FAB-T and Square, composed
+(the standard version; also rand, and plus with APGD-DLR, untargeted FAB and restarts).
 
 For a model of your own, `evaluate(logits_fn, images, labels, eps)` with `logits_fn(x) -> logits`
 (float32 NHWC images in [0, 1]; `randomized=True` for `logits_fn(x, key)`); for this library's
@@ -17,14 +18,16 @@ import numpy as np
 from fastadv_jax.autoattack import runner
 from fastadv_jax.autoattack.component import (NORMS, Component, Context, Settings, components, get,
                                               names, register, unregister)
-from fastadv_jax.autoattack.runner import (VERSIONS, AttackRecord, AutoAttack, AutoAttackResult,
-                                           NonFiniteOutputError, check_classes, check_norm,
-                                           output_classes, parse_attacks)
+from fastadv_jax.autoattack.runner import (RESTARTS, VERSIONS, AttackRecord, AutoAttack,
+                                           AutoAttackResult, NonFiniteOutputError, check_classes,
+                                           check_norm, check_restarts, output_classes,
+                                           parse_attacks, version_of)
 
-__all__ = ["ATTACKS", "GRADIENT_BASED", "NORMS", "TARGETED", "VERSIONS", "AttackRecord",
-           "AutoAttack", "AutoAttackResult", "Component", "Context", "NonFiniteOutputError",
-           "Settings", "check_classes", "check_norm", "components", "evaluate", "get", "names", "output_classes",
-           "parse_attacks", "register", "unregister"]
+__all__ = ["ATTACKS", "GRADIENT_BASED", "NORMS", "RESTARTS", "TARGETED", "VERSIONS",
+           "AttackRecord", "AutoAttack", "AutoAttackResult", "Component", "Context",
+           "NonFiniteOutputError", "Settings", "check_classes", "check_norm", "check_restarts",
+           "components", "evaluate", "get", "names", "output_classes", "parse_attacks",
+           "register", "unregister", "version_of"]
 
 
 def __getattr__(name: str) -> Any:

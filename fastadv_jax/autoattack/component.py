@@ -49,6 +49,10 @@ class Context:
   class of a targeted component (the `rank`-th largest clean logit), else y; keys: one key per
   point, keyed by its position in the evaluated set (so results do not depend on the batch or
   device count); eps: the radius in `settings.norm`; rank: the target rank (0 for untargeted components).
+  restart: which run of the component this is on the points still robust (0, 1, ...; traced),
+  when the runner restarts it (AutoAttack(restarts=...)): every restart has its own keys and
+  model_key (restart 0 those of a run without restarts), so a component with a random start
+  gets a fresh one; a component that starts differently after the first run reads restart.
   """
   logits_fn: Callable[[jax.Array, jax.Array], jax.Array]
   x: jax.Array
@@ -59,6 +63,7 @@ class Context:
   model_key: jax.Array
   rank: jax.Array
   settings: Settings
+  restart: jax.Array | int = 0
 
 
 @dataclasses.dataclass(frozen=True)

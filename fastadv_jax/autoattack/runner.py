@@ -3,7 +3,9 @@ point is robust only if all attacks fail; the first adversarial example found is
 
 Points are compacted after every attack (and every target class) and spread over the local
 devices with pmap, like the Evaluator. Randomness is keyed by a point's position in the evaluated
-set, so results do not depend on the device count, the chunk size or which points are left. In a
+set, so results do not depend on the device count, the chunk size or which points are left, and
+by the attack (attack_key_id), not its place in the list; an attack restarted (restarts=) runs
+again on the points still robust with keys of its own per restart. In a
 multi-process run (distributed.py) each process attacks its own contiguous share of the points
 on its own devices, and the per-point results are gathered at the end, so every process returns
 the same result as one process with all the devices would.
@@ -17,7 +19,8 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Any, Callable, Sequence
+import zlib
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,16 +33,37 @@ from fastadv_jax.autoattack import checks, component
 from fastadv_jax.autoattack import losses as aa_losses
 from fastadv_jax.autoattack.checks import NonFiniteOutputError
 
-__all__ = ["ATTACKS", "GRADIENT_BASED", "TARGETED", "VERSIONS", "ApplyFn", "AttackRecord",
-           "AutoAttack", "AutoAttackResult", "NonFiniteOutputError", "attack_records",
-           "check_classes", "check_norm", "output_classes", "parse_attacks"]
+__all__ = ["ATTACKS", "GRADIENT_BASED", "RESTARTS", "TARGETED", "VERSIONS", "ApplyFn",
+           "AttackRecord", "AutoAttack", "AutoAttackResult", "NonFiniteOutputError",
+           "attack_key_id", "attack_records", "check_classes", "check_norm", "check_restarts",
+           "output_classes", "parse_attacks", "version_of"]
 
 # (variables, x, key) -> logits; `key` drives a randomised model and is ignored by others.
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
-# The reference's versions, by component name (resolved in the live registry when used).
+# The reference's versions, by component name (resolved in the live registry when used), in the
+# reference's order.
 VERSIONS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
-            "rand": ("apgd-ce", "apgd-dlr")}
+            "rand": ("apgd-ce", "apgd-dlr"),
+            "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")}
+# Runs per attack on the points still robust where a version has more than one (the reference's
+# n_restarts; its plus version keeps 9 target classes and 5000 Square queries, the defaults).
+RESTARTS = {"plus": {"apgd-ce": 5, "apgd-dlr": 5, "fab": 5}}
+
+# The number each attack's randomness is folded by: its position in `standard` (else in
+# `rand`), as when keys followed the position in the list, so those two versions keep their
+# results; for any other attack a stable number from its name. An attack draws the same
+# per-point randomness in every list it runs in (plus runs standard's attacks exactly as
+# standard does on the points still robust, so it can never be weaker on them).
+_KEY_IDS = {"apgd-ce": 0, "apgd-t": 1, "fab-t": 2, "square": 3, "apgd-dlr": 1}
+
+
+def attack_key_id(name: str) -> int:
+  """The number `name`'s randomness is folded by (see _KEY_IDS): apgd-dlr shares 1 with apgd-t,
+  whose target ranks (>= 2) never meet its rank 0."""
+  if name in _KEY_IDS:
+    return _KEY_IDS[name]
+  return (1 << 16) + zlib.crc32(name.encode()) % ((1 << 31) - (1 << 16))
 
 
 def __getattr__(name: str):
@@ -149,8 +173,8 @@ def output_classes(apply_fn: ApplyFn, variables: Any, image_shape: tuple) -> int
 
 
 def parse_attacks(spec: str | Sequence[str]) -> tuple[str, ...]:
-  """'standard' | 'rand' | a comma-separated list of registered components -> the attack
-  names, validated against the live registry."""
+  """'standard' | 'rand' | 'plus' | a comma-separated list of registered components -> the
+  attack names, validated against the live registry."""
   if isinstance(spec, str):
     if spec in VERSIONS:
       return VERSIONS[spec]
@@ -159,19 +183,59 @@ def parse_attacks(spec: str | Sequence[str]) -> tuple[str, ...]:
   known = component.names()
   bad = [s for s in names if s not in known]
   if bad or not names:
-    raise ValueError(f"unknown attack {bad[0] if bad else spec!r}: choose 'standard', 'rand' or a "
-                     f"comma-separated list of {', '.join(known)}")
+    raise ValueError(f"unknown attack {bad[0] if bad else spec!r}: choose 'standard', 'rand', "
+                     f"'plus' or a comma-separated list of {', '.join(known)}")
   return names
+
+
+def version_of(attacks: Sequence[str]) -> str | None:
+  """The version (a VERSIONS key) whose attacks are exactly `attacks`, in order, else None."""
+  return next((v for v, names in VERSIONS.items() if names == tuple(attacks)), None)
+
+
+def _check_distinct_keys(attacks: Sequence[str]) -> None:
+  """ValueError unless every attack of the list draws its own randomness: an attack listed
+  twice would repeat its first run exactly (restarts run it again with fresh keys)."""
+  seen: dict[tuple[int, bool], str] = {}
+  for name in attacks:
+    slot = (attack_key_id(name), component.get(name).targeted)
+    if slot in seen:
+      if seen[slot] == name:
+        raise ValueError(f"attack {name!r} is listed twice: to run it again on the points still "
+                         f"robust use restarts={{{name!r}: 2}}")
+      raise ValueError(f"attacks {seen[slot]!r} and {name!r} would draw the same randomness "
+                       "(runner.attack_key_id): rename one")
+    seen[slot] = name
+
+
+def check_restarts(attacks: Sequence[str], restarts: Mapping[str, int] | None = None
+                   ) -> dict[str, int]:
+  """Runs per attack: 1, or the version's (RESTARTS) when `attacks` is a version, overridden
+  by `restarts` {name: n >= 1}; ValueError for a name not run or a bad count."""
+  version = version_of(attacks)
+  runs = {name: RESTARTS.get(version, {}).get(name, 1) for name in attacks}
+  for name, n in dict(restarts or {}).items():
+    if name not in runs:
+      raise ValueError(f"restarts: {name!r} is not among the attacks run "
+                       f"({', '.join(dict.fromkeys(attacks))})")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+      raise ValueError(f"restarts[{name!r}] must be an integer >= 1, got {n!r}")
+    runs[name] = int(n)
+  return runs
 
 
 class AutoAttack:
   """Jitted, device-parallel AutoAttack of a model `apply_fn(variables, x, key) -> logits`.
 
-  Images are float32 NHWC in [0, 1]. `attacks` is 'standard', 'rand' or a list of registered
-  components (component.py); 'rand' uses EOT over `eot_iter` (default 20) model draws per
-  gradient, as the reference. `norm` is the threat model ("Linf" or "L2"; check_norm), which
-  every attack must implement (Component.norms). `options` reaches components from outside the
-  package as `ctx.settings.options`.
+  Images are float32 NHWC in [0, 1]. `attacks` is 'standard', 'rand', 'plus' or a list of
+  registered components (component.py); 'rand' uses EOT over `eot_iter` (default 20) model
+  draws per gradient, as the reference. `norm` is the threat model ("Linf" or "L2"; check_norm),
+  which every attack must implement (Component.norms). `restarts` {name: n}: run that attack n
+  times, each time on the points still robust with fresh randomness (a targeted one n times per
+  target class), overriding the version's (RESTARTS: plus runs apgd-ce, apgd-dlr and fab 5
+  times); restart 0 draws exactly what a run without restarts does. An attack's randomness
+  does not depend on its place in the list (attack_key_id). `options` reaches components from
+  outside the package as `ctx.settings.options`.
   """
 
   def __init__(self, apply_fn: ApplyFn, num_classes: int, eps: float,
@@ -179,9 +243,12 @@ class AutoAttack:
                fab_steps: int = 100, square_queries: int = 5000, n_target_classes: int = 9,
                eot_iter: int | None = None, batch_size: int = 500,
                devices: list | None = None, progress: bool = True,
-               options: dict[str, Any] | None = None, norm: str = "Linf"):
+               options: dict[str, Any] | None = None, norm: str = "Linf",
+               restarts: Mapping[str, int] | None = None):
     self.attacks = parse_attacks(attacks)
     check_norm(self.attacks, norm, eps)
+    self.restarts = check_restarts(self.attacks, restarts)
+    _check_distinct_keys(self.attacks)
     for name, v in (("apgd_steps", apgd_steps), ("fab_steps", fab_steps),
                     ("square_queries", square_queries), ("n_target_classes", n_target_classes)):
       if v < 1:
@@ -192,7 +259,7 @@ class AutoAttack:
     self.components = {name: component.get(name) for name in self.attacks}
     self.n_targets = min(n_target_classes, num_classes - 1)
     rand = self.attacks == VERSIONS["rand"]
-    self.version = "rand" if rand else "standard"
+    self.version = version_of(self.attacks) or "standard"
     self.settings = component.Settings(
         apgd_steps=apgd_steps, fab_steps=fab_steps, square_queries=square_queries,
         eot_iter=eot_iter if eot_iter is not None else (20 if rand else 1),
@@ -202,18 +269,20 @@ class AutoAttack:
     self.batch_size = parallel.device_batch_size(batch_size, self.n_dev)
     self.progress = progress
     pm = functools.partial(jax.pmap, devices=self.devices)
-    # (variables, (x, y, idx), rng, eps, state, i0, rank, name, phase, block): the last 3
-    # static, so the 9 target classes of a targeted attack share one compiled program per phase.
+    # (variables, (x, y, idx), rng, eps, state, i0, rank, restart, name, phase, block): the
+    # last 3 static, so the 9 target classes of a targeted attack and its restarts share one
+    # compiled program per phase.
     # The points travel as one tuple with a tuple in_axes: with only ints and Nones, pmap takes
     # every argument for one leaf whenever the leaf count happens to equal the argument count
     # (e.g. empty variables and a one-array state) and maps the wrong arguments.
-    self._phase = pm(self._phase_chunk, in_axes=(None, (0, 0, 0), None, None, 0, None, None),
-                     static_broadcasted_argnums=(7, 8, 9))
+    self._phase = pm(self._phase_chunk,
+                     in_axes=(None, (0, 0, 0), None, None, 0, None, None, None),
+                     static_broadcasted_argnums=(8, 9, 10))
     self._probe = pm(self._probe_chunk, in_axes=(None, 0, 0))
 
   # --- per-device functions -------------------------------------------------------------------
-  def _phase_chunk(self, variables, points, rng, eps, state, i0, rank, name: str, phase: str,
-                   block: int):
+  def _phase_chunk(self, variables, points, rng, eps, state, i0, rank, restart, name: str,
+                   phase: str, block: int):
     """One phase of a component on one device's chunk: 'init' -> state, 'block' (iterations
     i0 .. i0 + block - 1, unrolled on CPU) -> state, 'finish' -> (robust, x_adv). The record
     decides everything attack-specific."""
@@ -226,7 +295,8 @@ class AutoAttack:
       target = (aa_losses.kth_class(logits_fn(x, model_key), rank) if comp.targeted else y)
       state = {"target": target}
     ctx = component.Context(logits_fn=logits_fn, x=x, y=y, target=state["target"], keys=keys,
-                            eps=eps, model_key=model_key, rank=rank, settings=self.settings)
+                            eps=eps, model_key=model_key, rank=rank, settings=self.settings,
+                            restart=restart)
     if phase == "init":
       return dict(state, attack=comp.init(ctx))
     if phase == "block":
@@ -254,14 +324,14 @@ class AutoAttack:
       out = fn(*parallel.shard(tuple(a[pos] for a in arrays), self.n_dev))
       yield pos[:m], parallel.unshard(out, m)
 
-  def _attack_points(self, variables, rng, name: str, rank: int, x, y, idx):
+  def _attack_points(self, variables, rng, name: str, rank: int, restart: int, x, y, idx):
     """One attack (one target rank) on one chunk of points, its iterations driven from here:
     XLA:CPU runs convolutions inside a while loop several times slower than in straight-line
     code (xla_cpu.py), so each call runs a block of unrolled iterations."""
     eps = jnp.float32(self.eps)
     call = lambda state, i0, phase, block=0: self._phase(  # noqa: E731
-        variables, (x, y, idx), rng, eps, state, jnp.int32(i0), jnp.int32(rank), name, phase,
-        block)
+        variables, (x, y, idx), rng, eps, state, jnp.int32(i0), jnp.int32(rank),
+        jnp.int32(restart), name, phase, block)
     comp = self.components[name]
     state = call(None, 0, "init")
     total = comp.iterations(self.settings)
@@ -312,13 +382,16 @@ class AutoAttack:
     for a, name in enumerate(self.attacks):
       start, attacked = time.perf_counter(), int(robust[mine].sum())
       ranks = range(2, self.n_targets + 2) if self.components[name].targeted else [0]
-      for rank in ranks:
+      runs = self.restarts[name]
+      # As the reference: every target class in turn, each run `runs` times on what is left.
+      for rank, restart in ((k, r) for k in ranks for r in range(runs)):
         todo = lo + np.flatnonzero(robust[mine])
         if not todo.size:
           break
-        bar = self._bar(name if not rank else f"{name} {rank - 1}/{self.n_targets}", todo.size)
-        pass_rng = jax.random.fold_in(jax.random.fold_in(rng, a), rank)
-        attack = functools.partial(self._attack_points, variables, pass_rng, name, rank)
+        label = name if not rank else f"{name} {rank - 1}/{self.n_targets}"
+        bar = self._bar(label if runs == 1 else f"{label} run {restart + 1}/{runs}", todo.size)
+        attack = functools.partial(self._attack_points, variables,
+                                   self._pass_rng(rng, name, rank, restart), name, rank, restart)
         for pos, (still, adv) in self._map(attack, todo, (x, y, np.arange(n, dtype=np.int32))):
           hit = pos[~still]
           robust[hit], x_adv[hit], broken_by[hit] = False, adv[~still], a
@@ -345,6 +418,13 @@ class AutoAttack:
       logging.warning("autoattack: %s", w)
     return AutoAttackResult(clean, robust, x_adv, broken_by, self.attacks, records, warnings,
                             self.eps, self.settings.norm)
+
+  @staticmethod
+  def _pass_rng(rng: jax.Array, name: str, rank: int, restart: int) -> jax.Array:
+    """The key of one run of an attack: folded by its attack_key_id (not its place in the list)
+    and target rank; restarts after the first fold their number in too."""
+    key = jax.random.fold_in(jax.random.fold_in(rng, attack_key_id(name)), rank)
+    return key if restart == 0 else jax.random.fold_in(key, restart)
 
   def _checked_points(self, n: int) -> int:
     """How many leading points the reference's sanity checks look at: the first chunk of a
