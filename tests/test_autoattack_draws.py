@@ -77,7 +77,7 @@ def test_a_single_draw_leaves_weaker_adversarial_examples():
   assert single.draws == 1 and single.robust_rate is None
   p_single = _p_correct(single.x_adv)  # the robustness of its final examples, in closed form
   unattacked = ~single.clean
-  assert 0.15 < np.mean(unattacked) < 0.45
+  assert 0.1 < np.mean(unattacked) < 0.6
   np.testing.assert_array_equal(single.x_adv[unattacked], x[unattacked])
   # In expectation at least P(one clean draw wrong) * P(correct draw on the clean point).
   assert np.mean(p_single) >= 0.5 * np.mean((1 - p_clean) * p_clean)
