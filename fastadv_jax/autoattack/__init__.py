@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from fastadv_jax.autoattack import runner
+from fastadv_jax.autoattack import draws, runner
 from fastadv_jax.autoattack.component import (NORMS, Component, Context, Settings, components, get,
                                               names, register, unregister)
 from fastadv_jax.autoattack.runner import (RESTARTS, VERSIONS, AttackRecord, AutoAttack,
@@ -48,7 +48,11 @@ def evaluate(logits_fn: Callable[..., jax.Array], images: np.ndarray, labels: np
   land in `train`). A `logits_fn` that cannot be called without a key while randomized=False is
   a ValueError asking for randomized=True; a randomised model that draws without a key is only
   flagged in `.warnings` ("outputs change between calls"). With randomized=True use
-  attacks='rand' (EOT) for a faithful evaluation.
+  attacks='rand' (EOT) for a faithful evaluation; a model whose logits change between keys is
+  then evaluated over `draws` model draws per candidate (draws.py states the rule: the
+  candidate correct in the fewest draws is kept, and `.accuracy` is the mean share of fresh
+  draws correct on it). Logits that change with the batch a point is evaluated in (BatchNorm in
+  train mode?) are flagged in `.warnings` too.
 
   Returns an AutoAttackResult: `.accuracy`, `.robust`, `.x_adv`, per-attack `.records` and
   `.warnings`; a point is robust only if it is classified correctly without attack. NaN or Inf

@@ -59,6 +59,12 @@ def check_finite_logits(finite: np.ndarray) -> None:
 
 PGD_GAP = 0.05  # PGD accuracy this far above AutoAttack's suggests the PGD evaluation was weak
 SQUARE_RATE = 0.002  # the reference's threshold: Square breaking more than 0.2 % of the points
+RANDOM_TOL = 1e-5  # logits differing this much between two model keys: a randomised model
+# A point's logits in its batch vs alone, relative to max(1, max |logit|): a batch-independent
+# model gives exactly 0 on CPU (the alone pass is the same batched program under vmap; the
+# library's CNNs and ResNets, measured), float32 reassociation at most ~1e-6; BatchNorm in
+# train mode gave 0.03 to 0.6 per point on the same models.
+BATCH_TOL = 1e-3
 
 
 def point_flags(logits_a: np.ndarray, logits_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,9 +81,31 @@ def randomised(difference: np.ndarray, version: str) -> str | None:
   """Two calls with different model keys disagree: the defence is randomised. `difference`:
   per point, max |difference| of the logits (point_flags)."""
   diff = float(np.max(difference))
-  if diff > 1e-5 and version != "rand":
+  if diff > RANDOM_TOL and version != "rand":
     return (f"the model's outputs change between calls (max |difference| {diff:.3g}): it is "
             "randomised, so use the rand version (--attack=autoattack-rand; EOT over 20 draws)")
+  return None
+
+
+def batch_gap(logits_batch: np.ndarray, logits_alone: np.ndarray) -> np.ndarray:
+  """Per point, max |logits in its batch - logits evaluated alone| over classes, relative to
+  max(1, max |logit in its batch|): what `batch_dependent` compares with BATCH_TOL."""
+  diff = np.max(np.abs(logits_batch - logits_alone), axis=-1)
+  return diff / np.maximum(1.0, np.max(np.abs(logits_batch), axis=-1))
+
+
+def batch_dependent(gap: np.ndarray, randomised_model: bool) -> str | None:
+  """A point's logits change with the batch it is evaluated in (batch_gap per point): then
+  every verdict depends on which points share a chunk, and an attack that moves one point moves
+  the others' logits too. Not judged for a randomised model, whose draws for a batch and for
+  one point differ anyway (RANDOM_TOL)."""
+  gap = np.asarray(gap, np.float32)
+  flagged = int(np.sum(gap > BATCH_TOL))
+  if flagged and not randomised_model:
+    return (f"the model's outputs depend on the batch: {flagged} of {gap.size} points get other "
+            f"logits alone than in their batch (max relative difference {float(np.max(gap)):.3g})"
+            ": BatchNorm in train mode? (or another cross-example interaction) Its robustness "
+            "then depends on which points are evaluated together")
   return None
 
 

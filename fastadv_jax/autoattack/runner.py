@@ -30,6 +30,7 @@ from fastadv_jax import distributed, parallel, randomness, xla_cpu
 # The built-in components register themselves when their modules are imported.
 from fastadv_jax.autoattack import apgd, fab, square  # noqa: F401  pylint: disable=unused-import
 from fastadv_jax.autoattack import checks, component
+from fastadv_jax.autoattack import draws as draws_lib
 from fastadv_jax.autoattack import losses as aa_losses
 from fastadv_jax.autoattack.checks import NonFiniteOutputError
 
@@ -116,20 +117,29 @@ class AutoAttackResult:
   warnings: list[str]
   eps: float
   norm: str = "Linf"
+  # A randomised model evaluated over `draws` > 1 model draws (draws.py): per point, the share
+  # of fresh draws correct on the kept candidate (`x_adv`), of the clean point's draws, and of
+  # the kept candidate's selection draws (PR #105's number). Then `clean` / `robust` mean
+  # "correct in at least one draw" (clean point / kept candidate) and `broken_by` names the
+  # attack after which no draw classified the kept candidate correctly.
+  draws: int = 1
+  robust_rate: np.ndarray | None = None
+  clean_rate: np.ndarray | None = None
+  selection_rate: np.ndarray | None = None
 
   @property
   def accuracy(self) -> float:
-    return float(np.mean(self.robust))
+    return float(np.mean(self.robust if self.robust_rate is None else self.robust_rate))
 
   @property
   def clean_accuracy(self) -> float:
-    return float(np.mean(self.clean))
+    return float(np.mean(self.clean if self.clean_rate is None else self.clean_rate))
 
   def summary(self) -> dict:
     """The results.json fields: accuracy, per-attack robust counts and times (this process's,
     and every process's in process order: a one-element list in a single-process run, so the
     field is always there), warnings."""
-    return {
+    out = {
         "autoattack_acc": self.accuracy, "autoattack_clean_acc": self.clean_accuracy,
         "autoattack_eps": self.eps, "autoattack_norm": self.norm,
         "autoattack_n": int(self.robust.size),
@@ -140,6 +150,10 @@ class AutoAttackResult:
                                            for r in self.records},
         "autoattack_warnings": list(self.warnings),
     }
+    if self.draws > 1:  # a randomised model: the rule, K, and PR #105's own number
+      out.update(autoattack_draws=self.draws, autoattack_draws_rule=draws_lib.RULE,
+                 autoattack_acc_selection=float(np.mean(self.selection_rate)))
+    return out
 
 
 def check_classes(attacks: Sequence[str], num_classes: int) -> None:
@@ -235,7 +249,9 @@ class AutoAttack:
   target class), overriding the version's (RESTARTS: plus runs apgd-ce, apgd-dlr and fab 5
   times); restart 0 draws exactly what a run without restarts does. An attack's randomness
   does not depend on its place in the list (attack_key_id). `options` reaches components from
-  outside the package as `ctx.settings.options`.
+  outside the package as `ctx.settings.options`. `draws`: K model draws per candidate for a
+  randomised model (draws.py's rule; default draws.DRAWS when the probe finds the logits change
+  between model keys, else 1: the reference's single evaluation, unchanged).
   """
 
   def __init__(self, apply_fn: ApplyFn, num_classes: int, eps: float,
@@ -244,8 +260,11 @@ class AutoAttack:
                eot_iter: int | None = None, batch_size: int = 500,
                devices: list | None = None, progress: bool = True,
                options: dict[str, Any] | None = None, norm: str = "Linf",
-               restarts: Mapping[str, int] | None = None):
+               restarts: Mapping[str, int] | None = None, draws: int | None = None):
     self.attacks = parse_attacks(attacks)
+    if draws is not None and draws < 1:
+      raise ValueError(f"draws must be >= 1, got {draws}")
+    self.draws = draws
     check_norm(self.attacks, norm, eps)
     self.restarts = check_restarts(self.attacks, restarts)
     _check_distinct_keys(self.attacks)
@@ -279,6 +298,8 @@ class AutoAttack:
                      in_axes=(None, (0, 0, 0), None, None, 0, None, None, None),
                      static_broadcasted_argnums=(8, 9, 10))
     self._probe = pm(self._probe_chunk, in_axes=(None, 0, 0))
+    self._count = pm(self._count_chunk, in_axes=(None, 0, 0, 0, None),
+                     static_broadcasted_argnums=(5,))
 
   # --- per-device functions -------------------------------------------------------------------
   def _phase_chunk(self, variables, points, rng, eps, state, i0, rank, restart, name: str,
@@ -306,14 +327,21 @@ class AutoAttack:
     return comp.finish(ctx, state["attack"])
 
   def _probe_chunk(self, variables, x, y):
-    """Logits under two model keys and whether the CE input gradient is exactly zero."""
+    """Logits under two model keys, whether the CE input gradient is exactly zero, and each
+    point's logits evaluated alone (vmap: a batch of one; the batch-dependence check)."""
     key_a, key_b = jax.random.key(1), jax.random.key(2)
     logits_a = self.apply_fn(variables, x, key_a)
     logits_b = self.apply_fn(variables, x, key_b)
     grad = jax.grad(lambda z: jnp.sum(aa_losses.cross_entropy(
         self.apply_fn(variables, z, key_a), y)))(x)
     zero = jnp.all(grad.reshape(grad.shape[0], -1) == 0, axis=1)
-    return logits_a, logits_b, zero
+    alone = jax.vmap(lambda z: self.apply_fn(variables, z[None], key_a)[0])(x)
+    return logits_a, logits_b, zero, alone
+
+  def _count_chunk(self, variables, x, y, idx, key, draws: int):
+    """Per point, its correct draws out of `draws` (draws.correct_counts), keyed by position."""
+    return draws_lib.correct_counts(self.apply_fn, variables, x, y,
+                                    randomness.example_keys(key, idx), draws)
 
   # --- host side ------------------------------------------------------------------------------
   def _map(self, fn: Callable, points: np.ndarray, arrays: tuple[np.ndarray, ...]):
@@ -361,19 +389,27 @@ class AutoAttack:
     lo, hi = distributed.point_range(n)
     mine = slice(lo, hi)
     clean, finite, zero, looks_like = (np.zeros(n, bool) for _ in range(4))
-    difference = np.zeros(n, np.float32)
+    difference, gap = np.zeros(n, np.float32), np.zeros(n, np.float32)
     probe = lambda xs, ys: self._probe(variables, xs, ys)  # noqa: E731
-    for pos, (la, lb, zero_grad) in self._map(probe, np.arange(lo, hi), (x, y)):
+    for pos, (la, lb, zero_grad, alone) in self._map(probe, np.arange(lo, hi), (x, y)):
       clean[pos] = np.argmax(la, -1) == y[pos]
       finite[pos] = np.all(np.isfinite(la), -1) & np.all(np.isfinite(lb), -1)
       difference[pos], looks_like[pos] = checks.point_flags(la, lb)
       zero[pos] = zero_grad
-    clean, finite, zero, looks_like, difference = distributed.gather_points(
-        tuple(v[mine] for v in (clean, finite, zero, looks_like, difference)), n)
+      gap[pos] = checks.batch_gap(la, alone)
+    clean, finite, zero, looks_like, difference, gap = distributed.gather_points(
+        tuple(v[mine] for v in (clean, finite, zero, looks_like, difference, gap)), n)
     checked = self._checked_points(n)
+    randomised_model = bool(np.max(difference) > checks.RANDOM_TOL)
     warnings = [checks.randomised(difference[:checked], self.version),
-                checks.probabilities(looks_like[:checked]), checks.zero_gradients(zero[:checked])]
+                checks.probabilities(looks_like[:checked]), checks.zero_gradients(zero[:checked]),
+                checks.batch_dependent(gap, randomised_model)]
     checks.check_finite_logits(finite)
+    draws = self.draws or (draws_lib.DRAWS if randomised_model else 1)
+    selection = None
+    if draws > 1:  # the clean pass of draws.py's rule replaces the single-draw verdict
+      selection = self._clean_draws(variables, rng, x, y, lo, hi, draws)
+      clean = selection.counts > 0
     robust, x_adv = clean.copy(), x.copy()  # robust only where correct without attack
     broken_by = np.full(n, -1)
     seconds = []
@@ -390,9 +426,12 @@ class AutoAttack:
           break
         label = name if not rank else f"{name} {rank - 1}/{self.n_targets}"
         bar = self._bar(label if runs == 1 else f"{label} run {restart + 1}/{runs}", todo.size)
-        attack = functools.partial(self._attack_points, variables,
-                                   self._pass_rng(rng, name, rank, restart), name, rank, restart)
+        pass_rng = self._pass_rng(rng, name, rank, restart)
+        attack = functools.partial(self._attack_points, variables, pass_rng, name, rank, restart)
         for pos, (still, adv) in self._map(attack, todo, (x, y, np.arange(n, dtype=np.int32))):
+          if selection is not None:  # a randomised model: draws.py's rule decides
+            still = selection.offer(pos, adv, self._draw_counts(
+                variables, jax.random.fold_in(pass_rng, draws_lib.STREAM), pos, adv, y, draws), a)
           hit = pos[~still]
           robust[hit], x_adv[hit], broken_by[hit] = False, adv[~still], a
           if bar is not None:
@@ -403,6 +442,10 @@ class AutoAttack:
       seconds.append(time.perf_counter() - start)
       logging.info("autoattack %s: %d -> %d robust of %d%s (%.1f s)", name, attacked,
                    int(robust[mine].sum()), hi - lo, where, seconds[-1])
+    rates = {}
+    if selection is not None:
+      x_adv[mine] = selection.x_kept[mine]
+      rates = self._final_draws(variables, rng, selection, y, lo, hi, n, draws)
     robust, x_adv, broken_by = distributed.gather_points(
         (robust[mine], x_adv[mine], broken_by[mine]), n)
     records = attack_records(self.attacks, clean, broken_by, seconds,
@@ -412,12 +455,48 @@ class AutoAttack:
           int(np.sum(broken_by == self.attacks.index("square"))), n,
           any(self.components[a].gradient_based
               for a in self.attacks[:self.attacks.index("square")])))
-    warnings.append(checks.pgd_gap(pgd_acc, float(np.mean(robust))))
+    warnings.append(checks.pgd_gap(pgd_acc, float(np.mean(rates.get("robust_rate", robust)))))
     warnings = [w for w in warnings if w]
     for w in warnings:
       logging.warning("autoattack: %s", w)
     return AutoAttackResult(clean, robust, x_adv, broken_by, self.attacks, records, warnings,
-                            self.eps, self.settings.norm)
+                            self.eps, self.settings.norm, draws, **rates)
+
+  # --- randomised models: draws.py's rule -----------------------------------------------------
+  def _draw_counts(self, variables, key, pos: np.ndarray, xs: np.ndarray, y: np.ndarray,
+                   draws: int) -> np.ndarray:
+    """Per point of `pos`, in how many of `draws` model draws from `key` the model classifies
+    `xs` (aligned with pos) as y[pos]."""
+    counts = np.zeros(len(pos), np.int32)
+    for m, sel in parallel.chunks_for_devices(len(pos), self.batch_size, self.n_dev,
+                                              balanced=True):
+      args = parallel.shard((xs[sel], y[pos[sel]], pos[sel].astype(np.int32)), self.n_dev)
+      counts[sel[:m]] = parallel.unshard(self._count(variables, *args, key, draws), m)
+    return counts
+
+  def _clean_draws(self, variables, rng, x: np.ndarray, y: np.ndarray, lo: int, hi: int,
+                   draws: int) -> draws_lib.Selection:
+    """The rule's first candidate, the clean point, over `draws` draws (this process's points;
+    the others' counts gathered, as every process decides which points go on alike)."""
+    mine = np.arange(lo, hi)
+    counts = np.zeros(len(y), np.int32)
+    key = jax.random.fold_in(jax.random.fold_in(rng, draws_lib.STREAM), 0)
+    counts[mine] = self._draw_counts(variables, key, mine, x[mine], y, draws)
+    counts = distributed.gather_points(counts[lo:hi], len(y))
+    logging.info("autoattack: a randomised model: %d draws per candidate (%s)", draws,
+                 draws_lib.RULE)
+    return draws_lib.Selection(x, counts, draws)
+
+  def _final_draws(self, variables, rng, selection: draws_lib.Selection, y: np.ndarray,
+                   lo: int, hi: int, n: int, draws: int) -> dict[str, np.ndarray]:
+    """Rule 3: the kept candidates over `draws` fresh draws; the per-point shares (gathered)."""
+    mine = np.arange(lo, hi)
+    key = jax.random.fold_in(jax.random.fold_in(rng, draws_lib.STREAM), 1)
+    fresh = self._draw_counts(variables, key, mine, selection.x_kept[mine], y, draws)
+    fresh, kept, clean = distributed.gather_points(
+        (fresh, selection.counts[lo:hi], selection.clean_counts[lo:hi]), n)
+    return {"robust_rate": fresh / draws, "clean_rate": clean / draws,
+            "selection_rate": kept / draws}
 
   @staticmethod
   def _pass_rng(rng: jax.Array, name: str, rank: int, restart: int) -> jax.Array:
