@@ -1,9 +1,16 @@
-"""L-inf attacks as small pure functions: init, step, project, composed with lax loops.
+"""L-inf (and, for evaluation, L2) attacks as small pure functions: init, step, project, composed
+with lax loops.
 
 `loss_fn(x) -> (n,)` is a per-example loss closed over the model; input gradients are taken of
 its sum, so each example's gradient does not depend on the batch size. eps and step sizes are in
 pixel units (step sizes here are absolute; callers convert "multiples of eps"). Every returned
 perturbation is under stop_gradient: attacks never leak gradients into the weight update.
+
+`norm="L2"` (PGD for evaluation: `pgd`, `pgd_restart`, `pgd_with_restarts`) bounds the
+Euclidean norm of the whole perturbation instead: steps along the normalised gradient, the
+projection scales delta down to norm eps and then clips to the box (which only shortens it),
+and the random start is a uniformly random direction at a radius drawn from U(0, eps) (as
+torchattacks' PGDL2; uniform in the ball's volume would put nearly every start on its surface).
 """
 from __future__ import annotations
 
@@ -14,9 +21,11 @@ import jax.numpy as jnp
 
 from fastadv_jax import randomness, xla_cpu
 
-__all__ = ["LossFn", "clean_correct", "clip_to_box", "fgsm", "init_delta", "input_grad", "pgd",
-           "pgd_restart", "pgd_with_restarts", "project", "restart_keys", "restart_update",
-           "restarts_init", "sign_step", "to_corner"]
+__all__ = ["NORMS", "LossFn", "check_norm", "clean_correct", "clip_to_box", "fgsm", "init_delta",
+           "input_grad", "l2_step", "pgd", "pgd_restart", "pgd_with_restarts", "project",
+           "restart_keys", "restart_update", "restarts_init", "sign_step", "to_corner"]
+
+NORMS = ("Linf", "L2")
 
 LossFn = Callable[[jax.Array], jax.Array]
 
@@ -31,15 +40,42 @@ def clip_to_box(delta: jax.Array, x: jax.Array) -> jax.Array:
   return jnp.clip(x + delta, 0.0, 1.0) - x
 
 
-def project(delta: jax.Array, x: jax.Array, eps) -> jax.Array:
-  """Onto the eps-ball and so that x + delta stays in [0, 1]."""
-  return clip_to_box(jnp.clip(delta, -eps, eps), x)
+def check_norm(norm: str) -> None:
+  if norm not in NORMS:
+    raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
 
 
-def init_delta(kind: str, keys: jax.Array | None, x: jax.Array, eps) -> jax.Array:
-  """zero | uniform (U(-eps, eps)) | corner (a random vertex, +-eps per pixel); projected."""
+def _l2_norm(v: jax.Array) -> jax.Array:
+  """Per-example Euclidean norm, shaped to broadcast against v."""
+  n = jnp.sqrt(jnp.sum(jnp.square(v).reshape(v.shape[0], -1), axis=1))
+  return n.reshape((-1,) + (1,) * (v.ndim - 1))
+
+
+def project(delta: jax.Array, x: jax.Array, eps, norm: str = "Linf") -> jax.Array:
+  """Onto the eps-ball (L-inf: clip per pixel; L2: scale down to norm eps where longer) and so
+  that x + delta stays in [0, 1]."""
+  if norm == "Linf":
+    return clip_to_box(jnp.clip(delta, -eps, eps), x)
+  check_norm(norm)
+  n = _l2_norm(delta)
+  return clip_to_box(delta * jnp.minimum(1.0, eps / jnp.maximum(n, 1e-12)), x)
+
+
+def init_delta(kind: str, keys: jax.Array | None, x: jax.Array, eps, norm: str = "Linf"
+               ) -> jax.Array:
+  """zero | uniform (L-inf: U(-eps, eps) per pixel; L2: a uniform direction at radius
+  U(0, eps)) | corner (L-inf only: a random vertex, +-eps per pixel); projected."""
   if kind == "zero":
     return jnp.zeros_like(x)
+  if norm != "Linf":
+    check_norm(norm)
+    if kind != "uniform":
+      raise ValueError(f"perturbation init {kind!r} is L-inf only; L2 takes zero or uniform")
+    direction_keys, radius_keys = randomness.split_keys(keys, 2)
+    t = randomness.normal_like(direction_keys, x)
+    r = jax.vmap(lambda k: jax.random.uniform(k, (), t.dtype))(radius_keys)
+    r = r.reshape((-1,) + (1,) * (x.ndim - 1))
+    return project(eps * r * t / jnp.maximum(_l2_norm(t), 1e-12), x, eps, norm)
   u = randomness.uniform_like(keys, x, -1.0, 1.0)
   if kind == "uniform":
     return project(eps * u, x, eps)
@@ -50,6 +86,12 @@ def init_delta(kind: str, keys: jax.Array | None, x: jax.Array, eps) -> jax.Arra
 
 def sign_step(delta: jax.Array, grad: jax.Array, step_size) -> jax.Array:
   return delta + step_size * jnp.sign(grad)
+
+
+def l2_step(delta: jax.Array, grad: jax.Array, step_size) -> jax.Array:
+  """The L2 steepest-ascent step: `step_size` along the per-example normalised gradient (none
+  where the gradient is zero)."""
+  return delta + step_size * grad / jnp.maximum(_l2_norm(grad), 1e-12)
 
 
 def to_corner(delta: jax.Array, x: jax.Array, eps) -> jax.Array:
@@ -66,17 +108,21 @@ def fgsm(loss_fn: LossFn, x: jax.Array, eps, step_size, delta0: jax.Array
 
 
 def pgd(loss_fn: LossFn, x: jax.Array, eps, step_size, steps: int, delta0: jax.Array,
-        unroll: bool | int | None = None) -> jax.Array:
-  """`steps` sign steps of `step_size`, projecting after each (all examples, every step).
+        unroll: bool | int | None = None, norm: str = "Linf") -> jax.Array:
+  """`steps` sign steps of `step_size` (L2: normalised-gradient steps), projecting after each
+  (all examples, every step).
 
   `unroll=None` unrolls fully when the program is lowered for a CPU and keeps the loop rolled
   for GPUs and TPUs (xla_cpu.attack_loop_unroll), decided per platform at lowering time, so a
   program exported for `cuda` on a CPU machine carries the rolled loop.
   """
 
+  check_norm(norm)
+  step = sign_step if norm == "Linf" else l2_step
+
   def body(_, delta):
     g = input_grad(loss_fn, x + delta)
-    return project(sign_step(delta, g, step_size), x, eps)
+    return project(step(delta, g, step_size), x, eps, norm)
 
   def loop(unroll_):
     return lambda d0: jax.lax.fori_loop(0, steps, body, d0, unroll=unroll_)
@@ -124,10 +170,13 @@ def restart_update(carry: RestartCarry, delta: jax.Array, loss: jax.Array, logit
 
 def pgd_restart(loss_and_logits_fn: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
                 carry: RestartCarry, x: jax.Array, y: jax.Array, keys: jax.Array, eps,
-                step_size, steps: int, unroll: bool | int | None = None) -> RestartCarry:
-  """One uniform-start PGD restart folded into `carry` (see restart_update)."""
+                step_size, steps: int, unroll: bool | int | None = None, norm: str = "Linf"
+                ) -> RestartCarry:
+  """One uniform-start PGD restart in the `norm` ball folded into `carry` (see
+  restart_update)."""
   loss_fn = lambda z: loss_and_logits_fn(z)[0]  # noqa: E731
-  delta = pgd(loss_fn, x, eps, step_size, steps, init_delta("uniform", keys, x, eps), unroll)
+  delta = pgd(loss_fn, x, eps, step_size, steps, init_delta("uniform", keys, x, eps, norm),
+              unroll, norm)
   loss, logits = loss_and_logits_fn(x + delta)
   return restart_update(carry, delta, loss, logits, y)
 
@@ -140,8 +189,10 @@ def restart_keys(keys: jax.Array, restart: int) -> jax.Array:
 def pgd_with_restarts(loss_and_logits_fn: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
                       x: jax.Array, y: jax.Array, keys: jax.Array, eps, step_size,
                       steps: int, restarts: int, unroll: bool | int | None = None,
-                      clean: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Worst case over restarts of uniform-start PGD: the evaluation attack (docs/algorithms.md §4.1).
+                      clean: jax.Array | None = None, norm: str = "Linf"
+                      ) -> tuple[jax.Array, jax.Array]:
+  """Worst case over restarts of uniform-start PGD in the `norm` ("Linf" or "L2") ball: the
+  evaluation attack (docs/algorithms.md §4.1).
 
   Returns (robust (n,) bool, delta); a point is robust only if it is classified correctly
   without attack and at every restart's endpoint. `clean` (n,) bool, when the caller already has
@@ -154,7 +205,7 @@ def pgd_with_restarts(loss_and_logits_fn: Callable[[jax.Array], tuple[jax.Array,
   """
   def one_restart(r, carry):
     return pgd_restart(loss_and_logits_fn, carry, x, y, restart_keys(keys, r), eps, step_size,
-                       steps, unroll)
+                       steps, unroll, norm)
 
   if clean is None:
     clean = clean_correct(loss_and_logits_fn(x)[1], y)

@@ -1,7 +1,12 @@
 """Evaluate a trained run: python -m fastadv_jax.evaluate --workdir=<dir>
 [--weights=last|best|averaged|selected]
 [--eps=0.0314] [--n_eval=1000] [--attack=pgd|autoattack|pgd,autoattack|apgd-ce,apgd-t,...]
-[--pgd_steps=50] [--pgd_restarts=10] [--plugins=my_pkg.my_attack,...].
+[--pgd_steps=50] [--pgd_restarts=10] [--norm=Linf|L2] [--plugins=my_pkg.my_attack,...].
+
+`--norm=L2` evaluates in the L2 threat model: eps (required then, since the run's eps is an
+L-inf radius) bounds the Euclidean norm of the whole perturbation in pixel units, so it may
+exceed 1 (e.g. 1.0 on 28 x 28 images). Every AutoAttack component asked for must implement L2
+(Component.norms): one that does not is refused with one line naming it.
 
 `--attack` takes any registered AutoAttack component: the built-in ones, those of installed
 plugins (entry points), of the run's own `config.plugins` (config.json) and of `--plugins`, all
@@ -9,7 +14,8 @@ imported before `--attack` is checked.
 
 Reads the run's config.json and latest checkpoint; prints and writes
 `<workdir>/eval_<weights>_eps<eps>_n<n>_<attacks>.json` (e.g. `..._pgd50x10.json`,
-`..._pgd50x10+aa-standard.json`), and beside it the per-point verdicts as `<same name>.npz`:
+`..._pgd50x10+aa-standard.json`; with --norm=L2 `eval_<weights>_L2_eps<eps>_...`; the JSON's
+`norm` field says which), and beside it the per-point verdicts as `<same name>.npz`:
 `clean`, `pgd_robust` (with PGD), `autoattack_robust` and `autoattack_broken_by` (with
 AutoAttack: the index into `autoattack_attacks` of the attack that broke the point, else -1),
 each indexed by the test point's position.
@@ -47,7 +53,9 @@ flags.DEFINE_enum("weights", "last", list(saved_run.WEIGHTS),
                   "Last weights, early-stopped ones (best), the last weight average (averaged, "
                   "config.ema_decay > 0), or those selected on the validation split (selected, "
                   "config.selection=validation).")
-flags.DEFINE_float("eps", None, "L-inf radius in pixel units; default: the training eps.")
+flags.DEFINE_float("eps", None, "Radius in pixel units (L-inf: per pixel, in [0, 1]; L2: of the "
+                   "whole perturbation, > 0); default: the training eps (L-inf only).")
+flags.DEFINE_enum("norm", "Linf", ["Linf", "L2"], "Threat model of the evaluation's attacks.")
 flags.DEFINE_integer("n_eval", None, "First n test points (-1 = all); default: n_final_eval.")
 flags.DEFINE_string("attack", "pgd", "pgd, autoattack (standard), autoattack-rand, "
                     "autoattack-plus, or AutoAttack components (apgd-ce, apgd-t, fab-t, square, "
@@ -69,17 +77,31 @@ class UsageError(ValueError):
 run_config, load_run = saved_run.run_config, saved_run.load_run  # public here too
 
 
-def check_flags(eps: float, n_eval: int, steps: int, restarts: int, attack: str = "pgd"
-                ) -> tuple[bool, tuple[str, ...]]:
+def check_flags(eps: float, n_eval: int, steps: int, restarts: int, attack: str = "pgd",
+                norm: str = "Linf") -> tuple[bool, tuple[str, ...]]:
   """One line naming the first bad flag, before any work; returns parse_attack_spec(attack)."""
   try:
     plan = evaluation.parse_attack_spec(attack)
   except ValueError as e:
     raise UsageError(f"--attack: {e}") from None
-  if not 0.0 <= eps <= 1.0:
-    raise UsageError(f"--eps: must be in [0, 1] (pixel units, e.g. 8/255), got {eps}")
-  if plan[1] and eps == 0.0:
-    raise UsageError("--eps: AutoAttack needs eps > 0")
+  if norm == "Linf":
+    if not 0.0 <= eps <= 1.0:
+      raise UsageError(f"--eps: must be in [0, 1] (pixel units, e.g. 8/255), got {eps}")
+    if plan[1] and eps == 0.0:
+      raise UsageError("--eps: AutoAttack needs eps > 0")
+  elif norm == "L2":
+    if not eps > 0.0:  # not NaN either
+      raise UsageError(f"--eps: the L2 radius must be > 0 (the whole perturbation's norm, e.g. "
+                       f"1.0 on 28 x 28 images), got {eps}")
+    unsupported = [a for a in plan[1] if norm not in autoattack.get(a).norms]
+    if unsupported:
+      able = [a for a in plan[1] if a not in unsupported]
+      raise UsageError(f"--attack: {', '.join(unsupported)} "
+                       f"{'does' if len(unsupported) == 1 else 'do'} not implement the L2 threat "
+                       f"model yet" + (f"; run the others with --attack={','.join(able)}"
+                                       if able else ""))
+  else:
+    raise UsageError(f"--norm: must be Linf or L2, got {norm!r}")
   if n_eval != -1 and n_eval < 1:
     raise UsageError(f"--n_eval: must be -1 (all) or >= 1, got {n_eval}")
   if steps < 1:
@@ -90,11 +112,13 @@ def check_flags(eps: float, n_eval: int, steps: int, restarts: int, attack: str 
 
 
 def output_name(weights: str, eps: float, n: int, run_pgd: bool, aa_attacks: tuple[str, ...],
-                steps: int, restarts: int) -> str:
+                steps: int, restarts: int, norm: str = "Linf") -> str:
+  """The output file's name; the norm appears only for L2, so L-inf names are as they were."""
   parts = [f"pgd{steps}x{restarts}"] if run_pgd else []
   if aa_attacks:
     parts.append("aa-" + (autoattack.version_of(aa_attacks) or "+".join(aa_attacks)))
-  return f"eval_{weights}_eps{eps:.4f}_n{n}_{'+'.join(parts)}.json"
+  threat = "" if norm == "Linf" else f"{norm}_"
+  return f"eval_{weights}_{threat}eps{eps:.4f}_n{n}_{'+'.join(parts)}.json"
 
 
 def load_plugins(extra: str) -> None:
@@ -117,10 +141,13 @@ def main(argv):
   config = run_config(FLAGS.workdir)  # imports config.plugins
   xla_cpu.apply(model=config.model)  # before the first JAX computation starts the backend
   distributed_flags.initialize()  # before any JAX computation
+  if FLAGS.eps is None and FLAGS.norm != "Linf":
+    raise UsageError(f"--eps: give the {FLAGS.norm} radius (the run's eps {config.eps} is an "
+                     "L-inf one)")
   eps = config.eps if FLAGS.eps is None else FLAGS.eps
   n_eval = config.n_final_eval if FLAGS.n_eval is None else FLAGS.n_eval
   run_pgd, aa_attacks = check_flags(eps, n_eval, FLAGS.pgd_steps, FLAGS.pgd_restarts,
-                                    FLAGS.attack)
+                                    FLAGS.attack, FLAGS.norm)
   if aa_attacks:
     try:
       autoattack.check_classes(aa_attacks, datasets.NUM_CLASSES[config.dataset])
@@ -135,11 +162,13 @@ def main(argv):
   if n < jax.process_count():
     raise UsageError(f"--n_eval: {n} points cannot be split over {jax.process_count()} processes")
   model = models.create_model(config, datasets.NUM_CLASSES[config.dataset], half_precision=False)
-  ev = evaluation.Evaluator(model, config.eval_batch_size, step_alpha=config.eval_step_alpha)
+  ev = evaluation.Evaluator(model, config.eval_batch_size, step_alpha=config.eval_step_alpha,
+                           norm=FLAGS.norm)
   x, y = test.images[:n], test.labels[:n]
   start = time.perf_counter()
   clean = ev.clean_points(variables, x, y)
-  result = {"weights": FLAGS.weights, "iteration": step, "eps": eps, "n_eval": n,
+  result = {"weights": FLAGS.weights, "iteration": step, "eps": eps, "norm": FLAGS.norm,
+            "n_eval": n,
             "clean_acc": float(np.mean(clean)),
             "clean_seconds": round(time.perf_counter() - start, 3),
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
@@ -159,7 +188,7 @@ def main(argv):
   if not distributed.is_main():
     return
   out = os.path.join(FLAGS.workdir, output_name(FLAGS.weights, eps, n, run_pgd, aa_attacks,
-                                                FLAGS.pgd_steps, FLAGS.pgd_restarts))
+                                                FLAGS.pgd_steps, FLAGS.pgd_restarts, FLAGS.norm))
   workdir.write_npz(os.path.splitext(out)[0] + ".npz", points)
   workdir.write_json(out, result)
   print(json.dumps(result, indent=2))

@@ -6,7 +6,9 @@ example (keyed by the example's position in the evaluated set), so results do no
 number of devices or on the chunk size. In a multi-process run every process evaluates its own
 contiguous share of the points on its own devices, and the per-point results are gathered
 (distributed.py), so every process returns the same numbers. PGD's step is `step_alpha * eps`
-(config.eval_step_alpha, 1/4 in the paper's protocol).
+(config.eval_step_alpha, 1/4 in the paper's protocol). The threat model is the Evaluator's
+`norm`: "Linf" (eps per pixel, the default and what training uses) or "L2" (eps bounds the
+Euclidean norm of the whole perturbation; PGD and AutoAttack only, attacks.py).
 
 Robust accuracy counts only points classified correctly without attack (PGD and AutoAttack
 alike). Clean and robust accuracy (and AutoAttack) raise NonFiniteOutputError when the weights
@@ -68,7 +70,9 @@ class Evaluator:
   """Jitted, device-parallel evaluation of a model's variables on uint8 image arrays."""
 
   def __init__(self, model: nn.Module, batch_size: int = 500, devices: list | None = None,
-               step_alpha: float = 0.25):
+               step_alpha: float = 0.25, norm: str = "Linf"):
+    attacks.check_norm(norm)
+    self.norm = norm
     if jnp.dtype(getattr(model, "dtype", jnp.float32)) != jnp.float32:
       raise ValueError(f"evaluation runs in float32, got a {jnp.dtype(model.dtype)} model: build "
                        "it with models.create_model(..., half_precision=False)")
@@ -100,7 +104,7 @@ class Evaluator:
     _, loss_and_logits = self._fns(variables)
     keys = attacks.restart_keys(randomness.example_keys(rng, idx), restart)
     return attacks.pgd_restart(lambda z: loss_and_logits(z, y), carry, augment.to_float(x), y, keys,
-                               eps, self.step_alpha * eps, steps)
+                               eps, self.step_alpha * eps, steps, norm=self.norm)
 
   def _correct_chunk(self, variables, x, y):
     """(correct, finite): per point, clean correctness and whether all its logits are finite."""
@@ -190,7 +194,10 @@ class Evaluator:
 
   def diagnostics(self, variables: Variables, images: np.ndarray, labels: np.ndarray,
                   eps: float, rng: jax.Array, pgd_steps: int = 10) -> dict[str, float]:
-    """Clean / FGSM / PGD accuracy, loss, gradient alignment and cos(delta_FGSM, delta_PGD)."""
+    """Clean / FGSM / PGD accuracy, loss, gradient alignment and cos(delta_FGSM, delta_PGD):
+    the L-inf training diagnostics (an L2 Evaluator refuses them)."""
+    if self.norm != "Linf":
+      raise ValueError(f"diagnostics are L-inf only, this Evaluator's norm is {self.norm}")
     outs = [parallel.unshard(self._diag(variables, x, y, pos, rng, jnp.float32(eps), pgd_steps), m)
             for m, x, y, pos in self._chunks(images, labels)]
     out = self._per_point(outs, len(labels))
@@ -209,13 +216,14 @@ class Evaluator:
                  attacks_: str | tuple[str, ...] = "standard", seed: int = 0,
                  pgd_acc: float | None = None, progress: bool = True
                  ) -> autoattack.AutoAttackResult:
-    """AutoAttack (autoattack/) on uint8 images, over this evaluator's devices (and, in a
-    multi-process run, over every process's: each attacks its share of the points and every
-    process returns the gathered result)."""
+    """AutoAttack (autoattack/) on uint8 images in this evaluator's norm, over its devices (and,
+    in a multi-process run, over every process's: each attacks its share of the points and
+    every process returns the gathered result)."""
     apply_fn = lambda v, x, _key: self.model.apply(v, x, train=False)  # noqa: E731
     aa = autoattack.AutoAttack(
         apply_fn, autoattack.output_classes(apply_fn, variables, images.shape[1:]), eps,
-        attacks_, batch_size=self.batch_size, devices=self.devices, progress=progress)
+        attacks_, batch_size=self.batch_size, devices=self.devices, progress=progress,
+        norm=self.norm)
     return aa.run(variables, np.asarray(images, np.float32) / 255.0, labels, seed, pgd_acc)
 
   def clean_points(self, variables: Variables, images: np.ndarray, labels: np.ndarray

@@ -41,6 +41,14 @@ def uniform_like(keys: jax.Array, x: jax.Array, low, high) -> jax.Array:
   return low + (high - low) * u
 
 
+def normal_like(keys: jax.Array, x: jax.Array) -> jax.Array:
+  """Per-example N(0, 1) of the shape of each x[i], as jax.random.normal draws it (erf_inv of a
+  uniform on (-1, 1)), on uniform_like's fast path."""
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  lo = jnp.nextafter(jnp.asarray(-1.0, dtype), jnp.asarray(1.0, dtype))
+  return jnp.sqrt(jnp.asarray(2.0, dtype)) * jax.lax.erf_inv(uniform_like(keys, x, lo, 1.0))
+
+
 def split_keys(keys: jax.Array, n: int) -> list[jax.Array]:
   """Splits every per-example key into n independent per-example keys."""
   split = jax.vmap(lambda k: jax.random.split(k, n))(keys)

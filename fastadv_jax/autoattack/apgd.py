@@ -1,8 +1,13 @@
-"""APGD, Auto-PGD (Croce & Hein, ICML 2020), L-inf: PGD with momentum and a step size that
-halves at checkpoints where progress stalled, restarting from the best point found.
+"""APGD, Auto-PGD (Croce & Hein, ICML 2020), L-inf and L2: PGD with momentum and a step size
+that halves at checkpoints where progress stalled, restarting from the best point found.
 
 Behaviour of the reference (fra31/auto-attack), kept here:
-  - start: x + eps * t / max|t| with t ~ U(-1, 1)^d, clipped to [0, 1];
+  - start: L-inf x + eps * t / max|t| with t ~ U(-1, 1)^d; L2 x + eps * t / ||t||_2 with
+    t ~ N(0, 1)^d; clipped to [0, 1];
+  - step: L-inf step * sign(g), projected by clipping to the eps-box and [0, 1]; L2
+    step * g / ||g||_2, projected by scaling x_adv - x down to norm eps (if longer), then clipping
+    to [0, 1] (which only shortens it: the result is in the ball and the box, though not the
+    closest such point);
   - step size 2 eps; momentum 0.75 from the second iteration on;
   - checkpoints after k_0 = 22 % of the iterations, then after windows shrinking by 3 % down to
     6 % (for 100 iterations: after iterations 22, 41, 57, 70, 80, 87, 93, 99);
@@ -50,8 +55,41 @@ def _linf_start(keys: jax.Array, x: jax.Array, eps) -> jax.Array:
   return jnp.clip(x + eps * t / _bcast(t_max, x), 0.0, 1.0)
 
 
+def _l2_norm(v: jax.Array) -> jax.Array:
+  """Per-example Euclidean norm, broadcastable against v."""
+  return _bcast(jnp.sqrt(jnp.sum(jnp.square(v).reshape(v.shape[0], -1), axis=1)), v)
+
+
+def _l2_start(keys: jax.Array, x: jax.Array, eps) -> jax.Array:
+  t = randomness.normal_like(keys, x)
+  return jnp.clip(x + eps * t / (_l2_norm(t) + 1e-12), 0.0, 1.0)
+
+
 def _project(z: jax.Array, x: jax.Array, eps) -> jax.Array:
   return jnp.clip(jnp.clip(z, x - eps, x + eps), 0.0, 1.0)
+
+
+def _project_l2(z: jax.Array, x: jax.Array, eps) -> jax.Array:
+  """The reference's L2 projection: x + d / ||d|| * min(eps, ||d||), clipped to [0, 1]."""
+  d = z - x
+  norm = _l2_norm(d)
+  return jnp.clip(x + d / (norm + 1e-12) * jnp.minimum(eps, norm), 0.0, 1.0)
+
+
+def _start(keys: jax.Array, x: jax.Array, eps, norm: str) -> jax.Array:
+  return _linf_start(keys, x, eps) if norm == "Linf" else _l2_start(keys, x, eps)
+
+
+def _momentum_step(s: dict, x: jax.Array, eps, a, norm: str) -> jax.Array:
+  """The gradient step from s["x_adv"], projected, then the momentum mix, projected again."""
+  if norm == "Linf":
+    z = _project(s["x_adv"] + _bcast(s["step"], x) * jnp.sign(s["grad"]), x, eps)
+    return _project(s["x_adv"] + (z - s["x_adv"]) * a + (s["x_adv"] - s["x_prev"]) * (1 - a), x,
+                    eps)
+  g = s["grad"] / (_l2_norm(s["grad"]) + 1e-12)
+  z = _project_l2(s["x_adv"] + _bcast(s["step"], x) * g, x, eps)
+  return _project_l2(s["x_adv"] + (z - s["x_adv"]) * a + (s["x_adv"] - s["x_prev"]) * (1 - a),
+                     x, eps)
 
 
 def gradient_fn(logits_fn: LogitsFn, loss: Callable[[jax.Array], jax.Array], eot_iter: int,
@@ -76,10 +114,16 @@ def gradient_fn(logits_fn: LogitsFn, loss: Callable[[jax.Array], jax.Array], eot
   return value_and_grad
 
 
-def init(grad_fn: Callable, x: jax.Array, y: jax.Array, keys: jax.Array, eps, steps: int
-         ) -> dict:
+def _check_norm(norm: str) -> None:
+  if norm not in component.NORMS:
+    raise ValueError(f"APGD: norm must be one of {', '.join(component.NORMS)}, got {norm!r}")
+
+
+def init(grad_fn: Callable, x: jax.Array, y: jax.Array, keys: jax.Array, eps, steps: int,
+         norm: str = "Linf") -> dict:
   """The state before iteration 0: a random start and its loss and gradient."""
-  x_adv = _linf_start(keys, x, eps)
+  _check_norm(norm)
+  x_adv = _start(keys, x, eps, norm)
   loss0, logits0, grad0 = grad_fn(x_adv, steps)
   n = y.shape[0]
   return dict(
@@ -90,14 +134,14 @@ def init(grad_fn: Callable, x: jax.Array, y: jax.Array, keys: jax.Array, eps, st
       loss_best_last=loss0, reduced_last=jnp.ones((n,), bool))
 
 
-def body(grad_fn: Callable, x: jax.Array, y: jax.Array, eps, i, s: dict, rho: float = 0.75
-         ) -> dict:
+def body(grad_fn: Callable, x: jax.Array, y: jax.Array, eps, i, s: dict, rho: float = 0.75,
+         norm: str = "Linf") -> dict:
   """Iteration i: a momentum step, bookkeeping of the best point, and the step-size rule."""
+  _check_norm(norm)
   steps = s["history"].shape[0]
   is_ckpt, windows = (jnp.asarray(a) for a in checkpoint_schedule(steps))
   a = jnp.where(i > 0, 0.75, 1.0)
-  z = _project(s["x_adv"] + _bcast(s["step"], x) * jnp.sign(s["grad"]), x, eps)
-  z = _project(s["x_adv"] + (z - s["x_adv"]) * a + (s["x_adv"] - s["x_prev"]) * (1 - a), x, eps)
+  z = _momentum_step(s, x, eps, a, norm)
   loss_i, logits, grad = grad_fn(z, i)
   wrong = jnp.argmax(logits, -1) != y
   better = loss_i > s["loss_best"]
@@ -118,9 +162,10 @@ def finish(s: dict, x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def apgd(logits_fn: LogitsFn, loss: Callable[[jax.Array], jax.Array], x: jax.Array,
          y: jax.Array, keys: jax.Array, eps, steps: int = 100, eot_iter: int = 1,
-         rho: float = 0.75, model_key: jax.Array | None = None
+         rho: float = 0.75, model_key: jax.Array | None = None, norm: str = "Linf"
          ) -> tuple[jax.Array, jax.Array]:
-  """APGD maximising `loss(logits) -> (n,)` from per-example `keys`, as one jittable function.
+  """APGD maximising `loss(logits) -> (n,)` from per-example `keys`, as one jittable function,
+  in the `norm` ("Linf" or "L2") ball of radius eps.
 
   Returns (robust (n,) bool: no iterate was misclassified, x_adv: the last misclassified iterate
   where one was found, else the best-loss point), under stop_gradient. (AutoAttack's runner
@@ -128,8 +173,9 @@ def apgd(logits_fn: LogitsFn, loss: Callable[[jax.Array], jax.Array], x: jax.Arr
   """
   grad_fn = gradient_fn(logits_fn, loss, eot_iter,
                         jax.random.key(0) if model_key is None else model_key)
-  state = init(grad_fn, x, y, keys, eps, steps)
-  state = jax.lax.fori_loop(0, steps, lambda i, s: body(grad_fn, x, y, eps, i, s, rho), state)
+  state = init(grad_fn, x, y, keys, eps, steps, norm)
+  state = jax.lax.fori_loop(0, steps, lambda i, s: body(grad_fn, x, y, eps, i, s, rho, norm),
+                            state)
   return finish(state, x)
 
 
@@ -173,15 +219,18 @@ def _component_grad_fn(loss: str, ctx: component.Context) -> Callable:
 
 
 def _component(name: str, loss: str, targeted: bool, summary: str) -> component.Component:
-  """APGD maximising `loss` as a runner component: `settings.apgd_steps` iterations."""
+  """APGD maximising `loss` as a runner component: `settings.apgd_steps` iterations in the
+  `settings.norm` ball."""
   return component.Component(
       name=name,
       init=lambda ctx: init(_component_grad_fn(loss, ctx), ctx.x, ctx.y, ctx.keys, ctx.eps,
-                            ctx.settings.apgd_steps),
-      body=lambda ctx, i, s: body(_component_grad_fn(loss, ctx), ctx.x, ctx.y, ctx.eps, i, s),
+                            ctx.settings.apgd_steps, norm=ctx.settings.norm),
+      body=lambda ctx, i, s: body(_component_grad_fn(loss, ctx), ctx.x, ctx.y, ctx.eps, i, s,
+                                  norm=ctx.settings.norm),
       finish=lambda ctx, s: finish(s, ctx.x),
       iterations=lambda settings: settings.apgd_steps,
-      block=GRADIENT_BLOCK, targeted=targeted, gradient_based=True, summary=summary)
+      block=GRADIENT_BLOCK, targeted=targeted, gradient_based=True, summary=summary,
+      norms=("Linf", "L2"))
 
 
 GRADIENT_BLOCK = 10  # iterations per host call of the gradient-based components
