@@ -54,3 +54,28 @@ def test_projection_gives_the_bits_of_the_argsort_version():
   new = np.asarray(jax.jit(fab.project_onto_hyperplane_linf)(p, w, b))
   old = np.asarray(jax.jit(_reference_projection)(p, w, b))
   np.testing.assert_array_equal(new.view(np.int32), old.view(np.int32))
+
+
+def test_reused_chunk_sizes_give_the_same_per_point_results(monkeypatch):
+  from fastadv_jax.autoattack import runner  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(2)
+  w = rng.normal(size=(36, 5)).astype(np.float32)
+  x = rng.uniform(size=(60, 6, 6, 1)).astype(np.float32)
+  logits_fn = lambda z: z.reshape(z.shape[0], -1) @ w  # noqa: E731
+  y = np.asarray(np.argmax(logits_fn(x), -1))
+
+  def run(slack):
+    monkeypatch.setattr(runner, "REUSE_SLACK", slack)
+    aa = runner.AutoAttack(lambda _, z, key: logits_fn(z), 5, 0.05, "apgd-t,fab-t,square",
+                           apgd_steps=3, fab_steps=3, square_queries=40, batch_size=32,
+                           devices=jax.local_devices()[:1], progress=False)
+    return aa.run((), x, y, seed=1), aa._chunk_sizes  # pylint: disable=protected-access
+
+  plain, plain_sizes = run(0.0)    # a fresh (balanced) chunk size for every pass
+  reused, reused_sizes = run(100.0)  # every pass in the first size (duplicated points pad it)
+  assert all(len(v) == 1 for v in reused_sizes.values())
+  assert sum(map(len, plain_sizes.values())) > len(plain_sizes)
+  assert 0 < reused.robust.sum() < reused.clean.sum()  # some points broken, some not
+  np.testing.assert_array_equal(plain.robust, reused.robust)
+  np.testing.assert_array_equal(plain.broken_by, reused.broken_by)
+  np.testing.assert_array_equal(plain.x_adv, reused.x_adv)

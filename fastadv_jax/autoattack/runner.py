@@ -65,6 +65,10 @@ def attack_key_id(name: str) -> int:
     return _KEY_IDS[name]
   return (1 << 16) + zlib.crc32(name.encode()) % ((1 << 31) - (1 << 16))
 
+# A later pass of an attack reuses a chunk size it compiled for if that computes at most this
+# many times the points (padding included) a fresh size would (AutoAttack._chunks).
+REUSE_SLACK = 1.25
+
 
 def __getattr__(name: str):
   """ATTACKS / TARGETED / GRADIENT_BASED: derived from the live registry on every access, so a
@@ -268,6 +272,7 @@ class AutoAttack:
     self.n_dev = len(self.devices)
     self.batch_size = parallel.device_batch_size(batch_size, self.n_dev)
     self.progress = progress
+    self._chunk_sizes: dict[str, set[int]] = {}  # per attack: the chunk sizes it compiled for
     pm = functools.partial(jax.pmap, devices=self.devices)
     # (variables, (x, y, idx), rng, eps, state, i0, rank, restart, name, phase, block): the
     # last 3 static, so the 9 target classes of a targeted attack and its restarts share one
@@ -316,13 +321,34 @@ class AutoAttack:
     return logits_a, logits_b, zero
 
   # --- host side ------------------------------------------------------------------------------
-  def _map(self, fn: Callable, points: np.ndarray, arrays: tuple[np.ndarray, ...]):
-    """Yields (positions, outputs) of `fn(*sharded arrays[points])` chunk by chunk."""
-    for m, sel in parallel.chunks_for_devices(len(points), self.batch_size, self.n_dev,
-                                              balanced=True):
+  def _map(self, fn: Callable, points: np.ndarray, arrays: tuple[np.ndarray, ...],
+           attack: str | None = None):
+    """Yields (positions, outputs) of `fn(*sharded arrays[points])` chunk by chunk (for an
+    `attack`, in chunks of a size its programs were compiled for where that pays: _chunks)."""
+    for m, sel in self._chunks(len(points), attack):
       pos = points[sel]
       out = fn(*parallel.shard(tuple(a[pos] for a in arrays), self.n_dev))
       yield pos[:m], parallel.unshard(out, m)
+
+  def _chunks(self, n: int, attack: str | None) -> list[tuple[int, np.ndarray]]:
+    """parallel.chunks_for_devices(balanced=True), except that an attack's later passes (target
+    classes, after points were broken) reuse a chunk size it already ran with when that costs
+    at most REUSE_SLACK times the points computed with a fresh size: each new size compiles
+    every phase of the attack again (seconds each on CPU, more than the padding costs). Results
+    do not depend on the chunking (points are keyed by position)."""
+    fresh = list(parallel.chunks_for_devices(n, self.batch_size, self.n_dev, balanced=True))
+    if attack is None:
+      return fresh
+    sizes = self._chunk_sizes.setdefault(attack, set())
+    slots = lambda size: -(-n // size) * size  # noqa: E731  points computed, padding included
+    size = len(fresh[0][1])
+    if sizes:
+      best = min(sizes, key=lambda s: (slots(s), s))
+      if slots(best) <= REUSE_SLACK * slots(size):
+        size = best
+    sizes.add(size)
+    return [(min(start + size, n) - start, np.arange(start, start + size) % n)
+            for start in range(0, n, size)]
 
   def _attack_points(self, variables, rng, name: str, rank: int, restart: int, x, y, idx):
     """One attack (one target rank) on one chunk of points, its iterations driven from here:
@@ -392,7 +418,8 @@ class AutoAttack:
         bar = self._bar(label if runs == 1 else f"{label} run {restart + 1}/{runs}", todo.size)
         attack = functools.partial(self._attack_points, variables,
                                    self._pass_rng(rng, name, rank, restart), name, rank, restart)
-        for pos, (still, adv) in self._map(attack, todo, (x, y, np.arange(n, dtype=np.int32))):
+        for pos, (still, adv) in self._map(attack, todo, (x, y, np.arange(n, dtype=np.int32)),
+                                           name):
           hit = pos[~still]
           robust[hit], x_adv[hit], broken_by[hit] = False, adv[~still], a
           if bar is not None:
