@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import json
 import os
 import platform
@@ -64,17 +65,26 @@ def run_jax(config, variables, x, y, seed: int, batch_size: int) -> tuple:
       "standard", batch_size=batch_size or config.eval_batch_size,
       devices=parallel.local_devices(), progress=False)
   phase = aa._phase  # pylint: disable=protected-access
+  cpu_by_attack = collections.Counter()  # process CPU seconds from an attack's first call on
+  mark = [_cpu_seconds()]
 
   def marked(*args):
-    _CURRENT[0] = next(a for a in args if isinstance(a, str))  # the attack's name
+    name = next(a for a in args if isinstance(a, str))  # the attack's name
+    if name != _CURRENT[0]:
+      now = _cpu_seconds()
+      cpu_by_attack[_CURRENT[0]] += now - mark[0]
+      _CURRENT[0], mark[0] = name, now
     return phase(*args)
 
   aa._phase = marked  # pylint: disable=protected-access
   _COMPILE.clear()
   _CURRENT[0] = "probe"
   cpu, start = _cpu_seconds(), time.perf_counter()
+  mark[0] = cpu
   res = aa.run(variables, np.asarray(x, np.float32) / 255.0, y, seed)
-  return res, time.perf_counter() - start, _cpu_seconds() - cpu, dict(_COMPILE)
+  cpu_by_attack[_CURRENT[0]] += _cpu_seconds() - mark[0]
+  return (res, time.perf_counter() - start, _cpu_seconds() - cpu, dict(_COMPILE),
+          dict(cpu_by_attack))
 
 
 def compare(workdir: str, n: int, torch_python: str, tmp: str, seed: int, skip_torch: bool,
@@ -88,10 +98,12 @@ def compare(workdir: str, n: int, torch_python: str, tmp: str, seed: int, skip_t
   points = os.path.join(export_dir, "points.npz")
   np.savez(points, x=(x.astype(np.float32) / 255.0).transpose(0, 3, 1, 2), y=y.astype(np.int64))
 
-  res, jax_seconds, jax_cpu, compile_s = run_jax(config, variables, x, y, seed, batch_size)
+  res, jax_seconds, jax_cpu, compile_s, cpu_s = run_jax(config, variables, x, y, seed,
+                                                        batch_size)
   for r in res.records:
     print(f"jax   {r.name}: {r.attacked} -> {r.robust_after} robust ({r.seconds:.1f} s, "
-          f"compilation {compile_s.get(r.name, 0.0):.1f} s)", flush=True)
+          f"compilation {compile_s.get(r.name, 0.0):.1f} s, CPU {cpu_s.get(r.name, 0.0):.1f} s)",
+          flush=True)
   row = {
       "workdir": workdir, "model": config.model, "method": config.method, "eps": config.eps,
       "iteration": step, "n": n,
@@ -101,8 +113,11 @@ def compare(workdir: str, n: int, torch_python: str, tmp: str, seed: int, skip_t
               "compile_seconds": {k: round(v, 2) for k, v in compile_s.items()},
               "total_seconds": round(jax_seconds, 2),
               "total_compile_seconds": round(sum(compile_s.values()), 2),
-              "cpu_seconds": round(jax_cpu, 2), "warnings": res.warnings,
-              "robust": res.robust.tolist(), "broken_by": res.broken_by.tolist()},
+              "cpu_seconds": round(jax_cpu, 2),
+              "cpu_seconds_by_attack": {k: round(v, 2) for k, v in cpu_s.items()},
+              "warnings": res.warnings,
+              "robust": res.robust.tolist(), "broken_by": res.broken_by.tolist(),
+              "x_adv_sha256": hashlib.sha256(np.ascontiguousarray(res.x_adv)).hexdigest()},
   }
   if skip_torch:
     return row
@@ -201,10 +216,18 @@ def main() -> None:
       if b is not None:
         same = (b["jax"]["robust"] == r["jax"]["robust"]
                 and b["jax"]["broken_by"] == r["jax"]["broken_by"])
-        print(f"{r['workdir']}: per-point results {'identical' if same else 'DIFFER'} to "
+        same_adv = b["jax"].get("x_adv_sha256") == r["jax"]["x_adv_sha256"]
+        print(f"{r['workdir']}: per-point results {'identical' if same else 'DIFFER'}, "
+              f"adversarial examples {'identical' if same_adv else 'differ'} to "
               f"{args.compare_with}; JAX {b['jax']['total_seconds']:.1f} s -> "
               f"{r['jax']['total_seconds']:.1f} s, CPU {b['jax']['cpu_seconds']:.0f} -> "
               f"{r['jax']['cpu_seconds']:.0f} s")
+        for a, secs in r["jax"]["seconds"].items():
+          print(f"  {a}: {b['jax']['seconds'][a]:.1f} s (compilation "
+                f"{b['jax']['compile_seconds'].get(a, 0.0):.1f} s, CPU "
+                f"{b['jax'].get('cpu_seconds_by_attack', {}).get(a, float('nan')):.1f} s) -> "
+                f"{secs:.1f} s ({r['jax']['compile_seconds'].get(a, 0.0):.1f} s, "
+                f"{r['jax']['cpu_seconds_by_attack'].get(a, float('nan')):.1f} s)")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(out, f, indent=1)
