@@ -66,6 +66,10 @@ def attack_key_id(name: str) -> int:
     return _KEY_IDS[name]
   return (1 << 16) + zlib.crc32(name.encode()) % ((1 << 31) - (1 << 16))
 
+# A later pass of an attack reuses a chunk size it compiled for if that computes at most this
+# many times the points (padding included) a fresh size would (AutoAttack._chunks).
+REUSE_SLACK = 1.25
+
 
 def __getattr__(name: str):
   """ATTACKS / TARGETED / GRADIENT_BASED: derived from the live registry on every access, so a
@@ -287,6 +291,7 @@ class AutoAttack:
     self.n_dev = len(self.devices)
     self.batch_size = parallel.device_batch_size(batch_size, self.n_dev)
     self.progress = progress
+    self._chunk_sizes: dict[str, set[int]] = {}  # per attack: the chunk sizes it compiled for
     pm = functools.partial(jax.pmap, devices=self.devices)
     # (variables, (x, y, idx), rng, eps, state, i0, rank, restart, name, phase, block): the
     # last 3 static, so the 9 target classes of a targeted attack and its restarts share one
@@ -344,13 +349,34 @@ class AutoAttack:
                                     randomness.example_keys(key, idx), draws)
 
   # --- host side ------------------------------------------------------------------------------
-  def _map(self, fn: Callable, points: np.ndarray, arrays: tuple[np.ndarray, ...]):
-    """Yields (positions, outputs) of `fn(*sharded arrays[points])` chunk by chunk."""
-    for m, sel in parallel.chunks_for_devices(len(points), self.batch_size, self.n_dev,
-                                              balanced=True):
+  def _map(self, fn: Callable, points: np.ndarray, arrays: tuple[np.ndarray, ...],
+           attack: str | None = None):
+    """Yields (positions, outputs) of `fn(*sharded arrays[points])` chunk by chunk (for an
+    `attack`, in chunks of a size its programs were compiled for where that pays: _chunks)."""
+    for m, sel in self._chunks(len(points), attack):
       pos = points[sel]
       out = fn(*parallel.shard(tuple(a[pos] for a in arrays), self.n_dev))
       yield pos[:m], parallel.unshard(out, m)
+
+  def _chunks(self, n: int, attack: str | None) -> list[tuple[int, np.ndarray]]:
+    """parallel.chunks_for_devices(balanced=True), except that an attack's later passes (target
+    classes, after points were broken) reuse a chunk size it already ran with when that costs
+    at most REUSE_SLACK times the points computed with a fresh size: each new size compiles
+    every phase of the attack again (seconds each on CPU, more than the padding costs). Results
+    do not depend on the chunking (points are keyed by position)."""
+    fresh = list(parallel.chunks_for_devices(n, self.batch_size, self.n_dev, balanced=True))
+    if attack is None:
+      return fresh
+    sizes = self._chunk_sizes.setdefault(attack, set())
+    slots = lambda size: -(-n // size) * size  # noqa: E731  points computed, padding included
+    size = len(fresh[0][1])
+    if sizes:
+      best = min(sizes, key=lambda s: (slots(s), s))
+      if slots(best) <= REUSE_SLACK * slots(size):
+        size = best
+    sizes.add(size)
+    return [(min(start + size, n) - start, np.arange(start, start + size) % n)
+            for start in range(0, n, size)]
 
   def _attack_points(self, variables, rng, name: str, rank: int, restart: int, x, y, idx):
     """One attack (one target rank) on one chunk of points, its iterations driven from here:
@@ -428,7 +454,8 @@ class AutoAttack:
         bar = self._bar(label if runs == 1 else f"{label} run {restart + 1}/{runs}", todo.size)
         pass_rng = self._pass_rng(rng, name, rank, restart)
         attack = functools.partial(self._attack_points, variables, pass_rng, name, rank, restart)
-        for pos, (still, adv) in self._map(attack, todo, (x, y, np.arange(n, dtype=np.int32))):
+        for pos, (still, adv) in self._map(attack, todo, (x, y, np.arange(n, dtype=np.int32)),
+                                           name):
           if selection is not None:  # a randomised model: draws.py's rule decides
             still = selection.offer(pos, adv, self._draw_counts(
                 variables, jax.random.fold_in(pass_rng, draws_lib.STREAM), pos, adv, y, draws), a)
