@@ -95,7 +95,7 @@ def project_onto_hyperplane_l2(p: jax.Array, w: jax.Array, b: jax.Array) -> jax.
   aw = jnp.abs(w)
   moves = aw > 0
   brk = jnp.where(moves, room / jnp.where(moves, aw, 1.0), jnp.inf)   # lam where i hits its face
-  order = jnp.argsort(brk, axis=1)
+  order = argsort_rows(brk)
   t = jnp.take_along_axis(brk, order, axis=1)
   a = jnp.take_along_axis(aw, order, axis=1)
   r = jnp.take_along_axis(room, order, axis=1)
