@@ -452,18 +452,26 @@ def _build_small_cnn(config, num_classes, dtype, bn_axis_name) -> nn.Module:
 # paper's CNN as nn.Sequential `_model`, the small CNN's named layers, and RobustBench's
 # WideResNet. Input normalisation is not part of a layout: torch_interop adds it to any model.
 
+def _preact_block_entries(torch_prefix: str, flax_name: str, params: Mapping, shortcut: str
+                          ) -> list[TorchEntry]:
+  """A PreActBlock's layers: bn1, conv1, bn2, conv2 and, where the block has one, its 1x1
+  shortcut conv, named `shortcut` under `torch_prefix` (PreAct ResNet's `shortcut.0`,
+  RobustBench's WideResNet's `convShortcut`)."""
+  t, f = torch_prefix, flax_name
+  out = [TorchEntry(f"{t}.bn1", (f, "bn1"), "bn"), TorchEntry(f"{t}.conv1", (f, "conv1"), "conv"),
+         TorchEntry(f"{t}.bn2", (f, "bn2"), "bn"), TorchEntry(f"{t}.conv2", (f, "conv2"), "conv")]
+  if "shortcut" in params[f]:
+    out.append(TorchEntry(f"{t}.{shortcut}", (f, "shortcut"), "conv"))
+  return out
+
+
 def _preact_resnet18_torch_entries(config, params, image_shape) -> list[TorchEntry]:
   del config, image_shape
   out = [TorchEntry("conv1", ("conv1",), "conv")]
   for stage in range(4):
     for block in range(2):
-      t, f = f"layer{stage + 1}.{block}", f"layer{stage + 1}_{block}"
-      out += [TorchEntry(f"{t}.bn1", (f, "bn1"), "bn"),
-              TorchEntry(f"{t}.conv1", (f, "conv1"), "conv"),
-              TorchEntry(f"{t}.bn2", (f, "bn2"), "bn"),
-              TorchEntry(f"{t}.conv2", (f, "conv2"), "conv")]
-      if "shortcut" in params[f]:
-        out.append(TorchEntry(f"{t}.shortcut.0", (f, "shortcut"), "conv"))
+      out += _preact_block_entries(f"layer{stage + 1}.{block}", f"layer{stage + 1}_{block}",
+                                   params, "shortcut.0")
   return out + [TorchEntry("bn", ("bn",), "bn"), TorchEntry("linear", ("linear",), "dense")]
 
 
@@ -474,13 +482,8 @@ def _wide_resnet_torch_entries(config, params, image_shape) -> list[TorchEntry]:
   out = [TorchEntry("conv1", ("conv1",), "conv")]
   for group in range(1, 4):
     for block in range((config.wrn_depth - 4) // 6):
-      t, f = f"block{group}.layer.{block}", f"block{group}_{block}"
-      out += [TorchEntry(f"{t}.bn1", (f, "bn1"), "bn"),
-              TorchEntry(f"{t}.conv1", (f, "conv1"), "conv"),
-              TorchEntry(f"{t}.bn2", (f, "bn2"), "bn"),
-              TorchEntry(f"{t}.conv2", (f, "conv2"), "conv")]
-      if "shortcut" in params[f]:
-        out.append(TorchEntry(f"{t}.convShortcut", (f, "shortcut"), "conv"))
+      out += _preact_block_entries(f"block{group}.layer.{block}", f"block{group}_{block}",
+                                   params, "convShortcut")
   return out + [TorchEntry("bn1", ("bn",), "bn"), TorchEntry("fc", ("linear",), "dense")]
 
 

@@ -49,22 +49,38 @@ class _Normalizing(nn.Module):
     return (x - self.mu) / self.sigma if hasattr(self, "mu") else x
 
 
-class PreActBlock(nn.Module):
+class _PreActLayers(nn.Module):
+  """BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3 plus a shortcut: the layers (bn1, conv1, bn2,
+  conv2) both pre-activation blocks share; each names its own 1x1 shortcut conv."""
+
   def __init__(self, in_planes: int, planes: int, stride: int):
     super().__init__()
     self.bn1 = nn.BatchNorm2d(in_planes)
     self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
     self.bn2 = nn.BatchNorm2d(planes)
     self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    if stride != 1 or in_planes != planes:
-      self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+  def shortcut_of(self, x, activated):
+    raise NotImplementedError
 
   def forward(self, x):
     out = F.relu(self.bn1(x))
-    shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
-    out = self.conv1(out)
-    out = self.conv2(F.relu(self.bn2(out)))
+    shortcut = self.shortcut_of(x, out)
+    out = self.conv2(F.relu(self.bn2(self.conv1(out))))
     return out + shortcut
+
+
+class PreActBlock(_PreActLayers):
+  """PreAct ResNet's block: `shortcut.0` (1x1, stride) of the activated input where the shape
+  changes."""
+
+  def __init__(self, in_planes: int, planes: int, stride: int):
+    super().__init__(in_planes, planes, stride)
+    if stride != 1 or in_planes != planes:
+      self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+  def shortcut_of(self, x, activated):
+    return self.shortcut(activated) if hasattr(self, "shortcut") else x
 
 
 class PreActResNet18(_Normalizing):
@@ -132,25 +148,18 @@ class SmallCNN(_Normalizing):
     return self.linear(F.relu(self.fc(out.flatten(1))))
 
 
-class WideBlock(nn.Module):
-  """RobustBench's WideResNet block: BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3 plus the input, or
-  plus `convShortcut` (1x1, stride) of the activated input where the width changes (the first
-  block of each group, but of group 1 only when widen_factor > 1)."""
+class WideBlock(_PreActLayers):
+  """RobustBench's WideResNet block: the input, or `convShortcut` (1x1, stride) of the activated
+  input where the width changes (the first block of each group, but of group 1 only when
+  widen_factor > 1)."""
 
   def __init__(self, in_planes: int, planes: int, stride: int):
-    super().__init__()
-    self.bn1 = nn.BatchNorm2d(in_planes)
-    self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-    self.bn2 = nn.BatchNorm2d(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+    super().__init__(in_planes, planes, stride)
     self.convShortcut = (nn.Conv2d(in_planes, planes, 1, stride, 0, bias=False)
                          if in_planes != planes else None)
 
-  def forward(self, x):
-    out = F.relu(self.bn1(x))
-    shortcut = x if self.convShortcut is None else self.convShortcut(out)
-    out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-    return out + shortcut
+  def shortcut_of(self, x, activated):
+    return x if self.convShortcut is None else self.convShortcut(activated)
 
 
 class WideGroup(nn.Module):

@@ -9,6 +9,8 @@ import pytest
 from fastadv_jax import autoattack, evaluate, evaluation
 from fastadv_jax.autoattack import fab
 
+from test_autoattack import _exact_worst_margin
+
 
 def _l2_projection_by_bisection(p, w, b, iters=200):
   """The smallest-L2 d with <w, p + d> = b inside the box, by the KKT conditions solved by
@@ -77,17 +79,6 @@ def _exact_l2_distance(w, x, y):
   return best
 
 
-def _exact_linf_robust(w, x, y, eps):
-  xf = x.reshape(len(x), -1)
-  lo, hi = np.maximum(-eps, -xf), np.minimum(eps, 1 - xf)
-  worst = np.full(len(x), np.inf)
-  for j in range(w.shape[1]):
-    v = w[:, y].T - w[:, j][None]
-    m = np.sum(v * xf, 1) + np.sum(np.minimum(v * lo, v * hi), 1)
-    worst = np.minimum(worst, np.where(y == j, np.inf, m))
-  return worst
-
-
 def _assert_adversarial(res, x, y, logits_fn, eps, norm):
   broken = ~res.robust & res.clean
   delta = (res.x_adv[broken] - x[broken]).reshape(int(broken.sum()), -1)
@@ -112,7 +103,7 @@ def test_l2_fab_matches_the_exact_minimal_distance(attack):
 def test_untargeted_linf_fab_matches_the_exact_worst_case():
   w, x, y, logits_fn = _linear()
   eps = 0.03
-  worst = _exact_linf_robust(w, x, y, eps)
+  worst = _exact_worst_margin(w, x, y, eps)
   res = autoattack.evaluate(logits_fn, x, y, eps, "fab", progress=False)
   _assert_adversarial(res, x, y, logits_fn, eps, "Linf")
   clear = np.abs(worst) > 1e-3

@@ -48,6 +48,19 @@ def argsort_rows(v: jax.Array) -> jax.Array:
   return jax.lax.sort((_sort_key(v), iota), dimension=1, num_keys=1, is_stable=True)[1]
 
 
+def _piece_root(f_at: jax.Array, below: jax.Array, above: jax.Array, need: jax.Array
+                ) -> jax.Array:
+  """Where the piecewise-linear f (value `f_at` at the sorted breaks, `below + lam * above` on
+  the piece after each) first reaches `need`, per row; inf where it never does (both
+  hyperplane projections: the pieces differ, the root does not)."""
+  k = jnp.sum(f_at < need, axis=1, keepdims=True)     # first piece reaching `need`
+  reachable = k < f_at.shape[1]
+  k = jnp.minimum(k, f_at.shape[1] - 1)
+  lam = (need - jnp.take_along_axis(below, k, axis=1)) / jnp.maximum(
+      jnp.take_along_axis(above, k, axis=1), 1e-30)
+  return jnp.where(reachable, jnp.maximum(lam, 0.0), jnp.inf)
+
+
 def project_onto_hyperplane_linf(p: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
   """For each row: the smallest-L-inf d with <w, p + d> = b and p + d in [0, 1]^D.
 
@@ -68,13 +81,7 @@ def project_onto_hyperplane_linf(p: jax.Array, w: jax.Array, b: jax.Array) -> ja
   below = jnp.cumsum(a * r, axis=1) - a * r           # sum_{j<k} a_j r_j
   above = jnp.sum(a, axis=1, keepdims=True) - jnp.cumsum(a, axis=1) + a   # sum_{j>=k} a_j
   f_at_r = below + r * above                          # f(r_k), increasing in k
-  need = jnp.abs(c)[:, None]
-  k = jnp.sum(f_at_r < need, axis=1, keepdims=True)   # first piece reaching `need`
-  reachable = k < p.shape[1]
-  k = jnp.minimum(k, p.shape[1] - 1)
-  lam = (need - jnp.take_along_axis(below, k, axis=1)) / jnp.maximum(
-      jnp.take_along_axis(above, k, axis=1), 1e-30)
-  lam = jnp.where(reachable, jnp.maximum(lam, 0.0), jnp.inf)
+  lam = _piece_root(f_at_r, below, above, jnp.abs(c)[:, None])
   return direction * jnp.minimum(lam, room)
 
 
@@ -102,13 +109,7 @@ def project_onto_hyperplane_l2(p: jax.Array, w: jax.Array, b: jax.Array) -> jax.
   below = jnp.cumsum(a * r, axis=1) - a * r           # sum_{j<k} |w_j| room_j (at their faces)
   above = jnp.sum(a * a, axis=1, keepdims=True) - jnp.cumsum(a * a, axis=1) + a * a  # sum w_j^2
   f_at_t = jnp.where(jnp.isfinite(t), below + t * above, below)   # f(lam_k), increasing in k
-  need = jnp.abs(c)[:, None]
-  k = jnp.sum(f_at_t < need, axis=1, keepdims=True)   # first piece reaching `need`
-  reachable = k < p.shape[1]
-  k = jnp.minimum(k, p.shape[1] - 1)
-  lam = (need - jnp.take_along_axis(below, k, axis=1)) / jnp.maximum(
-      jnp.take_along_axis(above, k, axis=1), 1e-30)
-  lam = jnp.where(reachable, jnp.maximum(lam, 0.0), jnp.inf)
+  lam = _piece_root(f_at_t, below, above, jnp.abs(c)[:, None])
   return jnp.where(moves, direction * jnp.minimum(lam * aw, room), 0.0)
 
 
