@@ -93,7 +93,7 @@ def check_flags(eps: float, n_eval: int, steps: int, restarts: int, attack: str 
     if not eps > 0.0:  # not NaN either
       raise UsageError(f"--eps: the L2 radius must be > 0 (the whole perturbation's norm, e.g. "
                        f"1.0 on 28 x 28 images), got {eps}")
-    unsupported = [a for a in plan[1] if norm not in autoattack.get(a).norms]
+    unsupported = autoattack.runner.without_norm(plan[1], norm)
     if unsupported:
       able = [a for a in plan[1] if a not in unsupported]
       raise UsageError(f"--attack: {', '.join(unsupported)} "

@@ -37,7 +37,7 @@ from fastadv_jax.autoattack.checks import NonFiniteOutputError
 __all__ = ["ATTACKS", "GRADIENT_BASED", "RESTARTS", "TARGETED", "VERSIONS", "ApplyFn",
            "AttackRecord", "AutoAttack", "AutoAttackResult", "NonFiniteOutputError",
            "attack_key_id", "attack_records", "check_classes", "check_norm", "check_restarts",
-           "output_classes", "parse_attacks", "version_of"]
+           "output_classes", "parse_attacks", "version_of", "without_norm"]
 
 # (variables, x, key) -> logits; `key` drives a randomised model and is ignored by others.
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -169,6 +169,11 @@ def check_classes(attacks: Sequence[str], num_classes: int) -> None:
     raise ValueError(aa_losses.targeted_error(num_classes))
 
 
+def without_norm(attacks: Sequence[str], norm: str) -> list[str]:
+  """The attacks of the list that do not implement `norm` (Component.norms)."""
+  return [a for a in attacks if norm not in component.get(a).norms]
+
+
 def check_norm(attacks: Sequence[str], norm: str, eps: float) -> None:
   """ValueError unless every attack implements `norm` and eps is a radius it can take: in
   (0, 1] for L-inf (pixel units), positive for L2 (the whole perturbation's Euclidean norm)."""
@@ -178,7 +183,7 @@ def check_norm(attacks: Sequence[str], norm: str, eps: float) -> None:
     raise ValueError(f"eps must be in (0, 1] (pixel units, e.g. 8/255), got {eps}")
   if norm == "L2" and not eps > 0.0:
     raise ValueError(f"eps must be > 0 (the L2 norm of the perturbation, e.g. 0.5), got {eps}")
-  unsupported = [a for a in attacks if norm not in component.get(a).norms]
+  unsupported = without_norm(attacks, norm)
   if unsupported:
     raise ValueError(f"attack {unsupported[0]!r} does not implement the {norm} threat model "
                      f"(it implements {', '.join(component.get(unsupported[0]).norms)})")
