@@ -10,9 +10,12 @@ setup(
     packages=find_packages(include=["fastadv_jax", "fastadv_jax.*"]) + ["fastadv_jax.configs"],
     package_dir={"fastadv_jax.configs": "configs"},
     python_requires=">=3.11",
+    # The exact versions the README's numbers come from are in requirements/ (scripts/lock.sh);
+    # these ranges are for installing the library into an environment of one's own.
     install_requires=[
-        "jax>=0.10",
-        "jaxlib>=0.10",
+        # jaxlib 0.12.1: multi-process runs hang (distributed.BROKEN_MULTIPROCESS_JAXLIB)
+        "jax>=0.10,!=0.12.1",
+        "jaxlib>=0.10,!=0.12.1",
         "flax>=0.11",
         "optax>=0.2.4",
         "chex>=0.1.88",
@@ -25,6 +28,7 @@ setup(
         "tensorflow-cpu>=2.16",  # tfds needs TensorFlow to prepare and read image datasets
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        "filelock>=3.12",  # JAX's compilation cache needs it for its size cap (compilation_cache.py)
         "matplotlib>=3.8",
     ],
     extras_require={

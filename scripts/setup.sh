@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up: Debian's Fashion-MNIST files, a virtualenv at .venv/ and the package.
 # Safe to run twice; every step is skipped when already done.
-#   FASTADV_EXTRAS=gpu   installs jax[cuda12] (NVIDIA); FASTADV_EXTRAS=tpu installs jax[tpu].
+#   FASTADV_EXTRAS=gpu   installs requirements/gpu.txt (jax[cuda12], NVIDIA);
+#   FASTADV_EXTRAS=tpu   installs requirements/tpu.txt (jax[tpu]). The default: requirements/cpu.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +17,7 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   fi
 fi
 
-# 2. A Python >= 3.11, preferring 3.12+ (the newest jax needs it).
+# 2. A Python >= 3.12 (the lock is resolved for 3.12; jax >= 0.11 needs it), 3.12 first.
 pick_python() {
   local c
   local candidates=("${PYTHON:-}")
@@ -26,25 +27,41 @@ pick_python() {
   candidates+=(python3.13 python3.12 python3 python)
   for c in "${candidates[@]}"; do
     [ -n "$c" ] || continue
-    if "$c" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' >/dev/null 2>&1; then
+    if "$c" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1; then
       echo "$c"; return 0
     fi
   done
   return 1
 }
 if [ ! -x .venv/bin/python ]; then
-  PY=$(pick_python) || { echo "[setup] error: need Python >= 3.11" >&2; exit 1; }
+  PY=$(pick_python) || { echo "[setup] error: need Python >= 3.12 (pyenv install 3.12, or PYTHON=...)" >&2; exit 1; }
   echo "[setup] creating .venv with $($PY --version 2>&1) ($PY)"
   "$PY" -m venv .venv
 fi
 
-# 3. The package and its dependencies (re-run only when setup.py changed).
+# 3. The locked dependencies (requirements/*.txt, exact versions and hashes: see scripts/lock.sh),
+#    then the package itself; re-run only when setup.py or the lock changed. A changed lock
+#    gets a new virtualenv, so that nothing of the previous one stays behind.
+case "${FASTADV_EXTRAS:-}" in
+  "") lock=requirements/cpu.txt ;;
+  gpu|tpu) lock=requirements/$FASTADV_EXTRAS.txt ;;
+  *) echo "[setup] error: FASTADV_EXTRAS must be gpu or tpu, got '$FASTADV_EXTRAS'" >&2; exit 2 ;;
+esac
 stamp=.venv/.fastadv_installed
-extras="test${FASTADV_EXTRAS:+,$FASTADV_EXTRAS}"
-want="$(cat setup.py | sha256sum | cut -c1-16)-$extras"
+want="$(cat setup.py "$lock" | sha256sum | cut -c1-16) $lock"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "[setup] installing fastadv_jax[$extras] into .venv (first time: a few minutes)"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[$extras]"
+  if [ -f "$stamp" ]; then
+    echo "[setup] the lock changed: a new .venv"
+    rm -rf .venv
+    PY=$(pick_python) || { echo "[setup] error: need Python >= 3.12" >&2; exit 1; }
+    "$PY" -m venv .venv
+  fi
+  echo "[setup] installing $lock and fastadv_jax into .venv (first time: a few minutes)"
+  # (pip's notices about local index folders that a machine's pip.conf names and that do not
+  # exist are dropped; errors still show.)
+  .venv/bin/python -m pip install -q --require-hashes --no-deps -r "$lock" \
+      2> >(grep -v "^WARNING: Location '" >&2)
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . \
+      2> >(grep -v "^WARNING: Location '" >&2)
   echo "$want" > "$stamp"
 fi

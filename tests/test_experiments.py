@@ -1,13 +1,12 @@
 """Sweep planning, aggregation into tables, plots, and a benchmark smoke run."""
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, TORCH_PY, needs_torch
 
 sys.path.insert(0, str(ROOT / "experiments"))
 import aggregate  # noqa: E402
@@ -115,12 +114,11 @@ def test_benchmark_window_fills_min_window_s():
   assert benchmark.window_steps(3, one_step_s=0.2, min_window_s=0.0) == 3
 
 
-@pytest.mark.skipif(not os.path.exists(ROOT / ".venv-torch" / "bin" / "python"),
-                    reason="no PyTorch baseline environment (scripts/setup_bench.sh)")
+@needs_torch
 def test_torch_baseline_smoke():
   rows = [{"model": "small_cnn", "method": m, "batch": 4, "dtype": "float32", "width": 2}
           for m in ("pgd2", "gradalign_full")]
-  proc = subprocess.run([str(ROOT / ".venv-torch" / "bin" / "python"),
+  proc = subprocess.run([str(TORCH_PY),
                          str(ROOT / "experiments" / "torch_baseline.py"), "--rows",
                          json.dumps(rows), "--windows=1", "--steps=1"], capture_output=True,
                         text=True, timeout=300)

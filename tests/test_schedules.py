@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 import subprocess
 
 import jax
@@ -13,11 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import load_config, tiny_config
+from conftest import TORCH_PY, load_config, needs_torch, tiny_config
 from fastadv_jax import config_validation, schedules
 from fastadv_jax import train_state as ts
 
-TORCH_PY = pathlib.Path(__file__).resolve().parents[1] / ".venv-torch" / "bin" / "python"
 
 
 def _torch_onecycle(step: int, total: int, max_lr: float):
@@ -73,7 +71,7 @@ def test_onecycle_per_iteration_spans_all_iterations():
   assert len(set(got[:spe, 0])) == spe  # moves every iteration
 
 
-@pytest.mark.skipif(not TORCH_PY.exists(), reason="no .venv-torch with PyTorch")
+@needs_torch
 def test_onecycle_matches_torch():
   script = """
 import json, torch

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import MOCK_DATA_CLI, ROOT, tiny_config
+from conftest import MOCK_DATA_CLI, ROOT, TORCH_PY, needs_torch, tiny_config
 from fastadv_jax import config_validation, models, saved_run, torch_interop, train
 
 SHAPE = (28, 28, 1)
@@ -143,11 +143,10 @@ def test_a_model_without_batchnorm_imports_and_reads_back(name, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, back["params"], v["params"])
 
 
-TORCH = ROOT / ".venv-torch" / "bin" / "python"
 
 
-@pytest.mark.skipif(not TORCH.exists(), reason="needs the PyTorch environment "
-                    "(bash scripts/setup_bench.sh)")
+
+@needs_torch
 @pytest.mark.parametrize("name", ["preact_resnet18", "cnn", "small_cnn"])
 def test_pytorch_runs_the_export_with_the_same_logits(name, tmp_path):
   config = tiny_config(**CONFIGS[name])
@@ -158,7 +157,7 @@ def test_pytorch_runs_the_export_with_the_same_logits(name, tmp_path):
   code = ("import sys, numpy as np, torch; sys.path.insert(0, sys.argv[1]); import model; "
           "net = model.load(sys.argv[1]); x = torch.from_numpy(np.load(sys.argv[1] + '/x.npy')); "
           "np.save(sys.argv[1] + '/y.npy', net(x).detach().numpy())")
-  subprocess.run([str(TORCH), "-c", code, str(tmp_path)], check=True, timeout=120)
+  subprocess.run([str(TORCH_PY), "-c", code, str(tmp_path)], check=True, timeout=120)
   np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.apply(v, x, train=False),
                              atol=1e-4)
 
@@ -337,8 +336,7 @@ json.dump(out, open(sys.argv[3], "w"))
 """
 
 
-@pytest.mark.skipif(not TORCH.exists(), reason="needs the PyTorch environment "
-                    "(bash scripts/setup_bench.sh)")
+@needs_torch
 def test_the_pytorch_wide_resnet_has_the_exports_keys_and_shapes(tmp_path):
   """torch_models.WideResNet, built from the export's spec.json for every size, has exactly the
   state_dict keys and shapes the export writes (normalisation buffers included)."""
@@ -353,7 +351,7 @@ def test_the_pytorch_wide_resnet_has_the_exports_keys_and_shapes(tmp_path):
       del zeros, sd
   (tmp_path / "specs.json").write_text(json.dumps(specs))
   module_dir = os.path.join(ROOT, "fastadv_jax")
-  subprocess.run([str(TORCH), "-c", _TORCH_SHAPES, module_dir, str(tmp_path / "specs.json"),
+  subprocess.run([str(TORCH_PY), "-c", _TORCH_SHAPES, module_dir, str(tmp_path / "specs.json"),
                   str(tmp_path / "out.json")], check=True, timeout=300)
   got = json.loads((tmp_path / "out.json").read_text())
   assert got.keys() == expected.keys()
@@ -361,8 +359,7 @@ def test_the_pytorch_wide_resnet_has_the_exports_keys_and_shapes(tmp_path):
     assert got[name] == expected[name], name
 
 
-@pytest.mark.skipif(not TORCH.exists(), reason="needs the PyTorch environment "
-                    "(bash scripts/setup_bench.sh)")
+@needs_torch
 def test_pytorch_runs_exported_wide_resnets_and_normalising_models_with_the_same_logits(
     tmp_path):
   """Small WideResNets (10-1: no shortcut in group 1; 16-2: two blocks a group) with and without
@@ -388,7 +385,7 @@ def test_pytorch_runs_exported_wide_resnets_and_normalising_models_with_the_same
           "  del sys.modules['model']\n"
           "  y = net(torch.from_numpy(np.load(d + '/x.npy'))).detach().numpy()\n"
           "  np.save(d + '/y.npy', y)\n")
-  subprocess.run([str(TORCH), "-c", code] + [str(tmp_path / n) for n in cases], check=True,
+  subprocess.run([str(TORCH_PY), "-c", code] + [str(tmp_path / n) for n in cases], check=True,
                  timeout=300)
   for name in cases:
     assert np.std(expected[name]) > 1e-3, name  # the logits say something about the weights
