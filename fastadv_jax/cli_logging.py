@@ -55,3 +55,45 @@ def setup() -> None:
   logging.set_verbosity(logging.INFO)
   if not verbose():
     logging.get_absl_handler().addFilter(_DropLibraryInfo())
+
+
+GLOO_PREFIX = b"[Gloo] "
+
+
+def drop_gloo_lines() -> None:
+  """Gloo (JAX's cross-process collectives on CPU) prints "[Gloo] Rank N is connected to ..."
+  from C++ to standard output each time it connects a set of devices, out of Python's reach.
+  Unless FASTADV_VERBOSE=1, standard output then goes through a pipe whose reader thread passes
+  on every other line; at exit the rest is passed on and the output restored."""
+  if verbose():
+    return
+  import atexit  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import threading  # pylint: disable=import-outside-toplevel
+  sys.stdout.flush()
+  original = os.dup(1)
+  read_fd, write_fd = os.pipe()
+  os.dup2(write_fd, 1)
+  os.close(write_fd)
+
+  def forward() -> None:
+    with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+      pending = b""
+      while chunk := pipe.read(65536):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        kept = b"".join(line + b"\n" for line in lines if not line.startswith(GLOO_PREFIX))
+        if kept:
+          os.write(original, kept)
+      if pending and not pending.startswith(GLOO_PREFIX):
+        os.write(original, pending)
+
+  reader = threading.Thread(target=forward, name="drop-gloo-lines", daemon=True)
+  reader.start()
+
+  def restore() -> None:
+    sys.stdout.flush()
+    os.dup2(original, 1)  # closes the pipe's last write end: the reader drains and ends
+    reader.join(timeout=5)
+
+  atexit.register(restore)

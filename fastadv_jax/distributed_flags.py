@@ -15,10 +15,11 @@ flags.DEFINE_float("distributed_timeout", None, "Seconds a multi-process run wai
                    "FASTADV_DISTRIBUTED_TIMEOUT, else 120).")
 
 
-def initialize() -> bool:
+def initialize(training: bool = False) -> bool:
   """distributed.initialize with these flags (the FASTADV_* variables fill what they leave
-  unset); call before any JAX computation. True in a multi-process run."""
+  unset); call before any JAX computation. True in a multi-process run. `training`: the
+  first-step watchdog is armed (distributed.made_progress stops it)."""
   from fastadv_jax import distributed  # pylint: disable=import-outside-toplevel
   return distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address,
                                 FLAGS.num_processes, FLAGS.process_id,
-                                timeout_s=FLAGS.distributed_timeout)
+                                timeout_s=FLAGS.distributed_timeout, training=training)

@@ -43,9 +43,9 @@ import jax
 import numpy as np
 from absl import flags
 
-from fastadv_jax import (autoattack, checkpointing, cli, cli_logging, datasets, distributed,
-                         distributed_flags, evaluation, models, plugins, saved_run, workdir,
-                         xla_cpu)
+from fastadv_jax import (autoattack, checkpointing, cli, cli_logging, compilation_cache, datasets,
+                         distributed, distributed_flags, evaluation, models, plugins, saved_run,
+                         workdir, xla_cpu)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -140,6 +140,7 @@ def main(argv):
   load_plugins(FLAGS.plugins)
   config = run_config(FLAGS.workdir)  # imports config.plugins
   xla_cpu.apply(model=config.model)  # before the first JAX computation starts the backend
+  compilation_cache.enable()  # a second evaluation loads the attacks' compiled programs
   distributed_flags.initialize()  # before any JAX computation
   if FLAGS.eps is None and FLAGS.norm != "Linf":
     raise UsageError(f"--eps: give the {FLAGS.norm} radius (the run's eps {config.eps} is an "
@@ -176,7 +177,8 @@ def main(argv):
   if run_pgd:
     start = time.perf_counter()
     points["pgd_robust"] = ev.robust_points(variables, x, y, eps, FLAGS.pgd_steps,
-                                            FLAGS.pgd_restarts, jax.random.key(FLAGS.seed))
+                                            FLAGS.pgd_restarts, jax.random.key(FLAGS.seed),
+                                            progress=True)
     result.update(pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts,
                   pgd_acc=float(np.mean(points["pgd_robust"])),
                   pgd_seconds=round(time.perf_counter() - start, 3))

@@ -167,30 +167,38 @@ class Evaluator:
     return sharded, correct
 
   def robust_points(self, variables: Variables, images: np.ndarray, labels: np.ndarray,
-                    eps: float, steps: int, restarts: int, rng: jax.Array) -> np.ndarray:
+                    eps: float, steps: int, restarts: int, rng: jax.Array,
+                    progress: bool = False) -> np.ndarray:
     """PGD-`steps`-`restarts` per-point verdicts, (n,) bool indexed by position (step
     `step_alpha * eps`, uniform start, worst case over restarts): True where the point is
     classified correctly without attack and at every restart's endpoint. 0 restarts is refused
     (it would report every correctly classified point as robust); NonFiniteOutputError as
-    clean_accuracy. In a multi-process run, every process returns all n verdicts."""
+    clean_accuracy. In a multi-process run, every process returns all n verdicts. `progress`:
+    a bar of the points done and robust so far (process 0's own points)."""
     if restarts < 1 or steps < 1:
       raise ValueError(f"PGD needs steps >= 1 and restarts >= 1, got {steps} and {restarts}")
     clean, _ = self._clean_pass(variables, images, labels)
+    start, stop = distributed.point_range(len(labels))
+    bar = _PointsBar(f"PGD-{steps}-{restarts}", stop - start, restarts, progress)
     robust = []
     for (m, x, y, pos), clean_chunk in zip(self._chunks(images, labels), clean):
       carry = attacks.restarts_init(jnp.zeros(x.shape, jnp.float32), jnp.asarray(y), clean_chunk)
       for r in range(restarts):  # host loop: one small compiled program reused per restart
         carry = self._restart(variables, carry, x, y, pos, rng, jnp.float32(eps),
                                jnp.int32(r), steps)
+        bar.restart_done(r, carry[2])
       robust.append(parallel.unshard(carry[2], m))
+      bar.chunk_done(robust[-1])
+    bar.close()
     return self._per_point(robust, len(labels))
 
   def robust_accuracy(self, variables: Variables, images: np.ndarray, labels: np.ndarray,
-                      eps: float, steps: int, restarts: int, rng: jax.Array) -> float:
+                      eps: float, steps: int, restarts: int, rng: jax.Array,
+                      progress: bool = False) -> float:
     """PGD-`steps`-`restarts` accuracy: the share of `robust_points`, so never above clean
     accuracy."""
     return float(np.mean(self.robust_points(variables, images, labels, eps, steps, restarts,
-                                            rng)))
+                                            rng, progress)))
 
   def diagnostics(self, variables: Variables, images: np.ndarray, labels: np.ndarray,
                   eps: float, rng: jax.Array, pgd_steps: int = 10) -> dict[str, float]:
@@ -239,6 +247,39 @@ class Evaluator:
     return float(np.mean(self.clean_points(variables, images, labels)))
 
 
+class _PointsBar:
+  """The final evaluation's progress in the trainer's style (a tqdm bar, process 0 only): the
+  points done and robust so far, and the restart the current chunk is at. Off, it does
+  nothing; on, it waits for each restart to finish (the same programs run, only the host
+  waits), so the bar moves as the work does."""
+
+  def __init__(self, name: str, n: int, restarts: int, show: bool):
+    self.bar, self.restarts, self.done, self.robust = None, restarts, 0, 0
+    if show and n and distributed.is_main():
+      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+      self.bar = tqdm(total=n, desc=name, unit="pt", dynamic_ncols=True, leave=False)
+
+  def restart_done(self, r: int, robust: jax.Array) -> None:
+    if self.bar is not None:
+      jax.block_until_ready(robust)
+      self._postfix(f"restart {r + 1}/{self.restarts}")
+
+  def chunk_done(self, robust: np.ndarray) -> None:
+    if self.bar is not None:
+      self.done += len(robust)
+      self.robust += int(np.sum(robust))
+      self.bar.update(len(robust))
+      self._postfix("")
+
+  def _postfix(self, where: str) -> None:
+    share = f"{self.robust / self.done:.3f} of {self.done}" if self.done else "-"
+    self.bar.set_postfix_str(f"robust {share}" + (f", {where}" if where else ""))
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
 def final_evaluation(config: ml_collections.ConfigDict, evaluator: Evaluator, variables: dict,
                      test_split: datasets.Split, rng: jax.Array) -> dict:
   """Clean accuracy and the attacks of `config.final_attack` on the first n test points:
@@ -250,7 +291,8 @@ def final_evaluation(config: ml_collections.ConfigDict, evaluator: Evaluator, va
   if run_pgd:
     out.update(pgd_acc=evaluator.robust_accuracy(variables, x, y, config.eps,
                                                  config.final_pgd_steps,
-                                                 config.final_pgd_restarts, rng),
+                                                 config.final_pgd_restarts, rng,
+                                                 progress=config.progress_bar),
                pgd_steps=config.final_pgd_steps, pgd_restarts=config.final_pgd_restarts)
   if aa_attacks:
     result = evaluator.autoattack(variables, x, y, config.eps, aa_attacks, config.seed,

@@ -21,10 +21,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # pylint: disable-next=import-outside-toplevel
-  from fastadv_jax import cli_logging, train, xla_cpu
+  from fastadv_jax import cli_logging, compilation_cache, train, xla_cpu
   xla_cpu.apply(model=FLAGS.config.model)  # before the first JAX computation starts the backend
   cli_logging.setup()
-  distributed_flags.initialize()  # before any JAX computation
+  compilation_cache.enable()  # a resumed run loads its compiled programs
+  distributed_flags.initialize(training=True)  # before any JAX computation
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

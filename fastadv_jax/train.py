@@ -300,7 +300,10 @@ class _Run:
         for step in range(self.start, self.total):
           agreement = self.step(step)
           stop.check(step + 1, agreement)  # a signal stops the run here, between iterations
+          if step > self.start:  # the check read the previous step's agreement: it completed
+            distributed.made_progress()
         stop.finish(self.total)
+        distributed.made_progress()  # also a run with no step left, or a single step
     except KeyboardInterrupt as e:
       self._save_interrupted(e)
       raise

@@ -5,13 +5,34 @@ os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# One persistent compilation cache per suite run for the command lines the tests start as
+# subprocesses (the xdist workers inherit the controller's environment, the subprocesses the
+# workers'): the many fresh processes that run the same small programs compile each once. The
+# test processes themselves keep JAX's in-memory caches only: a long-lived worker that also
+# serialised every program it compiled ran out of memory mappings (std::bad_alloc while writing
+# entries, then a crash). Set FASTADV_COMPILATION_CACHE=0 to run the suite without it.
+if "PYTEST_XDIST_WORKER" not in os.environ and "FASTADV_COMPILATION_CACHE" not in os.environ:
+  _SUITE_CACHE = tempfile.mkdtemp(prefix="fastadv-suite-xla-cache-")
+  os.environ["FASTADV_COMPILATION_CACHE"] = _SUITE_CACHE
+  # Every program, however fast it compiles: the tests' tiny models compile in under 0.1 s each,
+  # but a command line compiles hundreds of them.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+else:
+  _SUITE_CACHE = None
+
 from fastadv_jax import xla_cpu  # noqa: E402
 
 xla_cpu.apply()  # tests run with the XLA flags users run with
 
 import importlib  # noqa: E402
 import pathlib  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -40,6 +61,85 @@ TINY_CLI = ["--config.n_filters=4", "--config.batch_size=16", "--config.num_epoc
             "--config.final_pgd_steps=2", "--config.final_pgd_restarts=1",
             "--config.eval_batch_size=16", "--config.progress_bar=False",
             "--config.data_dir=/nonexistent-use-mock"]
+
+
+# A command the tests start (a training, several processes of one run) is waited for as long as
+# it makes progress: its output grows, or a file under its workdir changes. Only this long
+# without either counts as a hang (generous: a loaded machine compiles slowly, and a JAX start-up
+# writes nothing for tens of seconds); every process group is killed then, or when the test
+# fails, so that no process outlives it.
+STALL_S = 300.0
+
+
+def _progress_mark(outputs: list, watch: tuple) -> tuple:
+  sizes = tuple(os.fstat(f.fileno()).st_size for f in outputs)
+  files = []
+  for root in watch:
+    for dirpath, _, names in os.walk(root):
+      for name in names:
+        try:
+          st = os.stat(os.path.join(dirpath, name))
+        except OSError:  # removed meanwhile (a checkpoint rotated away)
+          continue
+        files.append((dirpath, name, st.st_size, st.st_mtime_ns))
+  return sizes, tuple(sorted(files))
+
+
+def start_processes(argvs: list[list[str]], envs: list[dict] | None = None) -> list:
+  """Starts the commands (from the repository root), each in a process group of its own, with
+  stdout and stderr in temporary files (`.out`, `.err` on each process)."""
+  import tempfile as _tempfile  # pylint: disable=import-outside-toplevel
+  procs = []
+  for i, argv in enumerate(argvs):
+    out, err = _tempfile.TemporaryFile("w+"), _tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(argv, cwd=ROOT, env=None if envs is None else envs[i], stdout=out,
+                            stderr=err, text=True, start_new_session=True)
+    proc.out, proc.err = out, err
+    procs.append(proc)
+  return procs
+
+
+def kill_processes(procs: list) -> None:
+  """SIGKILL to the process group of every command still running (their children included)."""
+  for p in procs:
+    if p.poll() is None:
+      try:
+        os.killpg(p.pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+      p.wait()
+
+
+def wait_processes(procs: list, watch: tuple = (), stall_s: float = STALL_S,
+                   ready=None) -> list[tuple[int, str, str]]:
+  """Waits until every process has ended (or, with `ready`, until ready() is true, all still
+  running), as long as they make progress (STALL_S); (returncode, stdout, stderr) of each. On a
+  stall, or anything else that ends the wait early, every process group is killed."""
+  outputs = [f for p in procs for f in (p.out, p.err)]
+  mark, since = _progress_mark(outputs, watch), time.monotonic()
+  try:
+    while not (ready() if ready else all(p.poll() is not None for p in procs)):
+      if ready is not None:
+        assert all(p.poll() is None for p in procs), "a process ended before it was ready:\n" + \
+            "\n".join(_read(p.err)[-2000:] for p in procs)
+      time.sleep(0.2)
+      now = _progress_mark(outputs, watch)
+      if now != mark:
+        mark, since = now, time.monotonic()
+      elif time.monotonic() - since > stall_s:
+        raise AssertionError(f"no progress for {stall_s:g} s (no output, no file changed): "
+                             "killed\n" + "\n".join(_read(p.err)[-2000:] for p in procs))
+  except BaseException:
+    kill_processes(procs)
+    raise
+  if ready is not None:
+    return []
+  return [(p.returncode, _read(p.out), _read(p.err)) for p in procs]
+
+
+def _read(f) -> str:
+  f.seek(0)
+  return f.read()
 
 
 def load_config(name: str = "default", arg: str | None = None):
@@ -75,6 +175,18 @@ def tiny_config(**overrides):
 
 
 PLUGIN_DIRS = (ROOT / "tests" / "plugins", ROOT / "experiments" / "examples")
+
+# The PyTorch environment of the cross-checks (scripts/setup_bench.sh). They run when it is
+# installed, unless FASTADV_NO_TORCH is set (scripts/test.sh with FASTADV_TORCH_TESTS=0).
+TORCH_PY = ROOT / ".venv-torch" / "bin" / "python"
+needs_torch = pytest.mark.skipif(
+    not TORCH_PY.exists() or bool(os.environ.get("FASTADV_NO_TORCH")),
+    reason="no PyTorch environment (FASTADV_TORCH_TESTS=1 bash scripts/test.sh sets it up)")
+
+
+def pytest_unconfigure(config):
+  if _SUITE_CACHE is not None and not hasattr(config, "workerinput"):
+    shutil.rmtree(_SUITE_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

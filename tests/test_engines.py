@@ -17,7 +17,7 @@ from fastadv_jax import (checkpointing, engines, methods, metric_writers, models
                          train, train_step)
 from fastadv_jax import train_state as ts
 from test_reliability import _Killed, _raise_in
-from test_train_step import N_EXAMPLES, _batch, _max_rel_err
+from test_train_step import N_EXAMPLES, _batch, DEVICE_SPLIT_RTOL, _max_rel_err
 
 N_DEV = 4  # 40 training examples over 4 devices: 10 rows each, no padding; 3 pads (below)
 
@@ -59,16 +59,17 @@ def test_shard_map_step_equals_pmap_step(method):
   c = _config(method)
   one, m1, _ = _run(c, engines.PmapEngine(devices))
   two, m2, placed = _run(c, engines.ShardMapEngine(devices))
-  assert _max_rel_err((one.params, one.batch_stats), (two.params, two.batch_stats)) < 1e-5
+  assert (_max_rel_err((one.params, one.batch_stats), (two.params, two.batch_stats))
+          < DEVICE_SPLIT_RTOL)
   for a, b in zip(m1, m2):
     assert a.keys() == b.keys()
     for k in a:
-      assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+      assert b[k] == pytest.approx(a[k], rel=DEVICE_SPLIT_RTOL, abs=1e-7), k
   for part in ("opt_state", "method_state", "ema", "carried_delta", "example_state"):
     a, b = getattr(one, part), getattr(two, part)
     assert (a is None) == (b is None), part
     if a is not None and jax.tree.leaves(a):
-      assert _max_rel_err(a, b) < 1e-5, part
+      assert _max_rel_err(a, b) < DEVICE_SPLIT_RTOL, part
   # Global arrays on the mesh: replicated parameters, rows split over the axis.
   assert all(isinstance(v, jax.Array) and v.sharding.spec == P()
              for v in jax.tree.leaves(placed.params))
@@ -87,7 +88,7 @@ def test_example_rows_are_padded_to_whole_blocks_per_device():
     assert table.shape[0] == 40 and two.example_state[k].shape[0] == 37
     np.testing.assert_array_equal(np.asarray(table)[37:], 0)
     assert np.any(np.asarray(table)[:37] != 0)
-  assert _max_rel_err(one.example_state, two.example_state) < 1e-5
+  assert _max_rel_err(one.example_state, two.example_state) < DEVICE_SPLIT_RTOL
 
 
 def test_unknown_engine_is_refused():

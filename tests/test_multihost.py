@@ -9,15 +9,17 @@ clean 0.770 / PGD 0.594 on 2 x 4 and 0.764 / 0.580 on 1 x 8). README "Several ho
 import json
 import os
 import pathlib
+import signal
 import socket
-import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI
+from conftest import (MOCK_DATA_CLI, ROOT, TINY_CLI, kill_processes, start_processes,
+                      wait_processes)
 from fastadv_jax import distributed
 
 _TINY = TINY_CLI + ["--config.num_epochs=2", "--config.log_every=2", "--config.eval_every=3",
@@ -34,19 +36,17 @@ def _free_port() -> int:
 def _train(workdir, n_proc: int, devices: int, extra=()):
   """The training command line in n_proc processes of `devices` CPU devices each."""
   port = _free_port()
-  procs = []
+  argvs = []
   for i in range(n_proc):
     dist = ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n_proc}",
              f"--process_id={i}"] if n_proc > 1 else [])
-    argv = [sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.main",
-            f"--config={ROOT}/configs/default.py",
-            f"--workdir={workdir}"] + _TINY + list(extra) + dist
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices))
-    procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True))
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+    argvs.append([sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.main",
+                  f"--config={ROOT}/configs/default.py",
+                  f"--workdir={workdir}"] + _TINY + list(extra) + dist)
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices))
+  for code, out, err in wait_processes(start_processes(argvs, [env] * n_proc), watch=(workdir,)):
+    assert code == 0, err[-3000:]
+    assert "[Gloo]" not in out + err  # gloo's connection lines only with FASTADV_VERBOSE=1
 
 
 def _params(workdir):
@@ -103,6 +103,57 @@ def test_two_processes_equal_one(tmp_path, extra):
   assert (again["clean_acc"], again["pgd_acc"]) == (two["clean_acc"], two["pgd_acc"])
 
 
+def _two_process_argvs(workdir, extra=()) -> list[list[str]]:
+  port = _free_port()
+  return [[sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.main",
+           f"--config={ROOT}/configs/default.py", f"--workdir={workdir}"] + _TINY + list(extra)
+          + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+          for i in range(2)]
+
+
+def test_a_launch_without_a_first_step_ends_every_process(tmp_path):
+  """The first-step watchdog: 1 s is too short for the data and the first compilation, so it
+  fires in both processes, which end with one line each, exit 2, the workdir's checkpoints
+  untouched (none was written)."""
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", FASTADV_FIRST_STEP_TIMEOUT="1")
+  procs = start_processes(_two_process_argvs(tmp_path / "wd"), [env, env])
+  for code, _, err in wait_processes(procs, watch=(tmp_path,)):
+    assert code == 2, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(
+        "error: no training step completed within 1 s after the processes connected"), err
+  assert not (tmp_path / "wd" / "checkpoints").exists() or not any(
+      (tmp_path / "wd" / "checkpoints").iterdir())
+
+
+def test_sigterm_ends_a_process_that_waits_to_connect(tmp_path):
+  """Process 0 of 2 alone waits in the connect; SIGTERM ends it (JAX's pre-emption service,
+  which would catch and ignore it, is off)."""
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="2")
+  argv = _two_process_argvs(tmp_path / "wd")[0]
+  port = int(next(a for a in argv if a.startswith("--coordinator_address")).rsplit(":", 1)[1])
+  procs = start_processes([argv], [env])
+
+  def listening() -> bool:  # process 0 serves the coordinator: it is inside the connect
+    with socket.socket() as s:
+      return s.connect_ex(("127.0.0.1", port)) == 0
+
+  try:
+    wait_processes(procs, ready=listening)
+    time.sleep(1)
+    procs[0].send_signal(signal.SIGTERM)
+    (code, _, _), = wait_processes(procs, stall_s=60)
+  finally:
+    kill_processes(procs)
+  assert code == -signal.SIGTERM
+
+
+def test_a_jaxlib_whose_multiprocess_runs_hang_is_refused(monkeypatch):
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(jaxlib, "__version__", distributed.BROKEN_MULTIPROCESS_JAXLIB[0])
+  with pytest.raises(distributed.DistributedError, match=r"jaxlib 0\.12\.1 hangs in multi-process"):
+    distributed.initialize("off", "127.0.0.1:1234", 2, 0, environ={})
+
+
 def test_bad_distributed_arguments_are_refused():
   with pytest.raises(distributed.DistributedError, match="need --coordinator_address"):
     distributed.initialize("off", None, 2, 1, environ={})
@@ -110,6 +161,14 @@ def test_bad_distributed_arguments_are_refused():
     distributed.initialize("off", "127.0.0.1:1234", None, None, environ={})
   with pytest.raises(distributed.DistributedError, match="--process_id: must be in"):
     distributed.initialize("off", "127.0.0.1:1234", 2, 2, environ={})
+  with pytest.raises(distributed.DistributedError, match="must be host:port, got '127.0.0.1'"):
+    distributed.initialize("off", "127.0.0.1", 2, 0, environ={})
+  with pytest.raises(distributed.DistributedError, match="FASTADV_NUM_PROCESSES: must be an"):
+    distributed.initialize("off", "127.0.0.1:1234", environ={
+        "FASTADV_NUM_PROCESSES": "two", "FASTADV_PROCESS_ID": "0"})
+  with pytest.raises(distributed.DistributedError, match="FASTADV_FIRST_STEP_TIMEOUT: must be"):
+    distributed.initialize("off", "127.0.0.1:1234", 2, 0, environ={
+        "FASTADV_FIRST_STEP_TIMEOUT": "soon"})
   assert distributed.initialize("off", environ={}) is False  # a single process: nothing to do
 
 

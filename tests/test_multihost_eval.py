@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI
+from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, start_processes, wait_processes
 from test_attacks import _model_and_loss
 from test_multihost import _free_port
 from fastadv_jax import autoattack, evaluation
@@ -26,22 +26,20 @@ _EVAL = ["--attack=pgd,autoattack", "--n_eval=20", "--pgd_steps=2", "--pgd_resta
          "--eps=0.01"]
 
 
-def _command(module: str, args: list, n_proc: int, devices: int, timeout: int = 600) -> list:
+def _command(module: str, args: list, n_proc: int, devices: int, watch: tuple = ()) -> list:
   """`module`'s command line in n_proc processes of `devices` CPU devices each, on mock data;
   each process's (stdout, stderr), after checking that all succeeded."""
   port = _free_port()
-  procs = []
+  argvs = []
   for i in range(n_proc):
     dist = ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n_proc}",
              f"--process_id={i}"] if n_proc > 1 else [])
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices))
-    procs.append(subprocess.Popen([sys.executable, "-c", MOCK_DATA_CLI, module] + args + dist,
-                                  cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True))
-  outs = [p.communicate(timeout=timeout) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  return outs
+    argvs.append([sys.executable, "-c", MOCK_DATA_CLI, module] + args + dist)
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices))
+  done = wait_processes(start_processes(argvs, [env] * n_proc), watch=watch)
+  for code, _, err in done:
+    assert code == 0, err[-3000:]
+  return [(out, err) for _, out, err in done]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +47,7 @@ def tiny_run(tmp_path_factory):
   """A finished tiny training run (1 process x 8 devices, 3 iterations, eval batch 16)."""
   wd = tmp_path_factory.mktemp("run") / "wd"
   _command("fastadv_jax.main", [f"--config={ROOT}/configs/default.py", f"--workdir={wd}"]
-           + TINY_CLI, 1, 8)
+           + TINY_CLI, 1, 8, watch=(wd.parent,))
   return wd
 
 
@@ -59,7 +57,8 @@ def _evaluate(run, tmp_path, name: str, n_proc: int, devices: int):
   wd = tmp_path / name
   shutil.copytree(run, wd)
   before = set(os.listdir(wd))
-  outs = _command("fastadv_jax.evaluate", [f"--workdir={wd}"] + _EVAL, n_proc, devices)
+  outs = _command("fastadv_jax.evaluate", [f"--workdir={wd}"] + _EVAL, n_proc, devices,
+                  watch=(wd,))
   written = sorted(set(os.listdir(wd)) - before)
   assert [os.path.splitext(f)[1] for f in written] == [".json", ".npz"], written
   assert written[0][:-5] == written[1][:-4]  # the same name

@@ -15,11 +15,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI
+from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, kill_processes, wait_processes
 from fastadv_jax import checkpointing, metric_writers
 
 # 36 iterations (3 per epoch), a metrics row every 3, checkpoints at 9, 18, ... (the last two
@@ -44,35 +43,31 @@ def _start(workdir: pathlib.Path, logs: pathlib.Path) -> list:
             f"--config={ROOT}/configs/default.py", f"--workdir={workdir}"] + _ARGS + [
                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                 f"--process_id={i}"]
-    err = open(logs / f"{launch}-{i}.txt", "w")  # pylint: disable=consider-using-with
+    err = open(logs / f"{launch}-{i}.txt", "w+")  # pylint: disable=consider-using-with
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True,
-                            env=dict(os.environ, JAX_NUM_CPU_DEVICES="4"))
-    proc.log, proc.log_file = logs / f"{launch}-{i}.txt", err
+                            env=dict(os.environ, JAX_NUM_CPU_DEVICES="4"),
+                            start_new_session=True)
+    proc.log, proc.out, proc.err, proc.workdir = logs / f"{launch}-{i}.txt", err, err, workdir
     procs.append(proc)
   return procs
 
 
 def _wait(procs: list) -> tuple[list[int], list[str]]:
-  """Exit codes and stderr of the processes once both have ended."""
+  """Exit codes and stderr of the processes once both have ended (conftest.wait_processes:
+  as long as they make progress; killed otherwise)."""
   try:
-    for p in procs:
-      p.wait(timeout=400)
+    wait_processes(procs, watch=(procs[0].workdir,))
   finally:
+    kill_processes(procs)
     for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-      p.log_file.close()
+      p.err.close()
   return [p.returncode for p in procs], [p.log.read_text() for p in procs]
 
 
 def _until(ready, procs: list) -> None:
-  """Waits until ready() (training got that far), failing early if a process ended."""
-  deadline = time.time() + 300
-  while not ready():
-    assert all(p.poll() is None for p in procs), "a process ended before the signal"
-    assert time.time() < deadline, "training did not get there in time"
-    time.sleep(0.1)
+  """Waits until ready() (training got that far), failing early if a process ended or stopped
+  making progress (both are then killed)."""
+  wait_processes(procs, watch=(procs[0].workdir,), ready=ready)
 
 
 def _rows(wd: pathlib.Path) -> int:

@@ -211,3 +211,21 @@ def test_autoattack_at_the_end_of_a_run_and_from_the_evaluate_command(tmp_path,
   assert out["autoattack_clean_acc"] == out["clean_acc"] == results["clean_acc"]
   assert "pgd_acc" in out
   assert (tmp_path / "eval_last_eps0.1000_n16_pgd3x2+aa-standard.json").exists()
+
+
+def test_the_final_pgd_shows_its_progress_and_the_same_verdicts(capsys):
+  """Evaluator.robust_points(progress=True), as the final evaluation and `evaluate` call it: a
+  bar of points done and robust so far, on stderr; the verdicts are those without the bar."""
+  from fastadv_jax import evaluation, models  # pylint: disable=import-outside-toplevel
+  model = models.SmallCNN(num_classes=10, width=4, use_batch_norm=True)
+  v = model.init(jax.random.key(0), np.zeros((1, 12, 12, 1), np.float32), train=False)
+  x = np.asarray(jax.random.randint(jax.random.key(1), (40, 12, 12, 1), 0, 256), np.uint8)
+  y = np.asarray(jax.random.randint(jax.random.key(2), (40,), 0, 10), np.int32)
+  ev = evaluation.Evaluator(model, batch_size=16)
+  quiet = ev.robust_points(v, x, y, 0.1, 2, 2, jax.random.key(3))
+  assert capsys.readouterr().err == ""
+  shown = ev.robust_points(v, x, y, 0.1, 2, 2, jax.random.key(3), progress=True)
+  np.testing.assert_array_equal(shown, quiet)
+  err = capsys.readouterr().err
+  assert "PGD-2-2" in err and "restart 2/2" in err and f"of {len(y)}" in err, err
+  assert f"robust {np.mean(quiet):.3f} of 40" in err

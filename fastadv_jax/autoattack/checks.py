@@ -46,6 +46,22 @@ def check_finite_weights(variables: Any) -> None:
         "all); no accuracy can be computed from them")
 
 
+# How many of a process's first points are also evaluated op by op (eagerly_finite).
+EAGER_POINTS = 16
+
+
+def eagerly_finite(apply_fn: Any, variables: Any, x: np.ndarray) -> np.ndarray:
+  """Per point, whether the logits are finite when the model runs op by op (jax.disable_jit),
+  with nothing for XLA to fold. Inside a compiled program XLA may fold a NaN away: a model's
+  small constants (a closure's numpy weights) are folded at compile time, where max(NaN, 0), a
+  ReLU, can come out 0, so a model with a negative BatchNorm variance gives finite logits in
+  one program and NaN in another, depending on the jaxlib and the batch shape. Op by op every
+  NaN reaches the logits."""
+  with jax.disable_jit():
+    logits = apply_fn(variables, jnp.asarray(x), jax.random.key(1))
+  return np.all(np.isfinite(np.asarray(logits)), -1)
+
+
 def check_finite_logits(finite: np.ndarray) -> None:
   """NonFiniteOutputError unless the logits of every evaluated point were finite; `finite` (n,)
   bool, one flag per point."""

@@ -428,6 +428,8 @@ class AutoAttack:
       difference[pos], looks_like[pos] = checks.point_flags(la, lb)
       zero[pos] = zero_grad
       gap[pos] = checks.batch_gap(la, alone)
+    few = slice(lo, min(hi, lo + checks.EAGER_POINTS))
+    finite[few] &= checks.eagerly_finite(self.apply_fn, variables, x[few])
     clean, finite, zero, looks_like, difference, gap = distributed.gather_points(
         tuple(v[mine] for v in (clean, finite, zero, looks_like, difference, gap)), n)
     checked = self._checked_points(n)
