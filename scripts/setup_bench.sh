@@ -17,14 +17,17 @@ if [ ! -x .venv-torch/bin/python ]; then
   "$PY" -m venv .venv-torch
 fi
 .venv-torch/bin/python -c 'import torch' 2>/dev/null || \
-  .venv-torch/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+  .venv-torch/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" \
+      2> >(grep -v "^WARNING: Location '" >&2)
 # The rest at the locked versions (requirements/torch.txt, scripts/lock.sh); then the independent
 # AutoAttack of experiments/autoattack_vs_torch.py, by exact version and --no-deps: its declared
 # torchvision dependency is not needed by the attacks and does not import beside a local torch.
 stamp=.venv-torch/.fastadv_installed
 want="$(sha256sum < requirements/torch.txt | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  .venv-torch/bin/python -m pip install -q --require-hashes --no-deps -r requirements/torch.txt
-  .venv-torch/bin/python -m pip install -q --no-deps "torchattacks==3.5.1"
+  .venv-torch/bin/python -m pip install -q --require-hashes --no-deps -r requirements/torch.txt \
+      2> >(grep -v "^WARNING: Location '" >&2)
+  .venv-torch/bin/python -m pip install -q --no-deps "torchattacks==3.5.1" \
+      2> >(grep -v "^WARNING: Location '" >&2)
   echo "$want" > "$stamp"
 fi
