@@ -19,8 +19,11 @@ changes nothing: every line comes back.
 """
 from __future__ import annotations
 
+import atexit
 import logging as py_logging
 import os
+import sys
+import threading
 
 from absl import logging
 
@@ -67,9 +70,6 @@ def drop_gloo_lines() -> None:
   on every other line; at exit the rest is passed on and the output restored."""
   if verbose():
     return
-  import atexit  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
-  import threading  # pylint: disable=import-outside-toplevel
   sys.stdout.flush()
   original = os.dup(1)
   read_fd, write_fd = os.pipe()

@@ -33,6 +33,7 @@ import time
 from typing import Any
 
 import jax
+import jaxlib
 import numpy as np
 
 from fastadv_jax import cli_logging
@@ -102,7 +103,6 @@ def _timeout(timeout_s: float | None, env: Any) -> float:
 
 
 def _check_jaxlib() -> None:
-  import jaxlib  # pylint: disable=import-outside-toplevel
   if jaxlib.__version__ in BROKEN_MULTIPROCESS_JAXLIB:
     raise DistributedError(
         f"jaxlib {jaxlib.__version__} hangs in multi-process runs (the first cross-process "
