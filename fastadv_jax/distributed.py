@@ -106,8 +106,8 @@ def _check_jaxlib() -> None:
   if jaxlib.__version__ in BROKEN_MULTIPROCESS_JAXLIB:
     raise DistributedError(
         f"jaxlib {jaxlib.__version__} hangs in multi-process runs (the first cross-process "
-        "collective never completes): install the locked versions (bash scripts/setup.sh) or "
-        "another jax/jaxlib")
+        "collective of the training run never completes; seen on CPU with gloo): install the "
+        "locked versions (bash scripts/setup.sh) or another jax/jaxlib")
 
 
 class _FirstStepWatchdog:
