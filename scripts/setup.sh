@@ -33,15 +33,9 @@ pick_python() {
   done
   return 1
 }
-if [ ! -x .venv/bin/python ]; then
-  PY=$(pick_python) || { echo "[setup] error: need Python >= 3.12 (pyenv install 3.12, or PYTHON=...)" >&2; exit 1; }
-  echo "[setup] creating .venv with $($PY --version 2>&1) ($PY)"
-  "$PY" -m venv .venv
-fi
-
-# 3. The locked dependencies (requirements/*.txt, exact versions and hashes: see scripts/lock.sh),
-#    then the package itself; re-run only when setup.py or the lock changed. A changed lock
-#    gets a new virtualenv, so that nothing of the previous one stays behind.
+# The lock to install (requirements/*.txt, exact versions and hashes: see scripts/lock.sh). A
+# .venv installed from another lock (or setup.py) is replaced whole, so that nothing of the
+# previous one stays behind.
 case "${FASTADV_EXTRAS:-}" in
   "") lock=requirements/cpu.txt ;;
   gpu|tpu) lock=requirements/$FASTADV_EXTRAS.txt ;;
@@ -49,16 +43,21 @@ case "${FASTADV_EXTRAS:-}" in
 esac
 stamp=.venv/.fastadv_installed
 want="$(cat setup.py "$lock" | sha256sum | cut -c1-16) $lock"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  if [ -f "$stamp" ]; then
-    echo "[setup] the lock changed: a new .venv"
-    rm -rf .venv
-    PY=$(pick_python) || { echo "[setup] error: need Python >= 3.12" >&2; exit 1; }
-    "$PY" -m venv .venv
-  fi
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" != "$want" ]; then
+  echo "[setup] the lock changed: a new .venv"
+  rm -rf .venv
+fi
+if [ ! -x .venv/bin/python ]; then
+  PY=$(pick_python) || { echo "[setup] error: need Python >= 3.12 (pyenv install 3.12, or PYTHON=...)" >&2; exit 1; }
+  echo "[setup] creating .venv with $($PY --version 2>&1) ($PY)"
+  "$PY" -m venv .venv
+fi
+
+# 3. The locked dependencies, then the package itself; re-run only when setup.py or the lock
+#    changed. (pip's notices about local index folders that a machine's pip.conf names and that
+#    do not exist are dropped; errors still show.)
+if [ ! -f "$stamp" ]; then
   echo "[setup] installing $lock and fastadv_jax into .venv (first time: a few minutes)"
-  # (pip's notices about local index folders that a machine's pip.conf names and that do not
-  # exist are dropped; errors still show.)
   .venv/bin/python -m pip install -q --require-hashes --no-deps -r "$lock" \
       2> >(grep -v "^WARNING: Location '" >&2)
   .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . \
