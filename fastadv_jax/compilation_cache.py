@@ -71,18 +71,19 @@ def enable(environ: dict | None = None) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
-  _one_line_for_unreadable_entries(where)
+  if not getattr(warnings.showwarning, "compilation_cache_lines", False):  # once per process
+    _one_line_for_unreadable_entries()
   return where
 
 
-def _one_line_for_unreadable_entries(where: str) -> None:
+def _one_line_for_unreadable_entries() -> None:
   """JAX warns, and compiles again, for each entry it cannot read or write. Here each kind is
   one line for the whole process. An entry that cannot be read is removed, since JAX never
   replaces an entry that exists (a damaged one would be compiled again in every later run):
   this run writes it anew. A program that cannot be written is one that jaxlib cannot
   serialise: on XLA:CPU those that call oneDNN (this library's default flags for convolutions,
   xla_cpu.py) fail with std::bad_alloc, so they compile on every start; that is said only
-  with FASTADV_VERBOSE=1."""
+  with FASTADV_VERBOSE=1. The folder is the one JAX uses when the warning comes."""
   shown = warnings.showwarning
   said = set()
 
@@ -91,6 +92,7 @@ def _one_line_for_unreadable_entries(where: str) -> None:
     if "compilation cache" not in text.lower():
       shown(message, category, filename, lineno, file, line)
       return
+    where = jax.config.jax_compilation_cache_dir
     reading = "reading" in text.lower()
     program = re.search(r"cache entry for '([^'/]+)'", text)
     if reading and program:
@@ -106,4 +108,5 @@ def _one_line_for_unreadable_entries(where: str) -> None:
               "such programs are compiled on every start")
       print(f"warning: compilation cache {where}: {first} ({then})", file=sys.stderr)
 
+  show.compilation_cache_lines = True
   warnings.showwarning = show
