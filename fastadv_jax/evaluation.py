@@ -254,10 +254,8 @@ class _PointsBar:
   waits), so the bar moves as the work does."""
 
   def __init__(self, name: str, n: int, restarts: int, show: bool):
-    self.bar, self.restarts, self.done, self.robust = None, restarts, 0, 0
-    if show and n and distributed.is_main():
-      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-      self.bar = tqdm(total=n, desc=name, unit="pt", dynamic_ncols=True, leave=False)
+    self.bar = autoattack.runner.points_bar(name, n, show)
+    self.restarts, self.done, self.robust = restarts, 0, 0
 
   def restart_done(self, r: int, robust: jax.Array) -> None:
     if self.bar is not None:

@@ -549,8 +549,13 @@ class AutoAttack:
     return next(parallel.chunks_for_devices(n, batch, n_dev, balanced=True))[0]
 
   def _bar(self, name: str, total: int):
-    """A progress bar, shown by process 0 only (on its own points) in a multi-process run."""
-    if not self.progress or total == 0 or not distributed.is_main():
-      return None
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-    return tqdm(total=total, desc=name, unit="pt", dynamic_ncols=True, leave=False)
+    return points_bar(name, total, self.progress)
+
+
+def points_bar(name: str, total: int, show: bool = True):
+  """A progress bar over `total` points (AutoAttack's attacks, the final PGD), or None: shown
+  when asked, by process 0 only (on its own points) in a multi-process run."""
+  if not show or total == 0 or not distributed.is_main():
+    return None
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(total=total, desc=name, unit="pt", dynamic_ncols=True, leave=False)
