@@ -89,6 +89,13 @@ class Evaluator:
                     static_broadcasted_argnums=(6,))
     self._correct = pm(self._correct_chunk, in_axes=(None, 0, 0))
 
+  def _placed(self, variables: Variables) -> Variables:
+    """`variables` on the first device, whatever they arrived as (host arrays, device 0's copy
+    of a replicated state, a checkpoint's arrays): pmap keys its compiled programs on where its
+    broadcast arguments live, so without this the last, the kept and the averaged weights of a
+    run would each compile the same programs again."""
+    return jax.device_put(variables, self.devices[0])
+
   # Per-device functions: x uint8 (b, H, W, C), y (b,), idx (b,) positions in the evaluated set.
   def _fns(self, variables):
     def logits_fn(x):
@@ -156,6 +163,7 @@ class Evaluator:
     (PGD's starting `robust`), and every point's correctness. Raises NonFiniteOutputError when
     the weights, or the logits of any point, are not finite; the flags of all points are
     gathered first, so every process of a multi-process run raises alike."""
+    variables = self._placed(variables)
     checks.check_finite_weights(variables)
     sharded, outs = [], []
     for m, x, y, _ in self._chunks(images, labels):
@@ -177,6 +185,7 @@ class Evaluator:
     a bar of the points done and robust so far (process 0's own points)."""
     if restarts < 1 or steps < 1:
       raise ValueError(f"PGD needs steps >= 1 and restarts >= 1, got {steps} and {restarts}")
+    variables = self._placed(variables)
     clean, _ = self._clean_pass(variables, images, labels)
     start, stop = distributed.point_range(len(labels))
     bar = _PointsBar(f"PGD-{steps}-{restarts}", stop - start, restarts, progress)
@@ -206,6 +215,7 @@ class Evaluator:
     the L-inf training diagnostics (an L2 Evaluator refuses them)."""
     if self.norm != "Linf":
       raise ValueError(f"diagnostics are L-inf only, this Evaluator's norm is {self.norm}")
+    variables = self._placed(variables)
     outs = [parallel.unshard(self._diag(variables, x, y, pos, rng, jnp.float32(eps), pgd_steps), m)
             for m, x, y, pos in self._chunks(images, labels)]
     out = self._per_point(outs, len(labels))
@@ -227,6 +237,7 @@ class Evaluator:
     """AutoAttack (autoattack/) on uint8 images in this evaluator's norm, over its devices (and,
     in a multi-process run, over every process's: each attacks its share of the points and
     every process returns the gathered result)."""
+    variables = self._placed(variables)
     apply_fn = lambda v, x, _key: self.model.apply(v, x, train=False)  # noqa: E731
     aa = autoattack.AutoAttack(
         apply_fn, autoattack.output_classes(apply_fn, variables, images.shape[1:]), eps,

@@ -109,6 +109,34 @@ def test_clean_accuracy_is_the_models_accuracy_on_any_device_count():
         ev.robust_accuracy(v, xu, yy, 0.0, 1, 1, jax.random.key(0)))
 
 
+def test_the_same_evaluation_of_other_weights_compiles_nothing_new():
+  """A run evaluates its last, kept and averaged weights, which arrive as device 0's copy of
+  the state, as host arrays and as freshly initialised arrays: the programs compiled for the
+  first serve the others."""
+  model, v, x, y, _ = _model_and_loss()
+  xu, yy = np.asarray(x * 255, np.uint8), np.asarray(y)
+  ev = evaluation.Evaluator(model, batch_size=8, devices=jax.local_devices()[:2])
+  compiles = []
+
+  def count(event, duration, **_):
+    del duration
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  first = jax.device_put(v, jax.local_devices()[0])
+  others = (jax.device_get(v), jax.tree.map(lambda a: a * 1.0, v))
+  results = [ev.robust_accuracy(first, xu, yy, 0.05, 2, 2, jax.random.key(0))]
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    for other in others:
+      results.append(ev.robust_accuracy(other, xu, yy, 0.05, 2, 2, jax.random.key(0)))
+      results.append(ev.clean_accuracy(other, xu, yy))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+  assert results[1] == results[3] == results[0]  # the same weights, the same verdicts
+  assert compiles == []
+
+
 def test_evaluation_refuses_a_bfloat16_model():
   with pytest.raises(ValueError, match="float32"):
     evaluation.Evaluator(models.SmallCNN(dtype=jnp.bfloat16))
