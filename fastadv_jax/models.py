@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from fastadv_jax import registry, xla_cpu
 
@@ -320,10 +321,18 @@ class TorchLayout:
   next to the export as model.py, whose `load(export_dir)` rebuilds the module (None: this
   package's torch_models.py, which defines the built-in models). A config with input_mean /
   input_std adds `mean` and `std` to the kwargs and `mu` / `sigma` buffers to the state_dict
-  (torch_interop), which a module_file's module then has to take."""
+  (torch_interop), which a module_file's module then has to take.
+
+  Import is strict: every key of a state_dict must be one the entries read, except
+  `unused_prefixes` (keys of this architecture's checkpoints that its forward pass never reads,
+  e.g. the `sub_block1.` of RobustBench's WideResNets). `fields(state_dict)`, when given, reads
+  the config fields that size the architecture off a state_dict, so that a refused import can
+  say which architecture the file holds (e.g. {"wrn_depth": 34, "wrn_widen": 10})."""
   entries: Callable[[ml_collections.ConfigDict, Mapping, tuple], list[TorchEntry]]
   kwargs: Callable[[ml_collections.ConfigDict, int, tuple], dict]
   module_file: str | None = None
+  unused_prefixes: tuple[str, ...] = ()
+  fields: Callable[[Mapping], dict] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -487,6 +496,28 @@ def _wide_resnet_torch_entries(config, params, image_shape) -> list[TorchEntry]:
   return out + [TorchEntry("bn1", ("bn",), "bn"), TorchEntry("fc", ("linear",), "dense")]
 
 
+def _wide_resnet_torch_fields(state_dict: Mapping) -> dict:
+  """wrn_depth and wrn_widen of a WideResNet state_dict: blocks per group from block1's layer
+  indices (depth = 6 n + 4), widen from its first conv's output channels (16 x widen)."""
+  blocks = {k.split(".")[2] for k in state_dict if k.startswith("block1.layer.")}
+  out = {"wrn_depth": 6 * len(blocks) + 4}
+  first = state_dict.get("block1.layer.0.conv1.weight")
+  if first is not None and np.ndim(first) == 4 and np.shape(first)[0] % 16 == 0:
+    out["wrn_widen"] = np.shape(first)[0] // 16
+  return out
+
+
+def _cnn_torch_fields(state_dict: Mapping) -> dict:
+  """n_layers and n_filters of the paper CNN's state_dict (convs at _model.0, 2, 4, ...)."""
+  convs = [k for k in state_dict if k.startswith("_model.") and k.endswith(".weight")
+           and np.ndim(state_dict[k]) == 4]
+  first = state_dict.get("_model.0.weight")
+  out = {"n_layers": len(convs)}
+  if first is not None and np.ndim(first) == 4:
+    out["n_filters"] = int(np.shape(first)[0])
+  return out
+
+
 def _wide_resnet_torch_kwargs(config, num_classes, image_shape) -> dict:
   return dict(depth=config.wrn_depth, num_classes=num_classes, widen_factor=config.wrn_widen,
               in_channels=image_shape[2])
@@ -538,9 +569,12 @@ register(ModelSpec("preact_resnet18", _build_preact_resnet18, xla_cpu.RESNET_FLA
                    TorchLayout(_preact_resnet18_torch_entries, _preact_resnet18_torch_kwargs)))
 register(ModelSpec("resnet18", _build_resnet18, xla_cpu.RESNET_FLAGS, "jvp"))
 register(ModelSpec("wide_resnet", _build_wide_resnet, xla_cpu.RESNET_FLAGS, "jvp",
-                   TorchLayout(_wide_resnet_torch_entries, _wide_resnet_torch_kwargs)))
+                   TorchLayout(_wide_resnet_torch_entries, _wide_resnet_torch_kwargs,
+                               unused_prefixes=("sub_block1.",),
+                               fields=_wide_resnet_torch_fields)))
 register(ModelSpec("cnn", _build_cnn, xla_cpu.CNN_FLAGS, "double_backprop",
-                   TorchLayout(_cnn_torch_entries, _cnn_torch_kwargs)))
+                   TorchLayout(_cnn_torch_entries, _cnn_torch_kwargs,
+                               fields=_cnn_torch_fields)))
 register(ModelSpec("small_cnn", _build_small_cnn, xla_cpu.CNN_FLAGS, "double_backprop",
                    TorchLayout(_small_cnn_torch_entries, _small_cnn_torch_kwargs),
                    input_shape=(28, 28, 1)))

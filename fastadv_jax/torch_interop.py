@@ -22,11 +22,15 @@ none), else a one-line error naming the key, since a model fed inputs normalised
 was trained with is wrong without any error. A state_dict without them (TRADES' checkpoints, whose
 normalisation is in the evaluation code) imports under any config.
 
-Import tolerates keys the original code has beyond these (e.g. `num_batches_tracked`, a
-`normalize` buffer, the `sub_block1` of RobustBench's TRADES-style WideResNet checkpoints) and a
-DataParallel `module.` prefix; a missing key, a shape that does not fit, a NaN/Inf value (also one
-that overflows float32) or a BatchNorm running_var below zero (which makes every logit NaN) is an
-error naming the tensor.
+Import is strict, because a network filled in part is evaluated as another network without any
+error: every parameter must be filled, and every key of the state_dict must be read, except
+PyTorch's `num_batches_tracked` counters, the normalisation buffers (checked as above) and a
+layout's `unused_prefixes` (the `sub_block1` of RobustBench's WideResNets, which their forward
+pass never reads); a DataParallel `module.` prefix is dropped. A missing or unused key, a shape
+that does not fit, a tensor that is not real floating point (bool, integer, complex, strings), a
+NaN/Inf value (also one that overflows float32) or a BatchNorm running_var below zero (which makes
+every logit NaN) is an error naming the tensor, and, for the models whose layout can read it off
+the file (models.TorchLayout.fields), the architecture the file holds against the config's.
 """
 from __future__ import annotations
 
@@ -159,16 +163,25 @@ def from_torch_state_dict(config: ml_collections.ConfigDict, state_dict: Mapping
   sd = {k[len("module."):] if k.startswith("module.") else k: np.asarray(v)
         for k, v in state_dict.items()}
   _check_normalization(config, sd, image_shape[2])
+  layout = torch_layout(config)
+  architecture = _architecture_hint(config, layout, sd)
+  used = set()
 
   def take(key: str, shape: tuple) -> np.ndarray:
     if key not in sd:
       raise InteropError(f"state_dict has no {key!r} (a {config.model} needs it; keys found: "
-                         f"{', '.join(sorted(sd)[:6])}...)")
+                         f"{', '.join(sorted(sd)[:6])}...){architecture}")
+    used.add(key)
+    if not _real_float(sd[key].dtype):
+      kind = {"U": "string", "S": "bytes", "O": "object"}.get(sd[key].dtype.kind,
+                                                              sd[key].dtype.name)
+      raise InteropError(f"state_dict[{key!r}] holds {kind} values: weights must be "
+                         "real floating point (float16, bfloat16, float32 or float64)")
     with np.errstate(over="ignore"):  # a value beyond float32 becomes Inf, refused below
       v = sd[key].astype(np.float32)
     if v.shape != tuple(shape):
       raise InteropError(f"state_dict[{key!r}] has shape {v.shape}, the {config.model} of this "
-                         f"config needs {tuple(shape)}")
+                         f"config needs {tuple(shape)}{architecture}")
     if not np.all(np.isfinite(v)):
       raise InteropError(f"state_dict[{key!r}] holds {int(np.sum(~np.isfinite(v)))} NaN or Inf "
                          "value(s) (in float32): the model's outputs would not be finite")
@@ -197,10 +210,51 @@ def from_torch_state_dict(config: ml_collections.ConfigDict, state_dict: Mapping
       p["bias"] = take(f"{e.torch}.bias", p["bias"].shape)
       s["mean"] = take(f"{e.torch}.running_mean", s["mean"].shape)
       s["var"] = take(f"{e.torch}.running_var", s["var"].shape)
+  unused = sorted(k for k in sd if k not in used and not _known_extra(k, layout))
+  if unused:
+    raise InteropError(f"state_dict has {len(unused)} key(s) the {config.model} of this config "
+                       f"does not have, e.g. {unused[0]!r}: importing it would drop them"
+                       f"{architecture}")
   out = {"params": params}
   if stats:
     out["batch_stats"] = stats
   return out
+
+
+def _real_float(dtype: np.dtype) -> bool:
+  return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
+def _known_extra(key: str, layout: models.TorchLayout) -> bool:
+  """Keys a state_dict may have beyond its layers: PyTorch's BatchNorm counters, the input
+  normalisation buffers (checked against the config), and what the layout says its forward
+  pass never reads."""
+  return (key.endswith("num_batches_tracked") or key in {k for k, _, _ in NORMALIZATION_KEYS}
+          or key.startswith(layout.unused_prefixes))
+
+
+def _architecture_hint(config: ml_collections.ConfigDict, layout: models.TorchLayout,
+                       sd: Mapping) -> str:
+  """"; the state_dict is a <model> with depth=..., this config has ...: set ..." when the
+  layout can read the architecture off the state_dict and it differs from the config's; ""
+  otherwise (the error then names only the tensor)."""
+  if layout.fields is None:
+    return ""
+  try:
+    found = layout.fields(sd)
+  except Exception:  # pylint: disable=broad-except  (a hint only: the error says the rest)
+    return ""
+  differ = {k: v for k, v in found.items() if config.get(k) != v}
+  if not differ:
+    return ""
+  has = ", ".join(f"{k}={v}" for k, v in found.items())
+  want = ", ".join(f"{k}={config.get(k)}" for k in found)
+  flags = " ".join(f"--config.{k}={v}" for k, v in differ.items())
+  return f"; the state_dict is a {config.model} with {has}, this config has {want}: set {flags}"
+
+
+def _count_arrays(tree: Mapping) -> int:
+  return sum(_count_arrays(v) if isinstance(v, Mapping) else 1 for v in tree.values())
 
 
 def _copy_tree(tree: Mapping) -> dict:
@@ -263,7 +317,8 @@ def import_to_workdir(config: ml_collections.ConfigDict, state_dict_path: str, w
                       ) -> int:
   """Converts a state_dict file, then writes <workdir_>/config.json and checkpoint 0 (the
   weights as both last and early-stopped ones, variables alone: an import has no optimiser
-  state); returns the number of tensors read."""
+  state); returns the number of arrays filled (every parameter and BatchNorm statistic; the
+  state_dict's counters and normalisation buffers are not counted)."""
   from fastadv_jax import saved_run  # pylint: disable=import-outside-toplevel
   config_validation.validate_config(config)
   check_supported(config)
@@ -283,4 +338,4 @@ def import_to_workdir(config: ml_collections.ConfigDict, state_dict_path: str, w
   finally:
     ckpt.close()
   workdir.record_config(config, workdir_)
-  return len(sd)
+  return _count_arrays(variables)

@@ -203,6 +203,25 @@ def test_importing_a_file_that_is_not_an_npz_is_one_line(content, tmp_path):
   assert not wd.exists()
 
 
+def test_importing_a_wide_resnet_of_another_depth_is_one_line(tmp_path):
+  """A WideResNet-16-1 state_dict under a config of depth 10 would lose the second block of
+  every group: refused, both architectures and the flag to set named, nothing written."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from test_torch_interop import CIFAR, _random_like, _shapes, _wrn_config
+  from fastadv_jax import torch_interop  # pylint: disable=import-outside-toplevel
+  file_config = _wrn_config(16, 1)
+  np.savez(tmp_path / "wrn16.npz", **torch_interop.to_torch_state_dict(
+      file_config, _random_like(_shapes(file_config), 0), CIFAR))
+  wd = tmp_path / "wd"
+  _assert_one_line(_run("torch_import", f"--state_dict={tmp_path / 'wrn16.npz'}",
+                        f"--config={DEFAULT_CONFIG}", "--config.model=wide_resnet",
+                        "--config.dataset=cifar10", "--config.wrn_depth=10",
+                        "--config.wrn_widen=1", f"--workdir={wd}"),
+                   "the state_dict is a wide_resnet with wrn_depth=16, wrn_widen=1, this config "
+                   "has wrn_depth=10, wrn_widen=1: set --config.wrn_depth=16")
+  assert not wd.exists()
+
+
 def test_damaged_metrics_lines_are_skipped(tmp_path):
   good = [{"step": 2, "epoch": 0.1, "train_loss": 1.0}, {"step": 4, "epoch": 0.2}]
   lines = [json.dumps(good[0]).encode(), b"5", b"[1, 2]", b'{"step": "x"}', b"\xff\xfe{",

@@ -93,14 +93,19 @@ def test_the_exported_layout_is_what_an_nchw_forward_pass_expects(name):
                              model.apply(v, x, train=False), atol=1e-4)
 
 
-def test_import_tolerates_extra_keys_and_names_what_is_missing_or_misshapen():
+def test_import_names_what_is_missing_misshapen_or_left_over():
   config = tiny_config(**CONFIGS["small_cnn"])
   _, v = _variables(config, 0)
   sd = torch_interop.to_torch_state_dict(config, v, SHAPE)
-  wrapped = {"module." + k: a for k, a in sd.items()}
-  wrapped["module.normalize.mu"] = np.zeros(3, np.float32)
+  wrapped = {"module." + k: a for k, a in sd.items()}  # DataParallel's prefix is dropped
   back = torch_interop.from_torch_state_dict(config, wrapped, v, SHAPE)
   np.testing.assert_array_equal(back["params"]["fc"]["kernel"], v["params"]["fc"]["kernel"])
+  # A key no layer reads would be dropped: refused, named.
+  wrapped["module.normalize.mu"] = np.zeros(3, np.float32)
+  with pytest.raises(torch_interop.InteropError,
+                     match=r"1 key\(s\) the small_cnn of this config does not have, e\.g\. "
+                           r"'normalize\.mu'"):
+    torch_interop.from_torch_state_dict(config, wrapped, v, SHAPE)
   missing = {k: a for k, a in sd.items() if k != "bn1.running_var"}
   with pytest.raises(torch_interop.InteropError, match="no 'bn1.running_var'"):
     torch_interop.from_torch_state_dict(config, missing, v, SHAPE)
@@ -227,6 +232,50 @@ def test_wide_resnet_shortcuts_are_robustbenchs_convshortcuts():
     assert {k.split(".")[0] for k in sd} == {"conv1", "block1", "block2", "block3", "bn1", "fc"}
     assert sd["fc.bias"].shape == (10,) and sd["block1.layer.1.bn2.running_var"].shape == (
         16 * widen,)
+
+
+@pytest.mark.parametrize("depth,widen,file_depth,file_widen", [
+    (10, 1, 16, 1),   # the file's second block of each group would be dropped
+    (16, 1, 10, 1),   # the config's second blocks would stay random
+    (10, 1, 10, 2),   # every conv of another width
+])
+def test_a_wide_resnet_of_another_size_is_refused_with_both_architectures(
+    depth, widen, file_depth, file_widen):
+  config, file_config = _wrn_config(depth, widen), _wrn_config(file_depth, file_widen)
+  sd = _robustbench_checkpoint(torch_interop.to_torch_state_dict(
+      file_config, _random_like(_shapes(file_config), 0), CIFAR))
+  with pytest.raises(torch_interop.InteropError) as e:
+    torch_interop.from_torch_state_dict(config, sd, _shapes(config), CIFAR)
+  line = str(e.value)
+  assert "\n" not in line
+  assert (f"the state_dict is a wide_resnet with wrn_depth={file_depth}, wrn_widen={file_widen}, "
+          f"this config has wrn_depth={depth}, wrn_widen={widen}: set ") in line, line
+  assert (f"--config.wrn_depth={file_depth}" in line) == (depth != file_depth), line
+  assert (f"--config.wrn_widen={file_widen}" in line) == (widen != file_widen), line
+  # The same file with the named settings imports.
+  torch_interop.from_torch_state_dict(file_config, sd, _shapes(file_config), CIFAR)
+
+
+@pytest.mark.parametrize("dtype", [np.bool_, np.int32, np.complex64, np.str_])
+def test_a_tensor_that_is_not_real_floating_point_is_refused(dtype):
+  config = tiny_config(**CONFIGS["cnn"])
+  _, v = _variables(config, 0)
+  sd = torch_interop.to_torch_state_dict(config, v, SHAPE)
+  sd["_model.0.bias"] = np.ones(sd["_model.0.bias"].shape, dtype)
+  with pytest.raises(torch_interop.InteropError,
+                     match=r"state_dict\['_model\.0\.bias'\] holds \w+ values: weights must be "
+                           r"real floating point"):
+    torch_interop.from_torch_state_dict(config, sd, v, SHAPE)
+  sd["_model.0.bias"] = sd["_model.0.weight"].sum((1, 2, 3)).astype(np.float64)  # lossless: ok
+  torch_interop.from_torch_state_dict(config, sd, v, SHAPE)
+
+
+def test_a_cnn_of_other_layers_says_which():
+  config, other = tiny_config(**CONFIGS["cnn"]), tiny_config(**dict(CONFIGS["cnn"], n_layers=3))
+  sd = torch_interop.to_torch_state_dict(other, _variables(other, 0)[1], SHAPE)
+  with pytest.raises(torch_interop.InteropError, match=r"n_layers=3, n_filters=3, this config "
+                     r"has n_layers=2, n_filters=3: set --config\.n_layers=3$"):
+    torch_interop.from_torch_state_dict(config, sd, _variables(config, 0)[1], SHAPE)
 
 
 def _robustbench_checkpoint(sd):
