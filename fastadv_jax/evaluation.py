@@ -163,7 +163,6 @@ class Evaluator:
     (PGD's starting `robust`), and every point's correctness. Raises NonFiniteOutputError when
     the weights, or the logits of any point, are not finite; the flags of all points are
     gathered first, so every process of a multi-process run raises alike."""
-    variables = self._placed(variables)
     checks.check_finite_weights(variables)
     sharded, outs = [], []
     for m, x, y, _ in self._chunks(images, labels):
@@ -250,7 +249,7 @@ class Evaluator:
     """Per point, (n,) bool indexed by position: classified correctly without perturbation (one
     forward pass, no gradient). NonFiniteOutputError when the weights or the logits of any
     point are NaN/Inf."""
-    return self._clean_pass(variables, images, labels)[1]
+    return self._clean_pass(self._placed(variables), images, labels)[1]
 
   def clean_accuracy(self, variables: Variables, images: np.ndarray, labels: np.ndarray
                      ) -> float:

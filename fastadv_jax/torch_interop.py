@@ -39,6 +39,7 @@ import os
 import shutil
 from typing import Any, Mapping
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -253,10 +254,6 @@ def _architecture_hint(config: ml_collections.ConfigDict, layout: models.TorchLa
   return f"; the state_dict is a {config.model} with {has}, this config has {want}: set {flags}"
 
 
-def _count_arrays(tree: Mapping) -> int:
-  return sum(_count_arrays(v) if isinstance(v, Mapping) else 1 for v in tree.values())
-
-
 def _copy_tree(tree: Mapping) -> dict:
   """The nested dicts copied; array leaves copied, shape-only leaves (jax.ShapeDtypeStruct, no
   __array__) kept: every one the layout covers is replaced by a converted array."""
@@ -338,4 +335,4 @@ def import_to_workdir(config: ml_collections.ConfigDict, state_dict_path: str, w
   finally:
     ckpt.close()
   workdir.record_config(config, workdir_)
-  return _count_arrays(variables)
+  return len(jax.tree.leaves(variables))
