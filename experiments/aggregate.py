@@ -44,8 +44,11 @@ def collect(root: str) -> dict[tuple[str, float], list[dict]]:
     m = NAME.match(os.path.basename(os.path.dirname(path)))
     if not m:
       continue
-    with open(path) as f:
-      r = json.load(f)
+    from fastadv_jax import workdir  # pylint: disable=import-outside-toplevel
+    try:
+      r = workdir.read_results(path)  # checked: a number edited by hand is never aggregated
+    except workdir.WorkdirError as e:
+      raise SystemExit(f"error: {e}") from None
     r["seed"] = int(m["seed"])
     r.update(replay_overfitting_flag(os.path.dirname(path)))
     groups[(m["method"], float(m["eps"]))].append(r)

@@ -220,8 +220,8 @@ class Checkpointer:
   def _no_intact_left(self, tried: list[str]) -> CheckpointError:
     return CheckpointError(f"no intact checkpoint left in {self.directory}; it could not be "
                            f"restored: {tried[0]}. The damaged ones are in "
-                           f"{os.path.join(self.workdir, 'corrupt_checkpoints')}. Use a fresh "
-                           f"--workdir, or delete {self.directory} to start over.")
+                           f"{os.path.join(self.workdir, 'corrupt_checkpoints')}. To train "
+                           "again from the start, use a new --workdir")
 
   def _restore_global_arrays(self, state_template: Any, best_template: Any
                              ) -> tuple[int, Any, Any, dict] | None:
@@ -331,18 +331,22 @@ class Checkpointer:
     try:
       yield
     except CheckpointError as e:
-      raise CheckpointError(f"checkpoint {where} does not match this config: {e}. Use a fresh "
-                            f"--workdir, or delete {self.directory} to start over.") from None
+      raise CheckpointError(f"checkpoint {where} does not fit this config ({e}); the checkpoint "
+                            "is kept") from None
     except Exception as e:  # pylint: disable=broad-except
       first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
       raise CheckpointCorrupt(
           f"checkpoint {where} could not be restored ({type(e).__name__}: {first}); it is corrupt "
           f"or was written by an incompatible version") from None
 
+  def meta(self, step: int) -> dict:
+    """The JSON metadata saved with checkpoint `step` (what the trainer passed to `save`)."""
+    return dict(self.manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
   def _variables_only(self, step: int) -> bool:
     """Whether checkpoint `step` was written by `save_variables` (its meta says so)."""
-    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return bool(dict(meta["meta"]).get(VARIABLES_ONLY, False))
+    return bool(self.meta(step).get(VARIABLES_ONLY, False))
 
   def restore(self, step: int, state_template: Any, best_template: Any
               ) -> tuple[Any, Any, dict]:
@@ -355,6 +359,9 @@ class Checkpointer:
       variables_only = self._variables_only(step)
       saved_sd = ({k: state_sd[k] for k in _VARIABLE_KEYS if k in state_sd} if variables_only
                   else state_sd)
+      # Shapes first, from the metadata: a restore that fails midway leaves Orbax's readers
+      # running, and they print tracebacks at exit.
+      _check_same_structure(saved_sd, self._saved_tree(step), "state")
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_abstract(saved_sd)),
@@ -383,13 +390,17 @@ class Checkpointer:
         state=self._restore_as_saved(step)))["state"]
     _check_same_structure(state_sd, saved, "state")
 
+  def _saved_tree(self, step: int) -> Any:
+    """The metadata (shape, dtype, sharding) of every array of the `state` saved at `step`."""
+    path = os.path.join(self.directory, str(step), "state")
+    return ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+
   def _restore_as_saved(self, step: int) -> Any:
     """Restore args for the `state` saved at `step`, whatever it holds, as host arrays. A
     state saved as global arrays (the shard_map engine) records the devices it was spread
     over, and Orbax refuses to restore it without a target on another topology (one process
     reading a pod's checkpoint): there the target is host arrays shaped from its metadata."""
-    path = os.path.join(self.directory, str(step), "state")
-    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    tree = self._saved_tree(step)
     if not any(getattr(m, "sharding", None) is not None for m in jax.tree.leaves(tree)):
       return ocp.args.StandardRestore()  # host arrays were saved: read them as they are
     return ocp.args.StandardRestore(jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree))

@@ -10,12 +10,16 @@ non-zero exit, before any work where the input is to blame.
 """
 from __future__ import annotations
 
+import re
 import sys
 from typing import Callable, NoReturn
 
+import ml_collections
 from absl import app, flags
 # the parser class of DEFINE_config_file's flags (not re-exported by the package)
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+from fastadv_jax import plugins
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -44,7 +48,20 @@ def describe_flag_error(e: BaseException, argv: list[str]) -> str:
             f"configs/default.py{config_validation.moved_field_hint(name)})")
   if isinstance(root, OSError) and "config" in str(e):
     return f"--config: cannot load the config file: {_load_failure(root)}"
+  flag = re.match(r"flag (--[\w.-]+)", str(e))  # absl's "flag --name=value: why"
+  if flag is not None and isinstance(e, flags.Error):
+    return f"{flag.group(1)}: {_plain_value_error(text)}"
   return text if isinstance(e, flags.Error) else f"{type(root).__name__}: {text}"
+
+
+def _plain_value_error(text: str) -> str:
+  """Python's conversion errors in a user's words ("not a number: 'abc'")."""
+  for python, plain in (("could not convert string to float: ", "not a number: "),
+                        (r"invalid literal for int() with base 10: ", "not an integer: ")):
+    if text.startswith(python):
+      return plain + text[len(python):]
+  boolean = re.fullmatch(r"\('Non-boolean argument to boolean flag', (.*)\)", text)
+  return f"not true or false: {boolean.group(1)}" if boolean else text
 
 
 def _unquote(text: str) -> str:
@@ -74,6 +91,17 @@ def _check_config_files() -> None:
       getattr(flag.value, "get")  # the placeholder raises its load error on any attribute
     except OSError as e:
       fail(f"--{name}: cannot load the config file: {_load_failure(e.__cause__ or e)}")
+    except AttributeError:
+      pass  # a value that is no config at all: said below
+    if not isinstance(flag.value, ml_collections.ConfigDict):
+      fail(f"--{name}: get_config() in {flag.config_filename} returned "
+           f"{type(flag.value).__name__} {_short_repr(flag.value)}, not an "
+           "ml_collections.ConfigDict")
+
+
+def _short_repr(value: object) -> str:
+  text = repr(value)
+  return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _check_no_positional(rest: list[str]) -> None:
@@ -101,9 +129,15 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], None], expected: tuple[type[BaseException], ...]) -> None:
-  """app.run(main) where `expected` errors and interruptions end in one line."""
+  """app.run(main) where `expected` errors and interruptions end in one line. Installed
+  plugins (entry points) are imported first, by every command line (a no-op where the command
+  imported them already, before its flags were defined)."""
   from fastadv_jax import cli_logging  # pylint: disable=import-outside-toplevel
   cli_logging.quiet_startup()  # for callers of run() that skipped the module-level call
+  try:
+    plugins.load_for_command_line()
+  except plugins.PluginError as e:
+    fail(f"{plugins.CONFIG_FLAG}: {e}" if plugins.from_argv(sys.argv) else str(e))
   def wrapped(argv):
     try:
       main(argv)

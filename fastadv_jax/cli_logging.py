@@ -13,7 +13,8 @@ data) or jax start their backends. It keeps from the console, unless FASTADV_VER
 - JAX's INFO lines ("Unable to initialize backend 'tpu'", "Connecting to JAX distributed
   service ..."): the `jax` Python logger is set to WARNING, so its warnings (e.g. a GPU present
   but a CPU-only jaxlib installed) still show;
-- Orbax's and TFDS's INFO lines (the filter of `setup()`).
+- Orbax's and TFDS's INFO lines, and two of their warnings that are expected (the filter of
+  `setup()`, `_EXPECTED_WARNINGS`).
 Variables the user set are kept as they are (`setdefault`). FASTADV_VERBOSE=1 (or true/yes)
 changes nothing: every line comes back.
 """
@@ -48,8 +49,19 @@ def quiet_startup() -> None:
     jax_logger.setLevel(py_logging.WARNING)
 
 
+# Library warnings that are no news to a user of the command lines, each matched exactly:
+# Orbax's on reading a checkpoint that its StandardCheckpointer did not write itself (the
+# trainer's CheckpointManager writes the manager-level metadata instead), and TFDS's on a
+# data_dir without the prepared data set (datasets.py then says what is missing, in one line).
+_EXPECTED_WARNINGS = (("/orbax/", "Metadata file does not exist: "),
+                      ("/tensorflow_datasets/", "Variant folder "))
+
+
 class _DropLibraryInfo(py_logging.Filter):
   def filter(self, record: py_logging.LogRecord) -> bool:
+    for where, start in _EXPECTED_WARNINGS:
+      if where in record.pathname and str(record.msg).startswith(start):
+        return False
     noisy = "/orbax/" in record.pathname or "/tensorflow_datasets/" in record.pathname
     return record.levelno >= py_logging.WARNING or not noisy
 

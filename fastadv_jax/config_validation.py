@@ -1,6 +1,7 @@
 """Up-front config checks, so a bad run fails in one line naming the field, not mid-training."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import ml_collections
@@ -77,6 +78,37 @@ def _check_normalization(c: ml_collections.ConfigDict) -> None:
   _check(min(std) > 0, "input_std", f"must be > 0 (it divides the input), got {std}")
 
 
+def _check_finite(c: ml_collections.ConfigDict, prefix: str = "") -> None:
+  """Every float field is a number: NaN passes no comparison with a bound, so an unchecked
+  NaN (or an infinite lambda) would train silently to NaN."""
+  for name, value in c.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      _check_finite(value, f"{prefix}{name}.")
+    elif isinstance(value, float):
+      _check(math.isfinite(value), prefix + name, f"must be a finite number, got {value}")
+
+
+def _check_other_method_args(c: ml_collections.ConfigDict, methods) -> None:
+  """A hyperparameter set for a method the run does not train is a forgotten
+  --config.method (e.g. nfgsm's noise set, FGSM trained): refused, naming both."""
+  for name, args in c.get("method_args", {}).items():
+    if name == c.method or name not in methods.names():
+      continue
+    method = methods.get(name)
+    try:
+      changed = method.args_from(c) != method.default_args()
+    except methods.ArgError as e:
+      raise ConfigError(f"config.method_args.{name}.{e.field}: {e.message}") from None
+    if changed:
+      mine = dataclasses.asdict(method.args_from(c))
+      default = dataclasses.asdict(method.default_args())
+      field = next(k for k in mine if mine[k] != default[k])
+      raise ConfigError(
+          f"config.method_args.{name}.{field}: set to {mine[field]!r}, but config.method is "
+          f"{c.method!r}, which does not read it; add --config.method={name}, or leave "
+          f"{name}'s hyperparameters at their defaults")
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Raises ConfigError naming the first offending field. Imports `config.plugins` first, so
   the registries it reads hold what the run's plugins register."""
@@ -96,6 +128,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     methods.get(c.method).args_from(c)
   except methods.ArgError as e:
     raise ConfigError(f"config.method_args.{c.method}.{e.field}: {e.message}") from None
+  _check_other_method_args(c, methods)
+  _check_finite(c)
   _check(c.attack_init in INITS, "attack_init", f"unknown init {c.attack_init!r}; choose from {INITS}")
   _check(c.optimizer in OPTIMIZERS, "optimizer", f"unknown optimizer {c.optimizer!r}; choose from {OPTIMIZERS}")
   _check(c.lr_schedule in LR_SCHEDULES, "lr_schedule",
@@ -113,6 +147,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   _check(c.lr_max > 0, "lr_max", f"must be > 0, got {c.lr_max}")
   _check(c.weight_decay >= 0, "weight_decay", f"must be >= 0, got {c.weight_decay}")
   _check(c.eps_warmup_epochs >= 0, "eps_warmup_epochs", f"must be >= 0, got {c.eps_warmup_epochs}")
+  _check(c.eps_warmup_epochs <= c.num_epochs, "eps_warmup_epochs",
+         f"a {c.eps_warmup_epochs}-epoch ramp is longer than the {c.num_epochs}-epoch run: eps "
+         f"would never reach {c.eps}; set it <= config.num_epochs")
+  _check(0.0 <= c.momentum < 1.0, "momentum",
+         f"must be in [0, 1) (SGD diverges at >= 1; the paper's 0.9), got {c.momentum}")
   _check(c.grad_align_lambda >= 0, "grad_align_lambda", f"must be >= 0, got {c.grad_align_lambda}")
   _check(c.n_filters >= 1, "n_filters", f"must be >= 1, got {c.n_filters}")
   _check(c.n_layers >= 1, "n_layers", f"must be >= 1, got {c.n_layers}")
@@ -143,6 +182,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   for field in ("log_every", "eval_every", "checkpoint_every", "n_eval_points", "eval_pgd_steps",
                 "final_pgd_steps", "final_pgd_restarts", "eval_batch_size", "keep_checkpoints"):
     _check(c[field] >= 1, field, f"must be >= 1, got {c[field]}")
+  for field in ("co_pgd_drop", "co_min_best_pgd", "co_alignment_drop", "co_fgsm_pgd_gap"):
+    _check(0.0 <= c[field] <= 1.0, field,
+           f"must be in [0, 1] (a fraction of an accuracy or alignment), got {c[field]}")
   _check(c.n_final_eval == -1 or c.n_final_eval >= 1, "n_final_eval",
          f"must be -1 (all) or >= 1, got {c.n_final_eval}")
   # pylint: disable-next=import-outside-toplevel

@@ -1,7 +1,8 @@
 """Evaluate a trained run: python -m fastadv_jax.evaluate --workdir=<dir>
-[--weights=last|best|averaged|selected]
-[--eps=0.0314] [--n_eval=1000] [--attack=pgd|autoattack|pgd,autoattack|apgd-ce,apgd-t,...]
-[--pgd_steps=50] [--pgd_restarts=10] [--norm=Linf|L2] [--plugins=my_pkg.my_attack,...].
+[--weights=last|best|averaged|selected] [--eps=<the run's eps>] [--n_eval=<its n_final_eval>]
+[--attack=pgd|autoattack|pgd,autoattack|apgd-ce,apgd-t,...] [--pgd_steps=50] [--pgd_restarts=10]
+[--seed=0] [--norm=Linf|L2] [--apgd_steps=100] [--fab_steps=100] [--square_queries=5000]
+[--plugins=my_pkg.my_attack,...].
 
 `--norm=L2` evaluates in the L2 threat model: eps (required then, since the run's eps is an
 L-inf radius) bounds the Euclidean norm of the whole perturbation in pixel units, so it may
@@ -15,7 +16,9 @@ imported before `--attack` is checked.
 Reads the run's config.json and latest checkpoint; prints and writes
 `<workdir>/eval_<weights>_eps<eps>_n<n>_<attacks>.json` (e.g. `..._pgd50x10.json`,
 `..._pgd50x10+aa-standard.json`; with --norm=L2 `eval_<weights>_L2_eps<eps>_...`; the JSON's
-`norm` field says which), and beside it the per-point verdicts as `<same name>.npz`:
+`norm` field says which). Every setting that changes the numbers is in the name when it is not
+its default (`_seed1`, `aa-standard-apgd50-square1000`), and in the JSON always, so two settings
+never share a file. Beside it, the per-point verdicts as `<same name>.npz`:
 `clean`, `pgd_robust` (with PGD), `autoattack_robust` and `autoattack_broken_by` (with
 AutoAttack: the index into `autoattack_attacks` of the attack that broke the point, else -1),
 each indexed by the test point's position.
@@ -36,6 +39,7 @@ if __name__ == "__main__":  # the command line: quiet before jax loads (cli_logg
   _quiet.quiet_startup()
 
 import json  # noqa: E402  pylint: disable=wrong-import-position
+import math
 import os
 import time
 
@@ -48,6 +52,9 @@ from fastadv_jax import (autoattack, checkpointing, cli, cli_logging, compilatio
                          workdir, xla_cpu)
 
 FLAGS = flags.FLAGS
+# AutoAttack's iteration and query budgets (the reference's); evaluate passes the flags' values.
+AA_DEFAULTS = {"apgd_steps": 100, "fab_steps": 100, "square_queries": 5000}
+_AA_SHORT = {"apgd_steps": "apgd", "fab_steps": "fab", "square_queries": "square"}
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
 flags.DEFINE_enum("weights", "last", list(saved_run.WEIGHTS),
                   "Last weights, early-stopped ones (best), the last weight average (averaged, "
@@ -63,6 +70,12 @@ flags.DEFINE_string("attack", "pgd", "pgd, autoattack (standard), autoattack-ran
 flags.DEFINE_integer("pgd_steps", 50, "PGD iterations.")
 flags.DEFINE_integer("pgd_restarts", 10, "PGD restarts.")
 flags.DEFINE_integer("seed", 0, "Seed of the attacks' random starts.")
+flags.DEFINE_integer("apgd_steps", AA_DEFAULTS["apgd_steps"],
+                     "AutoAttack: iterations of each APGD attack (the reference's 100).")
+flags.DEFINE_integer("fab_steps", AA_DEFAULTS["fab_steps"],
+                     "AutoAttack: iterations of each FAB attack (the reference's 100).")
+flags.DEFINE_integer("square_queries", AA_DEFAULTS["square_queries"],
+                     "AutoAttack: queries of the Square attack (the reference's 5000).")
 flags.DEFINE_string("plugins", "", "Modules to import first, comma-separated (e.g. ones that "
                     "register AutoAttack components with autoattack.register), on top of the "
                     "run's config.plugins and installed plugins.")
@@ -78,12 +91,18 @@ run_config, load_run = saved_run.run_config, saved_run.load_run  # public here t
 
 
 def check_flags(eps: float, n_eval: int, steps: int, restarts: int, attack: str = "pgd",
-                norm: str = "Linf") -> tuple[bool, tuple[str, ...]]:
+                norm: str = "Linf", aa_settings: dict[str, int] | None = None
+                ) -> tuple[bool, tuple[str, ...]]:
   """One line naming the first bad flag, before any work; returns parse_attack_spec(attack)."""
   try:
     plan = evaluation.parse_attack_spec(attack)
   except ValueError as e:
     raise UsageError(f"--attack: {e}") from None
+  if not math.isfinite(eps):
+    raise UsageError(f"--eps: must be a finite number, got {eps}")
+  for name, value in (aa_settings or {}).items():
+    if value < 1:
+      raise UsageError(f"--{name}: must be >= 1, got {value}")
   if norm == "Linf":
     if not 0.0 <= eps <= 1.0:
       raise UsageError(f"--eps: must be in [0, 1] (pixel units, e.g. 8/255), got {eps}")
@@ -112,13 +131,18 @@ def check_flags(eps: float, n_eval: int, steps: int, restarts: int, attack: str 
 
 
 def output_name(weights: str, eps: float, n: int, run_pgd: bool, aa_attacks: tuple[str, ...],
-                steps: int, restarts: int, norm: str = "Linf") -> str:
-  """The output file's name; the norm appears only for L2, so L-inf names are as they were."""
+                steps: int, restarts: int, norm: str = "Linf", seed: int = 0,
+                aa_settings: dict[str, int] | None = None) -> str:
+  """The output file's name. The norm, the seed and AutoAttack's budgets appear only where
+  they differ from their defaults, so the names of default evaluations are as they were."""
   parts = [f"pgd{steps}x{restarts}"] if run_pgd else []
   if aa_attacks:
-    parts.append("aa-" + (autoattack.version_of(aa_attacks) or "+".join(aa_attacks)))
+    budgets = "".join(f"-{_AA_SHORT[k]}{v}" for k, v in sorted((aa_settings or {}).items())
+                      if v != AA_DEFAULTS[k])
+    parts.append("aa-" + (autoattack.version_of(aa_attacks) or "+".join(aa_attacks)) + budgets)
   threat = "" if norm == "Linf" else f"{norm}_"
-  return f"eval_{weights}_{threat}eps{eps:.4f}_n{n}_{'+'.join(parts)}.json"
+  seeded = f"_seed{seed}" if seed else ""
+  return f"eval_{weights}_{threat}eps{eps:.4f}_n{n}_{'+'.join(parts)}{seeded}.json"
 
 
 def load_plugins(extra: str) -> None:
@@ -147,8 +171,9 @@ def main(argv):
                      "L-inf one)")
   eps = config.eps if FLAGS.eps is None else FLAGS.eps
   n_eval = config.n_final_eval if FLAGS.n_eval is None else FLAGS.n_eval
+  aa_settings = {name: FLAGS[name].value for name in AA_DEFAULTS}
   run_pgd, aa_attacks = check_flags(eps, n_eval, FLAGS.pgd_steps, FLAGS.pgd_restarts,
-                                    FLAGS.attack, FLAGS.norm)
+                                    FLAGS.attack, FLAGS.norm, aa_settings)
   if aa_attacks:
     try:
       autoattack.check_classes(aa_attacks, datasets.NUM_CLASSES[config.dataset])
@@ -169,7 +194,7 @@ def main(argv):
   start = time.perf_counter()
   clean = ev.clean_points(variables, x, y)
   result = {"weights": FLAGS.weights, "iteration": step, "eps": eps, "norm": FLAGS.norm,
-            "n_eval": n,
+            "n_eval": n, "seed": FLAGS.seed,
             "clean_acc": float(np.mean(clean)),
             "clean_seconds": round(time.perf_counter() - start, 3),
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
@@ -184,13 +209,16 @@ def main(argv):
                   pgd_seconds=round(time.perf_counter() - start, 3))
   if aa_attacks:
     start = time.perf_counter()
-    aa = ev.autoattack(variables, x, y, eps, aa_attacks, FLAGS.seed, result.get("pgd_acc"))
-    result.update(aa.summary(), autoattack_total_seconds=round(time.perf_counter() - start, 3))
+    aa = ev.autoattack(variables, x, y, eps, aa_attacks, FLAGS.seed, result.get("pgd_acc"),
+                       **aa_settings)
+    result.update(aa.summary(), autoattack_total_seconds=round(time.perf_counter() - start, 3),
+                  autoattack_settings=aa_settings)
     points.update(autoattack_robust=aa.robust, autoattack_broken_by=aa.broken_by)
   if not distributed.is_main():
     return
   out = os.path.join(FLAGS.workdir, output_name(FLAGS.weights, eps, n, run_pgd, aa_attacks,
-                                                FLAGS.pgd_steps, FLAGS.pgd_restarts, FLAGS.norm))
+                                                FLAGS.pgd_steps, FLAGS.pgd_restarts, FLAGS.norm,
+                                                FLAGS.seed, aa_settings))
   workdir.write_npz(os.path.splitext(out)[0] + ".npz", points)
   workdir.write_json(out, result)
   print(json.dumps(result, indent=2))

@@ -231,17 +231,18 @@ class Evaluator:
 
   def autoattack(self, variables: Variables, images: np.ndarray, labels: np.ndarray, eps: float,
                  attacks_: str | tuple[str, ...] = "standard", seed: int = 0,
-                 pgd_acc: float | None = None, progress: bool = True
+                 pgd_acc: float | None = None, progress: bool = True, **settings: int
                  ) -> autoattack.AutoAttackResult:
     """AutoAttack (autoattack/) on uint8 images in this evaluator's norm, over its devices (and,
     in a multi-process run, over every process's: each attacks its share of the points and
-    every process returns the gathered result)."""
+    every process returns the gathered result). `settings`: AutoAttack's apgd_steps,
+    fab_steps, square_queries (its defaults, the reference's, where absent)."""
     variables = self._placed(variables)
     apply_fn = lambda v, x, _key: self.model.apply(v, x, train=False)  # noqa: E731
     aa = autoattack.AutoAttack(
         apply_fn, autoattack.output_classes(apply_fn, variables, images.shape[1:]), eps,
         attacks_, batch_size=self.batch_size, devices=self.devices, progress=progress,
-        norm=self.norm)
+        norm=self.norm, **settings)
     return aa.run(variables, np.asarray(images, np.float32) / 255.0, labels, seed, pgd_acc)
 
   def clean_points(self, variables: Variables, images: np.ndarray, labels: np.ndarray

@@ -40,7 +40,8 @@ def run() -> None:
   except plugins.PluginError as e:
     cli.fail(f"--config.plugins: {e}")
   cli.run(main, (config_validation.ConfigError, checkpointing.CheckpointError,
-                 datasets.DatasetUnavailableError, train.NonFiniteError, workdir.WorkdirError,
+                 datasets.DatasetUnavailableError, train.NonFiniteError, train.StartError,
+                 workdir.WorkdirError,
                  distributed.DistributedError, evaluation.NonFiniteOutputError))
 
 

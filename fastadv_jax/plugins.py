@@ -7,6 +7,7 @@ A plugin is an ordinary Python module that calls the registries when it is impor
   modules are imported before the config file is read, so their methods' hyperparameters are
   config fields like the built-in ones); `config.json` records the list, and
   `fastadv_jax.evaluate`, `torch_export` and `benchmark` import it again from there;
+  config.json's `plugin_sources` says where each plugin came from (`sources`);
 - installed: a package that declares an entry point in the group `fastadv_jax.plugins`
   (`[project.entry-points."fastadv_jax.plugins"] my_method = "my_pkg.my_method"`) is imported
   by every command line of this library, once per process.
@@ -19,12 +20,13 @@ import sys
 from typing import Iterable, Sequence
 
 __all__ = ["CONFIG_FLAG", "ENTRY_POINT_GROUP", "PluginError", "from_argv", "load",
-           "load_entry_points", "load_for_command_line", "parse"]
+           "load_entry_points", "load_for_command_line", "parse", "sources"]
 
 ENTRY_POINT_GROUP = "fastadv_jax.plugins"
 CONFIG_FLAG = "--config.plugins"
 
 _loaded_entry_points = False
+_entry_point_sources: dict[str, dict] = {}  # module -> where it came from, once loaded
 
 
 class PluginError(ImportError):
@@ -67,7 +69,29 @@ def load_entry_points() -> tuple[str, ...]:
     if callable(obj):  # an entry point may name a registration function instead of a module
       obj()
     names.append(ep.value)
+    dist = getattr(ep, "dist", None)
+    _entry_point_sources[ep.value] = {
+        "entry_point": ep.name, "package": dist.name if dist else None,
+        "version": dist.version if dist else None}
   return tuple(names)
+
+
+def sources(spec: str | Sequence[str] | None = None) -> dict[str, dict]:
+  """Where each plugin of this process came from, for the run's records: the installed ones
+  (entry point, package, version) and the modules named in `spec`, each with the installed
+  package and version that provide it, or else the file it was imported from."""
+  out = dict(_entry_point_sources)
+  for name in parse(spec):
+    out.setdefault(name, _module_source(name))
+  return out
+
+
+def _module_source(name: str) -> dict:
+  provided_by = importlib.metadata.packages_distributions().get(name.split(".")[0], [])
+  if provided_by:
+    return {"package": provided_by[0], "version": importlib.metadata.version(provided_by[0])}
+  module = sys.modules.get(name)
+  return {"package": None, "file": getattr(module, "__file__", None)}
 
 
 def from_argv(argv: Iterable[str], flag: str = CONFIG_FLAG) -> str:

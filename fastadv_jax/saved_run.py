@@ -34,7 +34,7 @@ def check_has_checkpoint(workdir_: str) -> None:
   folder = os.path.join(workdir_, "checkpoints")
   if not os.path.isdir(folder):
     raise checkpointing.CheckpointError(f"no checkpoint in {workdir_}: has the run started?")
-  if not any(name.isdigit() for name in os.listdir(folder)):  # finished saves are named <step>
+  if not workdir.has_checkpoint(workdir_):
     raise checkpointing.CheckpointError(
         f"no checkpoint in {folder}: the run stopped before its first one "
         "(config.checkpoint_every); run its training command again to resume it")

@@ -12,20 +12,61 @@ RESUME_SAFE_FIELDS), and a finished run is immutable (workdir.check_rerun).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from fastadv_jax import (checkpointing, config_validation, datasets, distributed, engines,
-                         evaluation, metric_writers, methods, models, monitoring, parallel,
-                         preemption, schedules, timing, train_step, weight_averaging, workdir)
+from fastadv_jax import (checkpointing, cli_logging, config_validation, datasets, distributed,
+                         engines, evaluation, metric_writers, methods, models, monitoring,
+                         parallel, preemption, schedules, timing, train_step, weight_averaging,
+                         workdir)
 from fastadv_jax import train_state as ts
+
+class StartError(RuntimeError):
+  """The run's first step could not run (out of memory, a plugin's error): one line, and the
+  workdir stays free for another config while it holds no checkpoint (workdir.check_rerun)."""
+
+
+@contextlib.contextmanager
+def _first_step_failures(config: ml_collections.ConfigDict, first: bool, resumed: bool
+                         ) -> Iterator[None]:
+  """Around this process's first step (traced, compiled and run there): what the user can
+  fix, as one StartError line; anything else (a library bug) keeps its traceback."""
+  if not first:
+    yield
+    return
+  free = ("the checkpoint is kept" if resumed else
+          "the workdir holds no checkpoint, so any config may be run in it")
+  try:
+    yield
+  except methods.MethodOutputError as e:
+    raise StartError(f"{e} ({free})") from None
+  except Exception as e:  # pylint: disable=broad-except
+    why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+    if "RESOURCE_EXHAUSTED" in str(e) or isinstance(e, MemoryError):
+      raise StartError(f"the first step ran out of memory with config.batch_size="
+                       f"{config.batch_size} (model {config.model}): {why}; lower the batch "
+                       f"size ({free})") from None
+    plugins_used = [f"{kind} {name!r} ({module})" for kind, name, module in _components(config)
+                    if not module.startswith("fastadv_jax")]
+    if not plugins_used:
+      raise
+    raise StartError(f"the first step failed in {' or '.join(plugins_used)}: {why} "
+                     f"({free}; FASTADV_VERBOSE=1 shows the traceback)") from (
+                         e if cli_logging.verbose() else None)
+
+
+def _components(config: ml_collections.ConfigDict) -> list[tuple[str, str, str]]:
+  """(kind, name, defining module) of the run's method and model."""
+  return [("method", config.method, methods.get(config.method).perturb.__module__),
+          ("model", config.model, models.get(config.model).build.__module__)]
 
 
 class NonFiniteError(FloatingPointError):
@@ -114,6 +155,13 @@ class _Run:
                                            global_arrays=self.engine.global_arrays)
     try:
       restored = self.ckpt.restore_latest(self.engine.checkpoint_template(state), best)
+    except checkpointing.CheckpointCorrupt:
+      self.ckpt.close()
+      raise
+    except checkpointing.CheckpointError as e:  # does not fit: say why, and how to resume
+      cause = self._mismatch_cause()
+      self.ckpt.close()
+      raise checkpointing.CheckpointError(f"{e}: {cause}") from None
     except BaseException:
       self.ckpt.close()  # a refused checkpoint: nothing is left open at exit
       raise
@@ -129,6 +177,14 @@ class _Run:
     # than 0 writes none, and its checkpoint manager does not see process 0's).
     self.saved_step = None if restored is None else restored[0]
     return placed, best, record
+
+  def _mismatch_cause(self) -> str:
+    """Why the latest checkpoint does not fit this config, from what it was written with."""
+    try:
+      written = self.ckpt.meta(self.ckpt.latest_step()).get(workdir.WRITTEN_WITH)
+    except Exception:  # pylint: disable=broad-except  # unreadable meta: the generic advice
+      written = None
+    return workdir.mismatch_cause(written, self.config)
 
   def _open_writers(self) -> None:
     """metrics.jsonl / TensorBoard, cut back to `start` (rows of iterations a resumed run
@@ -210,7 +266,7 @@ class _Run:
           for m in self._checked()]
     record.train_time_s = train_time_s
     self.ckpt.save(s, self.engine.to_checkpoint(self.rstate), jax.device_get(self.monitor.best),
-                   record.to_json())
+                   {**record.to_json(), workdir.WRITTEN_WITH: workdir.written_with(self.config)})
     self.saved_step = s
     self.writer.flush()
 
@@ -246,8 +302,9 @@ class _Run:
     flags = None if self.stop is None else self.stop.batch_flags(len(batch["label"]))
     if flags is not None:
       batch = dict(batch, stop=flags)
-    self.rstate, m = self.p_step(self.rstate, self.engine.place_batch(batch), self.step_rng)
-    m = dict(self.engine.local_metrics(m))
+    with _first_step_failures(self.config, step == self.start, self.saved_step is not None):
+      self.rstate, m = self.p_step(self.rstate, self.engine.place_batch(batch), self.step_rng)
+      m = dict(self.engine.local_metrics(m))
     agreement = m.pop("stop", None)
     self.pending.append(m)
     self._time_step()

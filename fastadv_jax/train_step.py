@@ -29,7 +29,8 @@ import ml_collections
 
 from fastadv_jax import (augment, gradalign, losses, methods, models, parallel, randomness,
                          schedules, weight_averaging)
-from fastadv_jax.methods.base import AttackInputs, CELossInputs, RegularizerInputs
+from fastadv_jax.methods.base import (AttackInputs, CELossInputs, RegularizerInputs,
+                                     checked_perturbation)
 from fastadv_jax.train_state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -130,6 +131,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
         lambda z: forward(state.params, z)[0], x, y, attack_keys, eps, state.carried_delta,
         method.init_kind(config), state.step, progress, axis_name, state.method_state, rows,
         epoch, eval_logits, features, smoothing, _batch_key(rng, state.step)))
+    pert = checked_perturbation(method, pert, x)
     attack_state = state.method_state if pert.state is None else pert.state
 
     # 3. The training loss: cross-entropy, the method's regulariser, GradAlign on top.

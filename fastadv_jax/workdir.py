@@ -1,23 +1,38 @@
 """The files of a workdir besides checkpoints and metrics: config.json, results.json and the
-evaluation outputs (written atomically)."""
+evaluation outputs (written atomically), checked when read back; and what a checkpoint records
+of the config it was written with (`written_with`), to explain one that does not fit."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Atomic: a reader (or a killed writer) never leaves a half-written file behind."""
+  """Atomic: a reader (or a killed writer) never leaves a half-written file behind. Always
+  valid JSON: a NaN or infinite float (which Python's json would write as the non-standard
+  NaN / Infinity) is written as null."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
+    json.dump(_finite_or_null(obj), f, indent=2, sort_keys=True, allow_nan=False)
   os.replace(tmp, path)
+
+
+def _finite_or_null(obj: Any) -> Any:
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, dict):
+    return {k: _finite_or_null(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite_or_null(v) for v in obj]
+  return obj
 
 
 def write_npz(path: str, arrays: dict[str, Any]) -> None:
@@ -62,6 +77,7 @@ def config_from_stored(stored: dict) -> ml_collections.ConfigDict:
   if not isinstance(stored, dict):
     raise ValueError("not a JSON object")
   stored = config_validation.migrate_stored_config(stored)
+  stored = {k: v for k, v in stored.items() if k != PLUGIN_SOURCES}  # a record, not a field
   config = default.get_config()
   config.update(stored)
   return config
@@ -143,7 +159,9 @@ def check_rerun(config: ml_collections.ConfigDict, workdir: str, writes: bool = 
 
   - A config that differs from the recorded one (config.json as read_config reads it, else
     results.json's "config") in a field outside RESUME_SAFE_FIELDS and FINAL_EVALUATION_FIELDS:
-    RunChangedError naming the fields, whether the run finished or not.
+    RunChangedError naming the fields, whether the run finished or not; except a run that
+    neither finished nor saved a checkpoint (it failed or stopped before its first one): there
+    is nothing to resume, and this config replaces it.
   - A finished run (results.json) is never rewritten: a changed FINAL_EVALUATION_FIELDS field
     is a RunChangedError pointing at `evaluate`; otherwise its recorded results are returned,
     and the caller computes nothing.
@@ -163,7 +181,12 @@ def check_rerun(config: ml_collections.ConfigDict, workdir: str, writes: bool = 
     changed = config_changes(config, recorded)
     fixed = {p: v for p, v in changed.items()
              if p not in RESUME_SAFE_FIELDS and p not in FINAL_EVALUATION_FIELDS}
-    if fixed:
+    if fixed and results is None and not has_checkpoint(workdir):
+      # Nothing to resume (it failed, or was stopped, before its first checkpoint): the new
+      # config replaces the recorded one, and the run starts from scratch.
+      logging.info("%s holds no checkpoint of the run recorded there (%s); it is started with "
+                   "this config instead", workdir, ", ".join(fixed))
+    elif fixed:
       diffs = ", ".join(f"{p} {_short(a)} -> {_short(b)}" for p, (a, b) in fixed.items())
       raise RunChangedError(
           f"{workdir} holds a run recorded with another config ({diffs}); a recorded run "
@@ -182,6 +205,47 @@ def check_rerun(config: ml_collections.ConfigDict, workdir: str, writes: bool = 
   if writes:
     check_outputs(workdir)
   return None
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether the workdir holds a finished checkpoint (Orbax names those `<step>`; one being
+  written has a temporary name), without opening Orbax."""
+  folder = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
+# The entry of a checkpoint's metadata that says what it was written with (written_with).
+WRITTEN_WITH = "written_with"
+
+
+def written_with(config: ml_collections.ConfigDict) -> dict:
+  """Saved with every checkpoint, so that one that does not fit can be explained."""
+  return {"config": config_dict(config), "devices": jax.device_count(),
+          "processes": jax.process_count()}
+
+
+def mismatch_cause(written: Any, config: ml_collections.ConfigDict) -> str:
+  """Why a checkpoint written with `written` (its `written_with` record, or None for one
+  saved before it was recorded) does not fit `config`, and what resumes it: the config fields
+  that differ, or the device count; never advice that costs the checkpoint."""
+  if not isinstance(written, dict) or not isinstance(written.get("config"), dict):
+    return ("config.json (or the command) no longer describes the run that wrote it; was it "
+            "edited? Resume with the values the run was started with, or train in a new "
+            "--workdir")
+  changed = config_changes(config_from_stored(written["config"]), config)
+  if changed:
+    fields = ", ".join(f"{p}={json.dumps(then)} (now {json.dumps(now)})"
+                       for p, (now, then) in list(changed.items())[:4])
+    flags = " ".join(f"--config.{p}={json.dumps(then)}" for p, (_, then) in changed.items())
+    return (f"it was written with {fields}; restore those values in config.json and resume "
+            f"with {flags}, or train in a new --workdir")
+  now = (jax.device_count(), jax.process_count())
+  then = (written.get("devices"), written.get("processes"))
+  if then != now:
+    return (f"it was written on {then[0]} device(s) in {then[1]} process(es), this run has "
+            f"{now[0]} in {now[1]}: resume it with {then[0]} device(s) (e.g. "
+            f"JAX_NUM_CPU_DEVICES={then[0]} on CPU)")
+  return "it was written with this config; it may come from another version of fastadv_jax"
 
 
 def _evaluate_flags(config: ml_collections.ConfigDict) -> str:
@@ -203,10 +267,48 @@ def _read_results(workdir: str) -> dict | None:
   path = os.path.join(workdir, "results.json")
   if not os.path.isfile(path):
     return None
+  return read_results(path)
+
+
+def read_results(path: str) -> dict:
+  """A results.json, checked (check_results) before any of its numbers is used."""
   results = _load_json(path, "; move it away to redo the final evaluation")
   if not isinstance(results, dict):
     raise WorkdirError(f"{path} holds no results; move it away to redo the final evaluation")
+  check_results(results, path)
   return results
+
+
+# The accuracies of a final evaluation that can never exceed its clean accuracy (a point
+# counts as robust only if it is also classified correctly unperturbed).
+_ROBUST_OF_CLEAN = (("pgd_acc", "clean_acc"), ("autoattack_acc", "clean_acc"),
+                    ("autoattack_acc", "autoattack_clean_acc"))
+
+
+def check_results(results: dict, path: str) -> None:
+  """WorkdirError unless every accuracy this library wrote into `results` could have been
+  written by it: each `*_acc` a finite number in [0, 1], and in an evaluation record (the top
+  level, or any record with `n_eval`) robust <= clean. A number that fails was changed outside
+  the tool, and is never printed or reused."""
+  def bad(why: str) -> WorkdirError:
+    return WorkdirError(f"{path} was changed outside fastadv_jax ({why}); its numbers are not "
+                        "used: restore it, or move it away to redo the final evaluation")
+
+  def walk(record: dict, prefix: str, evaluation: bool) -> None:
+    for key, value in record.items():
+      if isinstance(value, dict):
+        walk(value, f"{prefix}{key}.", "n_eval" in value)
+      elif key.endswith("_acc") and not (
+          isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise bad(f"{prefix}{key} {value!r} is not an accuracy in [0, 1]")
+    if evaluation:
+      for robust, clean in _ROBUST_OF_CLEAN:
+        if robust in record and clean in record and record[robust] > record[clean]:
+          raise bad(f"{prefix}{robust} {record[robust]} is above {prefix}{clean} "
+                    f"{record[clean]}")
+
+  walk(results, "", True)
 
 
 # What a training run writes in its workdir: files (each first written as `<name>.tmp`) and
@@ -245,24 +347,31 @@ def _check_file_path(path: str) -> None:
                        "away")
 
 
+# config.json's record of where the run's plugins came from (plugins.sources): beside the
+# config's fields, not one of them; written only when the run imported a plugin.
+PLUGIN_SOURCES = "plugin_sources"
+
+
 def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes config.json, unless it holds this config already (a resume with the same command
   rewrites nothing). Training checks with check_rerun first that a resume changes only
   RESUME_SAFE_FIELDS and FINAL_EVALUATION_FIELDS; their new values are recorded (so `evaluate`
   reads the data where it is now)."""
+  from fastadv_jax import plugins  # pylint: disable=import-outside-toplevel
   path = os.path.join(workdir, "config.json")
   now = config_dict(config)
+  sources = plugins.sources(config.get("plugins", ""))
   before = read_config(workdir)
   if before is not None:
-    if config_dict(before) == now:
+    if config_dict(before) == now and _load_json(path).get(PLUGIN_SOURCES, {}) == sources:
       return
     changed = config_changes(config, before)
     unsafe = [p for p in changed if p not in RESUME_SAFE_FIELDS
               and p not in FINAL_EVALUATION_FIELDS]
-    if changed:  # `unsafe` only where no check_rerun came first (torch_import's new workdir)
-      (logging.warning if unsafe else logging.info)(
+    if changed:  # `unsafe`: a run that saved no checkpoint, or torch_import's new workdir
+      (logging.warning if unsafe and has_checkpoint(workdir) else logging.info)(
           "Recording the new values of %s in %s", ", ".join(changed), path)
-  write_json(path, now)
+  write_json(path, {**now, PLUGIN_SOURCES: sources} if sources else now)
 
 
 def prepare(workdir: str) -> None:

@@ -85,8 +85,40 @@ def test_bad_arguments_are_refused():
     autoattack.evaluate(logits_fn, x, y, EPS, "apgd-ce,pgd")
   with pytest.raises(ValueError, match="eps must be in"):
     autoattack.evaluate(logits_fn, x, y, 0.0)
-  with pytest.raises(ValueError, match="apgd_steps must be >= 1"):
+  with pytest.raises(ValueError, match="apgd_steps must be an integer >= 1, got 0"):
     autoattack.evaluate(logits_fn, x, y, EPS, apgd_steps=0)
+  with pytest.raises(ValueError, match="square_queries must be an integer >= 1, got 10.5"):
+    autoattack.evaluate(logits_fn, x, y, EPS, square_queries=10.5)
+  with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+    autoattack.evaluate(logits_fn, x, y, float("inf"), norm="L2")
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda x, y: (x, np.where(np.arange(len(y)) == 3, 12, y)),
+     r"labels must be class indices in \[0, 5\) for this 5-class model, got 12"),
+    (lambda x, y: (x, np.where(np.arange(len(y)) == 0, -1, y)),
+     r"labels must be class indices in \[0, 5\) .* got -1"),
+    (lambda x, y: (x, y.astype(np.float32)), "labels must be integers, got dtype float32"),
+    (lambda x, y: (x, y[:-1]), "labels must be one integer per image"),
+    (lambda x, y: (x * 255.0, y), r"images must be in \[0, 1\] .*divide uint8 images by 255"),
+    (lambda x, y: (np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x), y),
+     r"images must be in \[0, 1\]"),
+])
+def test_points_outside_the_documented_domain_are_refused_before_any_attack(change, message):
+  """Labels of another model (12 on 10 classes), uint8-scaled images or NaN pixels would give an
+  accuracy that means nothing; each is one ValueError line, before any program is compiled."""
+  _, x, y, logits_fn = _linear_problem()
+  bad_x, bad_y = change(np.asarray(x), np.asarray(y))
+  compiled = []
+  listener = lambda event, *_, **__: compiled.append(event)  # noqa: E731
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    with pytest.raises(ValueError, match=message) as raised:
+      autoattack.evaluate(logits_fn, bad_x, bad_y, EPS, "apgd-ce", progress=False)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert "\n" not in str(raised.value)
+  assert not [e for e in compiled if "backend_compile" in e]
 
 
 def test_probabilities_are_flagged():

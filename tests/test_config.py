@@ -44,7 +44,46 @@ def test_bad_method_args_name_the_method_and_field(method, field, value, pattern
   c.method_args[method][field] = value
   with pytest.raises(ConfigError, match=pattern):
     validate_config(c)
-  c.method = "fgsm"  # another method's args are not its concern
+  c.method = "fgsm"  # set for a method the run does not train: refused all the same
+  with pytest.raises(ConfigError, match=f"config.method_args.{method}.{field}: "):
+    validate_config(c)
+
+
+def test_another_methods_hyperparameters_set_are_refused_naming_both():
+  """A forgotten --config.method=nfgsm would train FGSM and ignore the noise asked for."""
+  c = load_config()
+  c.method_args.nfgsm.noise = 3.0
+  with pytest.raises(ConfigError, match=r"^config.method_args.nfgsm.noise: set to 3.0, but "
+                     r"config.method is 'fgsm', which does not read it; add "
+                     r"--config.method=nfgsm"):
+    validate_config(c)
+  c.method = "nfgsm"
+  validate_config(c)
+  c.method_args.nfgsm.noise = 2.0  # the default again: nothing is asked of another method
+  c.method = "fgsm"
+  validate_config(c)
+
+
+@pytest.mark.parametrize("field,value,pattern", [
+    ("momentum", 1.5, r"config.momentum: must be in \[0, 1\)"),
+    ("momentum", -0.1, r"config.momentum: must be in \[0, 1\)"),
+    ("eps_warmup_epochs", 5.0, "config.eps_warmup_epochs: a 5.0-epoch ramp is longer than the "
+     "3-epoch run: eps would never reach 0.1"),
+    ("co_pgd_drop", float("nan"), "config.co_pgd_drop: must be a finite number, got nan"),
+    ("co_fgsm_pgd_gap", 2.0, r"config.co_fgsm_pgd_gap: must be in \[0, 1\]"),
+    ("grad_align_lambda", float("inf"), "config.grad_align_lambda: must be a finite number"),
+])
+def test_settings_that_cannot_work_are_refused(field, value, pattern):
+  c = load_config()
+  assert c.num_epochs == 3 and c.eps == 0.1  # the defaults the messages above name
+  c[field] = value
+  with pytest.raises(ConfigError, match=pattern):
+    validate_config(c)
+
+
+def test_a_warm_up_as_long_as_the_run_is_accepted():
+  c = load_config()
+  c.eps_warmup_epochs = float(c.num_epochs)
   validate_config(c)
 
 

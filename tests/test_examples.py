@@ -165,6 +165,9 @@ def test_plugin_model_trains_and_evaluates(tmp_path, monkeypatch, mock_fashion_m
   config = tiny_config(plugins="plugin_model", model="lenet5", n_filters=6, num_epochs=1)
   results = train.train_and_evaluate(config, str(tmp_path / "lenet"))
   assert 0.0 <= results["pgd_acc"] <= results["clean_acc"] <= 1.0
+  stored = json.loads((tmp_path / "lenet" / "config.json").read_text())
+  assert stored["plugin_sources"] == {"plugin_model": {"package": None,
+                                                       "file": str(EXAMPLES / "plugin_model.py")}}
   recorded, variables, _ = saved_run.load_run(str(tmp_path / "lenet"))
   assert recorded.model == "lenet5" and recorded.plugins == "plugin_model"
   assert "lenet5" in models.names()  # the run's plugin, imported again from its config.json

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -256,6 +257,7 @@ def test_installed_plugins_are_loaded_from_their_entry_point_group(monkeypatch):
   class FakeEntryPoint:
     def __init__(self, name, value, obj):
       self.name, self.value, self._obj = name, value, obj
+      self.dist = types.SimpleNamespace(name="toy-pkg", version="1.2")
 
     def load(self):
       if isinstance(self._obj, Exception):
@@ -271,10 +273,15 @@ def test_installed_plugins_are_loaded_from_their_entry_point_group(monkeypatch):
                       lambda group: groups.append(group) or [
                           FakeEntryPoint("toy", "toy_pkg:register_toy", register_toy)])
   monkeypatch.setattr(plugins, "_loaded_entry_points", False)
+  monkeypatch.setattr(plugins, "_entry_point_sources", {})
   assert plugins.load_entry_points() == ("toy_pkg:register_toy",)
   assert plugins.load_entry_points() == ()  # once per process
   assert groups == ["fastadv_jax.plugins"] and calls == ["registered"]
   assert "toy_entry_point" in methods.names()
+  # what a run's config.json records about it (workdir.record_config), with a named module
+  assert plugins.sources("json") == {
+      "toy_pkg:register_toy": {"entry_point": "toy", "package": "toy-pkg", "version": "1.2"},
+      "json": {"package": None, "file": json.__file__}}
   monkeypatch.setattr(plugins.importlib.metadata, "entry_points", lambda group: [
       FakeEntryPoint("broken", "broken_pkg.mod", ImportError("no module named broken_pkg"))])
   monkeypatch.setattr(plugins, "_loaded_entry_points", False)

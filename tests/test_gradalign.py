@@ -184,3 +184,45 @@ def test_auto_picks_the_derivative_per_model():
     validate_config(tiny_config(grad_align_derivative="forward"))
   with pytest.raises(ConfigError, match="jvp does not differentiate through g1"):
     validate_config(tiny_config(grad_align_derivative="jvp", grad_align_backprop_g1=True))
+
+
+def test_the_nnx_batchnorm_pattern_equals_the_same_network_in_plain_jax():
+  """experiments/examples/nnx_batchnorm.py (GradAlign and FGSM on an NNX model with BatchNorm
+  in train mode, through split / merge(copy=True)): its GradAlign value equals the same network
+  written as plain JAX, and the running statistics move once per step, by the training pass
+  at x + delta alone (the attack and GradAlign passes leave them alone)."""
+  import sys  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from fastadv_jax import methods  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, "experiments/examples")
+  import nnx_batchnorm  # pylint: disable=import-outside-toplevel
+  model = nnx_batchnorm.BNCNN(nnx.Rngs(0))
+  w = jax.tree.map(jnp.array, {"k": model.conv.kernel.value, "b": model.conv.bias.value,
+                               "s": model.bn.scale.value, "c": model.bn.bias.value,
+                               "W": model.head.kernel.value, "d": model.head.bias.value})
+  x = jax.random.uniform(jax.random.key(1), (16, 28, 28, 1))
+  y = jnp.arange(16) % 10
+  eps, lam, key = 0.1, 0.2, jax.random.key(3)
+
+  def conv(z):
+    return jax.lax.conv_general_dilated(z, w["k"], (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + w["b"]
+
+  def ce(z):  # BatchNorm in train mode: this batch's statistics, flax's epsilon 1e-5
+    h = conv(z)
+    mean, var = jnp.mean(h, (0, 1, 2)), jnp.var(h, (0, 1, 2))
+    h = jax.nn.relu((h - mean) / jnp.sqrt(var + 1e-5) * w["s"] + w["c"])
+    logits = h.reshape(h.shape[0], -1) @ w["W"] + w["d"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+  k_attack, k_noise = jax.random.split(key)
+  delta = methods.perturb("fgsm", ce, x, y, k_attack, eps).delta
+  expected = gradalign.term(ce, x, k_noise, eps, lam).value
+  optimizer = nnx.Optimizer(model, optax.sgd(0.05), wrt=nnx.Param)
+  _, got = nnx_batchnorm.train_step(model, optimizer, x, y, key, eps, lam)
+  np.testing.assert_allclose(float(got), float(expected), rtol=1e-4)
+  assert float(expected) > 0
+  np.testing.assert_allclose(np.asarray(model.bn.mean.value),
+                             0.01 * np.asarray(jnp.mean(conv(x + delta), (0, 1, 2))),
+                             rtol=1e-4, atol=1e-7)

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, tiny_config
@@ -92,11 +93,12 @@ def test_a_finished_run_refuses_another_final_evaluation_and_names_evaluate(fini
 
 
 def test_rerunning_a_finished_run_writes_nothing(finished):
-  """The same command, or one that changes only fields a rerun may change (and another
-  method's hyperparameters, which this run never reads): exit 0, the recorded results."""
+  """The same command, or one that changes only fields a rerun may change: exit 0, the
+  recorded results. (Another method's hyperparameters set are refused by the config check,
+  tests/test_config.py, before the workdir is read.)"""
   before = _files(finished)
   for extra in ([], ["--config.data_dir=/elsewhere-use-mock", "--config.progress_bar=True",
-                     "--config.keep_checkpoints=5", "--config.method_args.pgd.steps=3"]):
+                     "--config.keep_checkpoints=5"]):
     proc = _main(finished, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "holds a finished run" in proc.stderr
@@ -173,12 +175,24 @@ def test_an_old_config_json_is_compared_after_migration(tmp_path):
   old.update(fgsm_alpha=alpha, pgd_steps=7)  # pgd_steps: a moved field of another method
   del old["grad_align_derivative"]
   _record(tmp_path, old)
+  (tmp_path / "checkpoints" / "1").mkdir(parents=True)  # a run with something to resume
   assert config_validation.migrate_stored_config(old)["method_args"] == {"fgsm": {"alpha": alpha}}
   assert workdir.check_rerun(tiny_config(), str(tmp_path)) is None
   with pytest.raises(workdir.RunChangedError, match=r"method_args\.fgsm\.alpha 1\.25 -> 1\.0"):
     workdir.check_rerun(tiny_config(method_args={"fgsm": {"alpha": 1.0}}), str(tmp_path))
   with pytest.raises(workdir.RunChangedError, match=r"grad_align_derivative \"auto\" -> \"jvp\""):
     workdir.check_rerun(tiny_config(grad_align_derivative="jvp"), str(tmp_path))
+
+
+def test_a_recorded_config_without_a_checkpoint_is_replaced_not_refused(tmp_path):
+  """A run that failed or stopped before its first checkpoint has nothing to resume: another
+  config may run there (a checkpoint being written, Orbax's temporary folder, is none)."""
+  _record(tmp_path, workdir.config_dict(tiny_config()))
+  (tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1700000000").mkdir(parents=True)
+  assert workdir.check_rerun(tiny_config(seed=1, eps=0.2), str(tmp_path)) is None
+  (tmp_path / "checkpoints" / "4").mkdir()
+  with pytest.raises(workdir.RunChangedError, match=r"another config \(eps 0\.1 -> 0\.2"):
+    workdir.check_rerun(tiny_config(seed=1, eps=0.2), str(tmp_path))
 
 
 def test_the_resume_safe_fields_are_config_fields():
@@ -195,3 +209,20 @@ def test_an_unreadable_config_json_is_one_error(tmp_path):
   (tmp_path / "config.json").write_text('{"eps": 0.1, "meth')
   with pytest.raises(workdir.WorkdirError, match="config.json cannot be read"):
     workdir.check_rerun(tiny_config(), str(tmp_path))
+
+
+def test_a_checkpoint_that_does_not_fit_is_explained_by_what_it_was_written_with():
+  """workdir.mismatch_cause, from a checkpoint's `written_with` record: the fields that differ
+  with the flags that resume it, else the device count, else (no record) the likely cause."""
+  config = tiny_config()
+  written = workdir.written_with(config)
+  assert written["devices"] == jax.device_count() and written["processes"] == 1
+  other = workdir.mismatch_cause(written, tiny_config(n_filters=8, method="pgd"))
+  assert other.startswith('it was written with n_filters=4 (now 8), method="fgsm" (now "pgd"); ')
+  assert 'resume with --config.n_filters=4 --config.method="fgsm"' in other
+  devices = workdir.mismatch_cause(dict(written, devices=2), config)
+  assert devices.startswith(f"it was written on 2 device(s) in 1 process(es), this run has "
+                            f"{jax.device_count()} in 1: resume it with 2 device(s)")
+  assert "was it edited?" in workdir.mismatch_cause(None, config)
+  for cause in (other, devices, workdir.mismatch_cause(None, config)):
+    assert "delete" not in cause

@@ -220,13 +220,23 @@ def test_l2_evaluator_matches_the_pure_attack_on_any_device_count():
 def test_evaluate_flags_per_norm():
   assert evaluate.check_flags(1.5, 16, 3, 1, "pgd,apgd-ce", "L2") == (True, ("apgd-ce",))
   for eps, norm, match in ((1.5, "Linf", "must be in \\[0, 1\\]"), (0.0, "L2", "must be > 0"),
-                           (float("nan"), "L2", "must be > 0")):
+                           (float("nan"), "L2", "must be a finite number, got nan"),
+                           (float("inf"), "L2", "must be a finite number, got inf")):
     with pytest.raises(evaluate.UsageError, match=match):
       evaluate.check_flags(eps, 16, 3, 1, "pgd", norm)
   name = evaluate.output_name("last", 0.1, 16, True, ("apgd-ce",), 50, 10)
   assert name == "eval_last_eps0.1000_n16_pgd50x10+aa-apgd-ce.json"  # L-inf: as before
   assert evaluate.output_name("last", 0.1, 16, True, ("apgd-ce",), 50, 10, "L2") == (
       "eval_last_L2_eps0.1000_n16_pgd50x10+aa-apgd-ce.json")
+  # every setting that changes the numbers, away from its default, is in the name
+  defaults = dict(evaluate.AA_DEFAULTS)
+  assert evaluate.output_name("last", 0.1, 16, True, ("apgd-ce",), 50, 10, "Linf", 0,
+                              defaults) == name
+  assert evaluate.output_name("last", 0.1, 16, True, ("apgd-ce",), 50, 10, "Linf", 3,
+                              dict(defaults, apgd_steps=20, square_queries=100)) == (
+      "eval_last_eps0.1000_n16_pgd50x10+aa-apgd-ce-apgd20-square100_seed3.json")
+  assert evaluate.output_name("last", 0.1, 16, True, (), 50, 10, "Linf", 1) == (
+      "eval_last_eps0.1000_n16_pgd50x10_seed1.json")
 
 
 def test_evaluate_command_with_norm_l2(tmp_path, mock_fashion_mnist):

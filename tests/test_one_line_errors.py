@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -311,3 +312,206 @@ def test_export_into_a_file_is_one_line(imported_run, tmp_path):
   _assert_one_line(_run("torch_export", f"--workdir={imported_run}", f"--out={out}"),
                    str(out), "not a folder")
   assert out.read_text() == "x"
+
+
+# --- a finished run's numbers, evaluation files, checkpoints that do not fit ---------------
+
+def _mock(command: str, *args: str, env: dict | None = None, timeout: float = 300,
+          separate: bool = False) -> subprocess.CompletedProcess:
+  """`<command>.run()` on TFDS's mock data (conftest.MOCK_DATA_CLI); stdout and stderr as one
+  stream unless `separate`."""
+  return subprocess.run([sys.executable, "-c", MOCK_DATA_CLI, f"fastadv_jax.{command}", *args],
+                        cwd=ROOT, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE if separate else subprocess.STDOUT, text=True,
+                        timeout=timeout, env=_env(**(env or {})))
+
+
+def _assert_ends_in_one_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+  """For a command run on mock data (whose TFDS stand-in logs lines of its own) that may have
+  logged its start: exit 2, no traceback, and the last line the only error line."""
+  lines = proc.stdout.strip().splitlines()
+  assert proc.returncode == 2, proc.stdout[-3000:]
+  assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+  assert [ln for ln in lines if ln.startswith("error: ")] == lines[-1:], proc.stdout[-3000:]
+  for needle in needles:
+    assert needle in lines[-1], (needle, lines[-1])
+  return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> pathlib.Path:
+  wd = tmp_path_factory.mktemp("tiny") / "run"
+  proc = _mock("main", f"--config={DEFAULT_CONFIG}", f"--workdir={wd}", *TINY_CLI)
+  assert proc.returncode == 0, proc.stdout[-3000:]
+  return wd
+
+
+@pytest.mark.parametrize("command,args,needle", [
+    ("main", ["--config.eps=abc"], "--config.eps: not a number: 'abc'"),
+    ("main", ["--config.validation_size=1.5"], "--config.validation_size: not an integer: '1.5'"),
+    ("main", ["--config.method_args.fgsm.alpha=abc"], "--config.method_args.fgsm.alpha: not a "
+     "number"),
+    ("main", ["--config.method_args.pgd.steps=2.5"], "--config.method_args.pgd.steps: not an "
+     "integer"),
+    ("main", ["--config.progress_bar=maybe"], "--config.progress_bar: not true or false"),
+    ("evaluate", ["--norm=l2"], "--norm: value should be one of <Linf|L2>"),
+])
+def test_a_value_that_does_not_parse_names_its_flag(command, args, needle, tmp_path):
+  wd = tmp_path / "wd"
+  config = [f"--config={DEFAULT_CONFIG}"] if command == "main" else []
+  _assert_one_line(_run(command, *config, f"--workdir={wd}", *args), needle)
+  assert not wd.exists()
+
+
+def test_a_config_file_that_returns_no_config_is_one_line(tmp_path):
+  (tmp_path / "forty_two.py").write_text("def get_config():\n  return 42\n")
+  wd = tmp_path / "wd"
+  _assert_one_line(_run("main", f"--config={tmp_path / 'forty_two.py'}", f"--workdir={wd}"),
+                   "--config: get_config() in", "returned int 42, not an "
+                   "ml_collections.ConfigDict")
+  assert not wd.exists()
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ({"pgd_acc": 1.5}, "pgd_acc 1.5 is not an accuracy in [0, 1]"),
+    ({"clean_acc": float("nan")}, "clean_acc nan is not an accuracy in [0, 1]"),
+    ({"clean_acc": 0.05, "pgd_acc": 0.1}, "pgd_acc 0.1 is above clean_acc 0.05"),
+    ({"best": {"clean_acc": -0.5}}, "best.clean_acc -0.5 is not an accuracy"),
+])
+def test_a_results_json_changed_by_hand_is_never_printed(edit, needle, tiny_run, tmp_path):
+  """A rerun of a finished run prints its recorded numbers: only numbers this library could
+  have written. NaN is written as Python's json writes it (not valid JSON, but readable)."""
+  wd = tmp_path / "run"
+  shutil.copytree(tiny_run, wd)
+  results = json.loads((wd / "results.json").read_text())
+  for key, value in edit.items():
+    if isinstance(value, dict):
+      results[key].update(value)
+    else:
+      results[key] = value
+  (wd / "results.json").write_text(json.dumps(results))
+  before = _snapshot(wd)
+  line = _assert_one_line(_run("main", f"--config={DEFAULT_CONFIG}", f"--workdir={wd}",
+                               *TINY_CLI), "results.json was changed outside fastadv_jax",
+                          needle)
+  assert "restore it, or move it away" in line
+  assert _snapshot(wd) == before
+
+
+def test_evaluate_refuses_an_infinite_radius(tiny_run):
+  before = _snapshot(tiny_run)
+  _assert_one_line(_run("evaluate", f"--workdir={tiny_run}", "--norm=L2", "--eps=inf"),
+                   "--eps: must be a finite number, got inf")
+  assert _snapshot(tiny_run) == before
+
+
+def test_evaluations_with_another_seed_or_budget_never_share_a_file(tiny_run, tmp_path):
+  """The seed and AutoAttack's budgets change the numbers: each is in the file's name (when
+  not the default) and in its JSON, so a second evaluation never replaces the first. The
+  command prints its JSON and nothing else (no Orbax line on reading the checkpoint)."""
+  wd = tmp_path / "run"
+  shutil.copytree(tiny_run, wd)
+  common = [f"--workdir={wd}", "--n_eval=4", "--pgd_steps=2", "--pgd_restarts=1"]
+  outputs = {}
+  for extra in ([], ["--seed=1"], ["--seed=1", "--attack=apgd-ce", "--apgd_steps=3"]):
+    proc = _mock("evaluate", *common, *extra, separate=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Metadata file does not exist" not in proc.stderr  # Orbax, reading the checkpoint
+    record = json.loads(proc.stdout)  # stdout is the JSON alone
+    outputs[tuple(extra)] = record
+  names = sorted(p.name for p in wd.glob("eval_*.json"))
+  assert names == ["eval_last_eps0.1000_n4_aa-apgd-ce-apgd3_seed1.json",
+                   "eval_last_eps0.1000_n4_pgd2x1.json",
+                   "eval_last_eps0.1000_n4_pgd2x1_seed1.json"], names
+  for name in names:
+    assert (wd / name).with_suffix(".npz").is_file()
+  assert [r["seed"] for r in outputs.values()] == [0, 1, 1]
+  aa = outputs[("--seed=1", "--attack=apgd-ce", "--apgd_steps=3")]
+  assert aa["autoattack_settings"] == {"apgd_steps": 3, "fab_steps": 100, "square_queries": 5000}
+  assert json.loads((wd / names[0]).read_text()) == aa
+
+
+def _unfinished_copy(tiny_run: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
+  shutil.copytree(tiny_run, dest)
+  (dest / "results.json").unlink()
+  return dest
+
+
+def test_a_checkpoint_that_does_not_fit_says_why_and_how_to_resume(tiny_run, tmp_path):
+  """config.json edited by hand (n_filters 4 -> 8) and the command changed to match: the
+  checkpoint no longer fits. The line names the field and the value it was written with, and
+  the flag that resumes it; it never advises deleting the checkpoint, which is kept."""
+  wd = _unfinished_copy(tiny_run, tmp_path / "run")
+  recorded = json.loads((wd / "config.json").read_text())
+  assert recorded["n_filters"] == 4
+  (wd / "config.json").write_text(json.dumps(dict(recorded, n_filters=8)))
+  before = _snapshot(wd / "checkpoints")
+  tiny_8 = [a for a in TINY_CLI if not a.startswith("--config.n_filters")]
+  line = _assert_ends_in_one_error(
+      _mock("main", f"--config={DEFAULT_CONFIG}", f"--workdir={wd}", *tiny_8,
+            "--config.n_filters=8"),
+      "does not fit this config", "the checkpoint is kept",
+      "it was written with n_filters=4 (now 8)", "resume with --config.n_filters=4")
+  assert "delete" not in line
+  assert _snapshot(wd / "checkpoints") == before
+
+
+_BAD_PLUGINS = {
+    "wrong_shape": ("def perturb(inp):\n  return Perturbation(jax.numpy.zeros(inp.x.shape[:-1]))\n",
+                    "returned a delta of shape (16, 28, 28) for a batch of shape (16, 28, 28, 1)"),
+    "wrong_signature": ("def perturb(inp, extra):\n  return Perturbation(inp.x * 0)\n",
+                        "TypeError: perturb() missing 1 required positional argument: 'extra'"),
+    "not_a_perturbation": ("def perturb(inp):\n  return inp.x * 0\n",
+                           "returned an array of shape (16, 28, 28, 1), not a "
+                           "methods.base.Perturbation"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BAD_PLUGINS))
+def test_a_run_whose_first_step_fails_leaves_its_workdir_free(name, tmp_path):
+  """A plugin method that cannot be traced fails at the first step, in one line naming it;
+  config.json is written by then, but no checkpoint: the same workdir then trains another
+  method (the config is replaced, not refused as "recorded with another config")."""
+  body, needle = _BAD_PLUGINS[name]
+  (tmp_path / f"{name}.py").write_text(
+      "import jax\nfrom fastadv_jax import methods\n"
+      "from fastadv_jax.methods.base import Method, Perturbation\n" + body +
+      f"methods.register(Method({name!r}, 'a broken plugin', perturb))\n")
+  wd = tmp_path / "wd"
+  env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+  line = _assert_ends_in_one_error(
+      _mock("main", f"--config={DEFAULT_CONFIG}", f"--workdir={wd}", *TINY_CLI,
+            f"--config.plugins={name}", f"--config.method={name}", env=env),
+      f"method {name!r}", needle)
+  assert "no checkpoint, so any config may be run in it" in line
+  assert json.loads((wd / "config.json").read_text())["method"] == name
+  proc = _mock("main", f"--config={DEFAULT_CONFIG}", f"--workdir={wd}", *TINY_CLI)
+  assert proc.returncode == 0, proc.stdout[-3000:]
+  assert json.loads((wd / "results.json").read_text())["method"] == "fgsm"
+
+
+def test_a_recorded_run_with_a_checkpoint_still_refuses_another_config(tiny_run, tmp_path):
+  """The free workdir above is only for a run with nothing to resume."""
+  wd = _unfinished_copy(tiny_run, tmp_path / "run")
+  before = _snapshot(wd)
+  _assert_one_line(_run("main", f"--config={DEFAULT_CONFIG}", f"--workdir={wd}", *TINY_CLI,
+                        "--config.seed=1"), "holds a run recorded with another config (seed")
+  assert _snapshot(wd) == before
+
+
+def test_every_command_line_loads_installed_plugins(tmp_path):
+  """torch_export of a run whose model comes from an installed package (an entry point, no
+  config.plugins): the model is found (and refused for export: it has no PyTorch layout),
+  not reported as unknown."""
+  site = tmp_path / "site"
+  info = site / "my_model_pkg-0.1.dist-info"
+  info.mkdir(parents=True)
+  (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-model-pkg\nVersion: 0.1\n")
+  (info / "entry_points.txt").write_text("[fastadv_jax.plugins]\nmy_model = my_model\n")
+  wd = _run_workdir(tmp_path / "wd", ("1",))
+  recorded = json.loads((wd / "config.json").read_text())
+  (wd / "config.json").write_text(json.dumps(dict(recorded, model="my_model", plugins="")))
+  env = {"PYTHONPATH": os.pathsep.join([str(site), str(ROOT / "tests" / "plugins")])}
+  line = _assert_one_line(_run("torch_export", f"--workdir={wd}", f"--out={tmp_path / 'out'}",
+                               **env), "my_model")
+  assert "unknown model" not in line and "PyTorch" in line, line

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import time
 import zlib
 from typing import Any, Callable, Mapping, Sequence
@@ -181,12 +182,36 @@ def check_norm(attacks: Sequence[str], norm: str, eps: float) -> None:
     raise ValueError(f"norm must be one of {', '.join(component.NORMS)}, got {norm!r}")
   if norm == "Linf" and not 0.0 < eps <= 1.0:
     raise ValueError(f"eps must be in (0, 1] (pixel units, e.g. 8/255), got {eps}")
-  if norm == "L2" and not eps > 0.0:
-    raise ValueError(f"eps must be > 0 (the L2 norm of the perturbation, e.g. 0.5), got {eps}")
+  if norm == "L2" and not (eps > 0.0 and math.isfinite(eps)):
+    raise ValueError(f"eps must be a finite number > 0 (the L2 norm of the perturbation, e.g. "
+                     f"0.5), got {eps}")
   unsupported = without_norm(attacks, norm)
   if unsupported:
     raise ValueError(f"attack {unsupported[0]!r} does not implement the {norm} threat model "
                      f"(it implements {', '.join(component.get(unsupported[0]).norms)})")
+
+
+def check_points(images: Any, labels: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  """(images as float32, labels as int32) once they are in AutoAttack's domain; otherwise a
+  one-line ValueError: images in [0, 1] (eps is in those units, and the attacks clip to that
+  box: uint8 images must be divided by 255 first), labels integers in [0, num_classes), one
+  label per image, at least one point."""
+  x, y = np.asarray(images), np.asarray(labels)
+  if y.ndim != 1 or len(x) != len(y):
+    raise ValueError(f"labels must be one integer per image: images {x.shape}, labels {y.shape}")
+  if len(y) == 0:
+    raise ValueError("no points to evaluate")
+  if y.dtype.kind not in "iu":
+    raise ValueError(f"labels must be integers, got dtype {y.dtype}")
+  if y.min() < 0 or y.max() >= num_classes:
+    bad = y[(y < 0) | (y >= num_classes)][0]
+    raise ValueError(f"labels must be class indices in [0, {num_classes}) for this "
+                     f"{num_classes}-class model, got {bad}")
+  x = x.astype(np.float32)
+  if not np.all(np.isfinite(x)) or x.min() < 0.0 or x.max() > 1.0:
+    raise ValueError(f"images must be in [0, 1] (eps is in those units; divide uint8 images by "
+                     f"255), got values in [{x.min()}, {x.max()}]")
+  return x, y.astype(np.int32)
 
 
 def output_classes(apply_fn: ApplyFn, variables: Any, image_shape: tuple) -> int:
@@ -279,8 +304,8 @@ class AutoAttack:
     _check_distinct_keys(self.attacks)
     for name, v in (("apgd_steps", apgd_steps), ("fab_steps", fab_steps),
                     ("square_queries", square_queries), ("n_target_classes", n_target_classes)):
-      if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     check_classes(self.attacks, num_classes)
     self.apply_fn, self.num_classes, self.eps = apply_fn, num_classes, float(eps)
     # The records are looked up once: a later registration does not change a built attack.
@@ -410,11 +435,8 @@ class AutoAttack:
     calls this with all the points and attacks its `distributed.point_range`; the per-point
     results are gathered, and every process returns the same result (each record's `seconds`
     is this process's own time, `process_seconds` everyone's)."""
-    x = np.asarray(images, np.float32)
-    y = np.asarray(labels, np.int32)
+    x, y = check_points(images, labels, self.num_classes)
     n = len(y)
-    if n == 0:
-      raise ValueError("no points to evaluate")
     checks.check_finite_weights(variables)
     rng = jax.random.key(seed)
     lo, hi = distributed.point_range(n)

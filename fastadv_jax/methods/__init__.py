@@ -19,11 +19,11 @@ import ml_collections
 
 from fastadv_jax import randomness, registry
 from fastadv_jax.methods import base
-from fastadv_jax.methods.base import (ArgError, AttackInputs, Method, NoArgs, Perturbation,
-                                      RegularizerInputs, RegularizerOutput)
+from fastadv_jax.methods.base import (ArgError, AttackInputs, Method, MethodOutputError, NoArgs,
+                                      Perturbation, RegularizerInputs, RegularizerOutput)
 
-__all__ = ["ArgError", "AttackInputs", "Method", "NoArgs", "Perturbation", "RegularizerInputs",
-           "RegularizerOutput", "apply_preset", "args_config", "get", "names",
+__all__ = ["ArgError", "AttackInputs", "Method", "MethodOutputError", "NoArgs", "Perturbation",
+           "RegularizerInputs", "RegularizerOutput", "apply_preset", "args_config", "get", "names",
            "perturb", "presets", "register", "regularizer", "unregister"]
 
 _REGISTRY: registry.Registry[Method] = registry.Registry("method", Method)
@@ -120,10 +120,10 @@ def perturb(method: str | Method, loss_fn: Callable[[jax.Array], jax.Array], x: 
   keys = randomness.batch_keys(key, x.shape[0], axis_name)
   if m.carries_delta and carried is None:
     carried = jax.numpy.zeros_like(x)
-  return m.perturb(AttackInputs(
+  return base.checked_perturbation(m, m.perturb(AttackInputs(
       m.default_args() if args is None else args, loss_fn, logits_fn, x, y, keys,
       jax.numpy.asarray(eps, jax.numpy.float32), carried, init or m.default_init,
-      jax.numpy.asarray(step), jax.numpy.asarray(progress, jax.numpy.float32), axis_name))
+      jax.numpy.asarray(step), jax.numpy.asarray(progress, jax.numpy.float32), axis_name)), x)
 
 
 def regularizer(method: str | Method, forward: base.Forward, params: Any, x: jax.Array,

@@ -95,6 +95,29 @@ class Perturbation(NamedTuple):
   aux: Any = None                  # what the regulariser needs from the attack (e.g. its start)
 
 
+class MethodOutputError(TypeError):
+  """A method's function returned something the step cannot use (found when it is traced)."""
+
+
+def checked_perturbation(method: "Method", out: Any, x: jax.Array) -> Perturbation:
+  """`out` of `method.perturb` for the batch `x`, once it is a Perturbation whose delta has
+  x's shape and a floating dtype; otherwise a one-line MethodOutputError naming the method
+  and the module that defines it (shapes are static: this runs at trace time, before work)."""
+  where = f"method {method.name!r} ({getattr(method.perturb, '__module__', '?')}.perturb)"
+  if not isinstance(out, Perturbation):
+    what = (f"an array of shape {tuple(out.shape)}" if hasattr(out, "shape")
+            else type(out).__name__)
+    raise MethodOutputError(f"{where} returned {what}, not a methods.base.Perturbation")
+  shape = getattr(out.delta, "shape", None)
+  if shape is None or tuple(shape) != tuple(x.shape):
+    raise MethodOutputError(f"{where} returned a delta of shape {shape} for a batch of shape "
+                            f"{tuple(x.shape)}; it must have the batch's shape")
+  if not jax.numpy.issubdtype(out.delta.dtype, jax.numpy.floating):
+    raise MethodOutputError(f"{where} returned a delta of dtype {out.delta.dtype}; it must be "
+                            "a float array")
+  return out
+
+
 class RegularizerInputs(NamedTuple):
   """What a method's regulariser sees inside the differentiated loss."""
   args: Any                        # the method's hyperparameters
