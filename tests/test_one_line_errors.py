@@ -515,3 +515,16 @@ def test_every_command_line_loads_installed_plugins(tmp_path):
   line = _assert_one_line(_run("torch_export", f"--workdir={wd}", f"--out={tmp_path / 'out'}",
                                **env), "my_model")
   assert "unknown model" not in line and "PyTorch" in line, line
+
+
+def test_a_data_folder_without_the_prepared_data_set_is_one_line(tmp_path):
+  """TFDS warns about a version folder without dataset_info.json before the library's own
+  error says what is missing and how to get it: only the latter is printed."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  (tmp_path / "data" / "cifar10" / str(tfds.builder_cls("cifar10").VERSION)).mkdir(parents=True)
+  wd = tmp_path / "wd"
+  _assert_one_line(_run("main", f"--config={DEFAULT_CONFIG}", f"--workdir={wd}",
+                        "--config.dataset=cifar10", f"--config.data_dir={tmp_path / 'data'}",
+                        "--config.download=False"),
+                   "dataset 'cifar10' (split 'train') is not prepared in")
+  assert not wd.exists()

@@ -165,13 +165,44 @@ def test_a_nan_stop_closes_everything(tmp_path):
   _assert_one_line_error(proc, "non-finite loss or gradient")
 
 
+def test_out_of_memory_at_the_first_step_is_one_line_and_leaves_the_workdir_free(
+    tmp_path, mock_fashion_mnist):
+  """XLA's RESOURCE_EXHAUSTED (a batch too large for the device; it cannot happen on this
+  CPU machine, so it is raised where the first step's results are read): one StartError line
+  naming the batch size, and a smaller batch then runs in the same workdir."""
+  from fastadv_jax import engines  # pylint: disable=import-outside-toplevel
+  oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.50GiB.\n"
+                     "BufferAssignment OOM Debugging ...")
+  with _raise_in(engines.PmapEngine, "local_metrics", oom) as fired:
+    with pytest.raises(train.StartError) as err:
+      train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+  assert fired
+  message = str(err.value)
+  assert "\n" not in message
+  assert message.startswith("the first step ran out of memory with config.batch_size=16 ")
+  assert "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.50GiB." in message
+  assert "lower the batch size (the workdir holds no checkpoint" in message
+  results = train.train_and_evaluate(tiny_config(num_epochs=1, batch_size=8), str(tmp_path))
+  assert results["config"]["batch_size"] == 8
+
+
+def test_a_library_error_at_the_first_step_keeps_its_traceback(tmp_path, mock_fashion_mnist):
+  """Only what the user can fix becomes one line: an error inside the library's own method and
+  model (no plugin, not out of memory) propagates as it is."""
+  from fastadv_jax import engines  # pylint: disable=import-outside-toplevel
+  with _raise_in(engines.PmapEngine, "local_metrics", ZeroDivisionError("a library bug")):
+    with pytest.raises(ZeroDivisionError, match="a library bug"):
+      train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+
+
 # Command lines on mock data, in a subprocess (as users run them): MOCK_DATA_CLI (conftest).
 def _cli(args, timeout=120, env=None):
   argv = [sys.executable, "-c", MOCK_DATA_CLI, args[0]]
   if args[0] == "fastadv_jax.main":
     argv += [f"--config={ROOT}/configs/default.py"] + TINY_CLI
   return subprocess.run(argv + args[1:], capture_output=True, text=True, cwd=ROOT,
-                        timeout=timeout, env=dict(os.environ, JAX_NUM_CPU_DEVICES="1", **(env or {})))
+                        timeout=timeout,
+                        env={**os.environ, "JAX_NUM_CPU_DEVICES": "1", **(env or {})})
 
 
 def _last_line(text):
@@ -323,3 +354,21 @@ def test_kill_9_then_resume_equals_an_uninterrupted_cli_run(tmp_path):
                      if k not in VOLATILE + ("step_time_s",)}
   assert strip(cut) == strip(full)
   assert _metrics(cut) == _metrics(full)
+
+
+def test_a_shard_map_run_resumes_on_another_device_count(tmp_path):
+  """Checkpointed mid-run on 2 devices (global arrays), resumed on 1: the checkpoint's arrays
+  are read onto the new mesh, and the run finishes (the numbers match the 2-device run's only
+  up to float rounding, so they are not compared here)."""
+  wd = tmp_path / "wd"
+  shard = ["--config.parallelism=shard_map", "--config.checkpoint_every=2"]
+  first = _cli(["fastadv_jax.main", f"--workdir={wd}"] + shard, env={"JAX_NUM_CPU_DEVICES": "2"})
+  assert first.returncode == 0, first.stderr[-3000:]
+  (wd / "results.json").unlink()  # back to iteration 2 of 3: the last checkpoint removed
+  shutil.rmtree(wd / "checkpoints" / "3")
+  (wd / "checksums" / "3.json").unlink()
+  again = _cli(["fastadv_jax.main", f"--workdir={wd}"] + shard, env={"JAX_NUM_CPU_DEVICES": "1"})
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "Resumed from checkpoint at iteration 2" in again.stderr
+  assert "1 device(s) in 1 process(es)" in again.stderr
+  assert json.loads((wd / "results.json").read_text())["iterations"] == 3

@@ -203,7 +203,7 @@ def test_default_run_gains_no_key_and_a_checkpoint_without_an_average_is_refused
   # refused as another config, not restarted from a fresh average, and not moved aside.
   (tmp_path / "config.json").unlink()
   (tmp_path / "results.json").unlink()
-  with pytest.raises(checkpointing.CheckpointError, match=r"does not match this config.*'ema'"):
+  with pytest.raises(checkpointing.CheckpointError, match=r"does not fit this config.*'ema'"):
     train.train_and_evaluate(tiny_config(num_epochs=1, ema_decay=0.5), str(tmp_path))
   assert not (tmp_path / "corrupt_checkpoints").exists()
   assert checkpointing.Checkpointer(str(tmp_path)).latest_step() == 3
@@ -214,6 +214,7 @@ def test_an_old_config_json_without_the_new_fields_reads_as_their_defaults(tmp_p
   for field in ("validation_size", "selection", "ema_decay", "ema_warmup", "ema_batch_stats"):
     old.pop(field, None)
   (tmp_path / "config.json").write_text(json.dumps(old))
+  (tmp_path / "checkpoints" / "1").mkdir(parents=True)  # a run with something to resume
   assert workdir.check_rerun(tiny_config(), str(tmp_path)) is None
   with pytest.raises(workdir.RunChangedError, match="validation_size 0 -> 16"):
     workdir.check_rerun(tiny_config(validation_size=16, selection="validation"), str(tmp_path))
