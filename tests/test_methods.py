@@ -101,6 +101,49 @@ def test_zero_below_quantile_zeroes_the_stated_fraction():
   np.testing.assert_array_equal(z[kept], np.asarray(g)[kept])
 
 
+def _below_the_quantile(x: np.ndarray, q: float) -> np.ndarray:
+  """The definition in float64 on a sorted copy: |x| < s_lo + frac (s_hi - s_lo), with the
+  position q (d - 1) in float32 as jnp.quantile computes it."""
+  out = np.zeros(x.shape, bool)
+  for b, row in enumerate(np.abs(x.astype(np.float64))):
+    if np.isnan(row).any():
+      continue  # no quantile: nothing below it
+    s = np.sort(row)
+    position = np.float32(q) * np.float32(len(row) - 1)
+    lo, hi = int(np.floor(position)), int(np.ceil(position))
+    out[b] = row < s[lo] + (float(position) - lo) * (s[hi] - s[lo])
+  return out
+
+
+@pytest.mark.parametrize("q", [0.0, 0.4, 0.5, 0.73, 0.999])
+def test_below_quantile_is_the_definition_on_ties_zeros_and_nan(q):
+  """Selection by bisection over the bit patterns (no sort) gives exactly the entries below the
+  quantile: rows of many ties (integers in [-3, 3], half of them zero), tiny (subnormal)
+  magnitudes, one entry, and a row with NaN."""
+  rng = np.random.default_rng(int(q * 1000))
+  rows = [rng.integers(-3, 4, size=(4, 97)).astype(np.float32),
+          (rng.normal(size=(3, 64)) * 1e-40).astype(np.float32),
+          rng.normal(size=(2, 1)).astype(np.float32),
+          np.where(np.arange(50) < 25, 0.0, rng.normal(size=(2, 50))).astype(np.float32)]
+  with_nan = rng.normal(size=(2, 30)).astype(np.float32)
+  with_nan[1, 4] = np.nan
+  rows.append(with_nan)
+  for x in rows:
+    got = np.asarray(zerograd.below_quantile(jnp.asarray(x), q))
+    np.testing.assert_array_equal(got, _below_the_quantile(x, q))
+  assert not np.asarray(zerograd.below_quantile(jnp.asarray(with_nan), q))[1].any()
+
+
+def test_below_quantile_decides_on_the_order_statistics_not_a_rounded_threshold():
+  """Two adjacent floats 1 and 1 + ulp at q = 0.1: the quantile 1 + 0.1 ulp lies above 1, so
+  the entry 1 is below it, although the interpolated value rounds to 1 in float32 (a threshold
+  compared with `<` would keep it)."""
+  x = np.array([[1.0, np.nextafter(np.float32(1), np.float32(2))]], np.float32)
+  assert float(jnp.quantile(jnp.asarray(x), 0.1, axis=1)[0]) == 1.0  # the rounded threshold
+  np.testing.assert_array_equal(np.asarray(zerograd.below_quantile(jnp.asarray(x), 0.1)),
+                                [[True, False]])
+
+
 def test_zerograd_keeps_the_random_start_where_the_gradient_is_zeroed():
   x, y, logits_fn, loss_fn, g_sign = _linear_problem()
   eps = 0.05
