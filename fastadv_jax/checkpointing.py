@@ -60,6 +60,11 @@ def _abstract(state_dict: Any) -> Any:
 _NONE, _REFUSED = -1, -2
 
 
+class CheckpointMismatch(CheckpointError):
+  """A checkpoint that is intact but holds other entries or shapes than this config's state
+  (the trainer then says what it was written with: workdir.mismatch_cause)."""
+
+
 class CheckpointCorrupt(CheckpointError):
   """A checkpoint's bytes differ from its manifest, or it cannot be read at all."""
 
@@ -331,8 +336,8 @@ class Checkpointer:
     try:
       yield
     except CheckpointError as e:
-      raise CheckpointError(f"checkpoint {where} does not fit this config ({e}); the checkpoint "
-                            "is kept") from None
+      raise CheckpointMismatch(f"checkpoint {where} does not fit this config ({e}); the "
+                               "checkpoint is kept") from None
     except Exception as e:  # pylint: disable=broad-except
       first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
       raise CheckpointCorrupt(

@@ -136,8 +136,9 @@ def run(main: Callable[[list[str]], None], expected: tuple[type[BaseException], 
   cli_logging.quiet_startup()  # for callers of run() that skipped the module-level call
   try:
     plugins.load_for_command_line()
-  except plugins.PluginError as e:
-    fail(f"{plugins.CONFIG_FLAG}: {e}" if plugins.from_argv(sys.argv) else str(e))
+  except plugins.PluginError as e:  # an installed plugin's failure names itself
+    named = plugins.from_argv(sys.argv) and not str(e).startswith("installed plugin")
+    fail(f"{plugins.CONFIG_FLAG}: {e}" if named else str(e))
   def wrapped(argv):
     try:
       main(argv)

@@ -5,6 +5,7 @@ import dataclasses
 import math
 
 import ml_collections
+from absl import logging
 
 DATASETS = ("cifar10", "svhn_cropped", "mnist", "fashion_mnist")
 INITS = ("", "zero", "uniform", "corner")
@@ -89,8 +90,11 @@ def _check_finite(c: ml_collections.ConfigDict, prefix: str = "") -> None:
 
 
 def _check_other_method_args(c: ml_collections.ConfigDict, methods) -> None:
-  """A hyperparameter set for a method the run does not train is a forgotten
-  --config.method (e.g. nfgsm's noise set, FGSM trained): refused, naming both."""
+  """A hyperparameter set for a method the run does not train may be a forgotten
+  --config.method (e.g. nfgsm's noise set, FGSM trained): one warning naming both. Not a
+  refusal: a sweep over methods passes one method's hyperparameters to all its runs
+  (experiments/sweep.py --extra), and a recorded run must still resume. An invalid value is
+  refused all the same."""
   for name, args in c.get("method_args", {}).items():
     if name == c.method or name not in methods.names():
       continue
@@ -103,10 +107,10 @@ def _check_other_method_args(c: ml_collections.ConfigDict, methods) -> None:
       mine = dataclasses.asdict(method.args_from(c))
       default = dataclasses.asdict(method.default_args())
       field = next(k for k in mine if mine[k] != default[k])
-      raise ConfigError(
-          f"config.method_args.{name}.{field}: set to {mine[field]!r}, but config.method is "
-          f"{c.method!r}, which does not read it; add --config.method={name}, or leave "
-          f"{name}'s hyperparameters at their defaults")
+      logging.warning(
+          "config.method_args.%s.%s is set to %r, but config.method is %r, which does not read "
+          "it (add --config.method=%s if %s was meant)", name, field, mine[field], c.method,
+          name, name)
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:

@@ -138,11 +138,19 @@ def output_name(weights: str, eps: float, n: int, run_pgd: bool, aa_attacks: tup
   parts = [f"pgd{steps}x{restarts}"] if run_pgd else []
   if aa_attacks:
     budgets = "".join(f"-{_AA_SHORT[k]}{v}" for k, v in sorted((aa_settings or {}).items())
-                      if v != AA_DEFAULTS[k])
+                      if v != AA_DEFAULTS[k] and _budget_used(k, aa_attacks))
     parts.append("aa-" + (autoattack.version_of(aa_attacks) or "+".join(aa_attacks)) + budgets)
   threat = "" if norm == "Linf" else f"{norm}_"
   seeded = f"_seed{seed}" if seed else ""
   return f"eval_{weights}_{threat}eps{eps:.4f}_n{n}_{'+'.join(parts)}{seeded}.json"
+
+
+def _budget_used(setting: str, attacks: tuple[str, ...]) -> bool:
+  """Whether a budget can change what `attacks` compute: the built-in attacks of its family
+  (apgd-*, fab*, square) and, to be safe, any attack of a plugin."""
+  family = _AA_SHORT[setting]
+  built_in = ("apgd", "fab", "square")
+  return any(a.startswith(family) or not a.startswith(built_in) for a in attacks)
 
 
 def load_plugins(extra: str) -> None:

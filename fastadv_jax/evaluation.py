@@ -88,6 +88,7 @@ class Evaluator:
     self._diag = pm(self._diag_chunk, in_axes=(None, 0, 0, 0, None, None),
                     static_broadcasted_argnums=(6,))
     self._correct = pm(self._correct_chunk, in_axes=(None, 0, 0))
+    self._num_classes: dict[tuple, int] = {}  # per image shape (_classes)
 
   def _placed(self, variables: Variables) -> Variables:
     """`variables` on the first device, whatever they arrived as (host arrays, device 0's copy
@@ -95,6 +96,31 @@ class Evaluator:
     broadcast arguments live, so without this the last, the kept and the averaged weights of a
     run would each compile the same programs again."""
     return jax.device_put(variables, self.devices[0])
+
+  def _check_points(self, variables: Variables, images: np.ndarray, labels: np.ndarray) -> None:
+    """A one-line ValueError unless the points are in this evaluator's domain: uint8 images
+    (it divides them by 255: float images already in [0, 1] would be evaluated as nearly
+    black) and integer labels in [0, number of logits), one per image."""
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.dtype != np.uint8:
+      raise ValueError(f"the Evaluator takes uint8 images in [0, 255], got dtype {images.dtype} "
+                       "(for float images in [0, 1], use autoattack.evaluate or multiply by "
+                       "255 and round)")
+    if labels.ndim != 1 or len(labels) != len(images) or labels.dtype.kind not in "iu":
+      raise ValueError(f"labels must be one integer per image: images {images.shape}, labels "
+                       f"{labels.shape} of dtype {labels.dtype}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= self._classes(variables, images)):
+      bad = labels[(labels < 0) | (labels >= self._classes(variables, images))][0]
+      raise ValueError(f"labels must be class indices in [0, {self._classes(variables, images)})"
+                       f" for this model, got {bad}")
+
+  def _classes(self, variables: Variables, images: np.ndarray) -> int:
+    """The model's number of logits for images of this shape (traced once, not run)."""
+    shape = tuple(images.shape[1:])
+    if shape not in self._num_classes:
+      apply_fn = lambda v, x, _key: self.model.apply(v, x, train=False)  # noqa: E731
+      self._num_classes[shape] = autoattack.output_classes(apply_fn, variables, shape)
+    return self._num_classes[shape]
 
   # Per-device functions: x uint8 (b, H, W, C), y (b,), idx (b,) positions in the evaluated set.
   def _fns(self, variables):
@@ -185,6 +211,7 @@ class Evaluator:
     if restarts < 1 or steps < 1:
       raise ValueError(f"PGD needs steps >= 1 and restarts >= 1, got {steps} and {restarts}")
     variables = self._placed(variables)
+    self._check_points(variables, images, labels)
     clean, _ = self._clean_pass(variables, images, labels)
     start, stop = distributed.point_range(len(labels))
     bar = _PointsBar(f"PGD-{steps}-{restarts}", stop - start, restarts, progress)
@@ -215,6 +242,7 @@ class Evaluator:
     if self.norm != "Linf":
       raise ValueError(f"diagnostics are L-inf only, this Evaluator's norm is {self.norm}")
     variables = self._placed(variables)
+    self._check_points(variables, images, labels)
     outs = [parallel.unshard(self._diag(variables, x, y, pos, rng, jnp.float32(eps), pgd_steps), m)
             for m, x, y, pos in self._chunks(images, labels)]
     out = self._per_point(outs, len(labels))
@@ -238,6 +266,7 @@ class Evaluator:
     every process returns the gathered result). `settings`: AutoAttack's apgd_steps,
     fab_steps, square_queries (its defaults, the reference's, where absent)."""
     variables = self._placed(variables)
+    self._check_points(variables, images, labels)
     apply_fn = lambda v, x, _key: self.model.apply(v, x, train=False)  # noqa: E731
     aa = autoattack.AutoAttack(
         apply_fn, autoattack.output_classes(apply_fn, variables, images.shape[1:]), eps,
@@ -250,7 +279,9 @@ class Evaluator:
     """Per point, (n,) bool indexed by position: classified correctly without perturbation (one
     forward pass, no gradient). NonFiniteOutputError when the weights or the logits of any
     point are NaN/Inf."""
-    return self._clean_pass(self._placed(variables), images, labels)[1]
+    variables = self._placed(variables)
+    self._check_points(variables, images, labels)
+    return self._clean_pass(variables, images, labels)[1]
 
   def clean_accuracy(self, variables: Variables, images: np.ndarray, labels: np.ndarray
                      ) -> float:

@@ -51,9 +51,11 @@ def _first_step_failures(config: ml_collections.ConfigDict, first: bool, resumed
   except Exception as e:  # pylint: disable=broad-except
     why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
     if "RESOURCE_EXHAUSTED" in str(e) or isinstance(e, MemoryError):
+      fix = ("free the device's memory (another process on it?), or train with a smaller "
+             "config.batch_size in a new --workdir" if resumed else "lower the batch size")
       raise StartError(f"the first step ran out of memory with config.batch_size="
-                       f"{config.batch_size} (model {config.model}): {why}; lower the batch "
-                       f"size ({free})") from None
+                       f"{config.batch_size} (model {config.model}): {why}; {fix} ({free})"
+                       ) from None
     plugins_used = [f"{kind} {name!r} ({module})" for kind, name, module in _components(config)
                     if not module.startswith("fastadv_jax")]
     if not plugins_used:
@@ -155,13 +157,12 @@ class _Run:
                                            global_arrays=self.engine.global_arrays)
     try:
       restored = self.ckpt.restore_latest(self.engine.checkpoint_template(state), best)
-    except checkpointing.CheckpointCorrupt:
-      self.ckpt.close()
-      raise
-    except checkpointing.CheckpointError as e:  # does not fit: say why, and how to resume
-      cause = self._mismatch_cause()
-      self.ckpt.close()
-      raise checkpointing.CheckpointError(f"{e}: {cause}") from None
+    except checkpointing.CheckpointMismatch as e:  # does not fit: say why, and how to resume
+      try:
+        cause = self._mismatch_cause()
+      finally:
+        self.ckpt.close()
+      raise checkpointing.CheckpointMismatch(f"{e}: {cause}") from None
     except BaseException:
       self.ckpt.close()  # a refused checkpoint: nothing is left open at exit
       raise
@@ -182,9 +183,9 @@ class _Run:
     """Why the latest checkpoint does not fit this config, from what it was written with."""
     try:
       written = self.ckpt.meta(self.ckpt.latest_step()).get(workdir.WRITTEN_WITH)
-    except Exception:  # pylint: disable=broad-except  # unreadable meta: the generic advice
-      written = None
-    return workdir.mismatch_cause(written, self.config)
+      return workdir.mismatch_cause(written, self.config)
+    except Exception:  # pylint: disable=broad-except  # an unreadable record: the generic advice
+      return workdir.mismatch_cause(None, self.config)
 
   def _open_writers(self) -> None:
     """metrics.jsonl / TensorBoard, cut back to `start` (rows of iterations a resumed run

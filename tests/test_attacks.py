@@ -109,6 +109,32 @@ def test_clean_accuracy_is_the_models_accuracy_on_any_device_count():
         ev.robust_accuracy(v, xu, yy, 0.0, 1, 1, jax.random.key(0)))
 
 
+def test_the_evaluator_refuses_points_outside_its_domain():
+  """Float images already in [0, 1] would be divided by 255 again (a near-black image, a wrong
+  accuracy); labels of another model would count as errors. Each is one ValueError line,
+  from every public entry point."""
+  model, v, x, y, _ = _model_and_loss()
+  xu, yy = np.asarray(x * 255, np.uint8)[:8], np.asarray(y)[:8]
+  ev = evaluation.Evaluator(model, batch_size=8)
+  classes = int(model.apply(v, xu[:1].astype(np.float32), train=False).shape[-1])
+  calls = {
+      "clean_points": lambda a, b: ev.clean_points(v, a, b),
+      "robust_points": lambda a, b: ev.robust_points(v, a, b, 0.05, 1, 1, jax.random.key(0)),
+      "diagnostics": lambda a, b: ev.diagnostics(v, a, b, 0.05, jax.random.key(0), 1),
+      "autoattack": lambda a, b: ev.autoattack(v, a, b, 0.05, "apgd-ce", progress=False),
+  }
+  wrong_label = np.where(np.arange(8) == 2, classes, yy)
+  for call in calls.values():
+    with pytest.raises(ValueError, match="takes uint8 images in \\[0, 255\\], got dtype "
+                       "float32"):
+      call(np.asarray(x)[:8], yy)
+    with pytest.raises(ValueError, match=f"class indices in \\[0, {classes}\\) for this "
+                       f"model, got {classes}"):
+      call(xu, wrong_label)
+    with pytest.raises(ValueError, match="one integer per image"):
+      call(xu, yy.astype(np.float32))
+
+
 def test_the_same_evaluation_of_other_weights_compiles_nothing_new():
   """A run evaluates its last, kept and averaged weights, which arrive as device 0's copy of
   the state, as host arrays and as freshly initialised arrays: the programs compiled for the

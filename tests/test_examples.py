@@ -174,5 +174,5 @@ def test_plugin_model_trains_and_evaluates(tmp_path, monkeypatch, mock_fashion_m
   assert set(variables["params"]) == set(models.create_model(recorded, 10).init(
       jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"])
   ev = evaluation.Evaluator(models.create_model(recorded, 10), 16)
-  x = np.random.default_rng(0).uniform(size=(8, 28, 28, 1)).astype(np.float32)
+  x = np.random.default_rng(0).integers(0, 256, size=(8, 28, 28, 1), dtype=np.uint8)
   assert 0.0 <= ev.clean_accuracy(variables, x, np.arange(8) % 10) <= 1.0

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -93,12 +94,12 @@ def test_a_finished_run_refuses_another_final_evaluation_and_names_evaluate(fini
 
 
 def test_rerunning_a_finished_run_writes_nothing(finished):
-  """The same command, or one that changes only fields a rerun may change: exit 0, the
-  recorded results. (Another method's hyperparameters set are refused by the config check,
-  tests/test_config.py, before the workdir is read.)"""
+  """The same command, or one that changes only fields a rerun may change (and another
+  method's hyperparameters, which this run never reads: a warning): exit 0, the recorded
+  results."""
   before = _files(finished)
   for extra in ([], ["--config.data_dir=/elsewhere-use-mock", "--config.progress_bar=True",
-                     "--config.keep_checkpoints=5"]):
+                     "--config.keep_checkpoints=5", "--config.method_args.pgd.steps=3"]):
     proc = _main(finished, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "holds a finished run" in proc.stderr
@@ -219,10 +220,40 @@ def test_a_checkpoint_that_does_not_fit_is_explained_by_what_it_was_written_with
   assert written["devices"] == jax.device_count() and written["processes"] == 1
   other = workdir.mismatch_cause(written, tiny_config(n_filters=8, method="pgd"))
   assert other.startswith('it was written with n_filters=4 (now 8), method="fgsm" (now "pgd"); ')
-  assert 'resume with --config.n_filters=4 --config.method="fgsm"' in other
+  assert 'resume with --config.n_filters=4 --config.method=fgsm,' in other
   devices = workdir.mismatch_cause(dict(written, devices=2), config)
   assert devices.startswith(f"it was written on 2 device(s) in 1 process(es), this run has "
                             f"{jax.device_count()} in 1: resume it with 2 device(s)")
   assert "was it edited?" in workdir.mismatch_cause(None, config)
+  # fields a resume may change (where the data is) are no cause: the device count is
+  moved = workdir.mismatch_cause(dict(workdir.written_with(tiny_config(data_dir="/old")),
+                                      devices=2), config)
+  assert moved.startswith("it was written on 2 device(s)"), moved
+  # a sequence is given as a flag value the shell and ml_collections read back
+  means = workdir.mismatch_cause(workdir.written_with(tiny_config(input_mean=(0.5,),
+                                                                  input_std=(0.25,))), config)
+  assert "--config.input_mean='(0.5,)' --config.input_std='(0.25,)'" in means, means
   for cause in (other, devices, workdir.mismatch_cause(None, config)):
     assert "delete" not in cause
+
+
+@pytest.mark.parametrize("record,refused", [
+    ({"clean_acc": 0.5, "pgd_acc": 0.4, "n_eval": 8}, None),
+    ({"clean_acc": 0.5, "pgd_acc": 0.6, "n_eval": 8}, "pgd_acc 0.6 is above clean_acc 0.5"),
+    # AutoAttack's own clean pass may differ from the evaluator's on boundary points
+    ({"clean_acc": 0.5, "autoattack_acc": 0.55, "autoattack_clean_acc": 0.6, "n_eval": 8}, None),
+    ({"clean_acc": 0.5, "autoattack_acc": 0.55, "autoattack_clean_acc": 0.5, "n_eval": 8},
+     "autoattack_acc 0.55 is above autoattack_clean_acc 0.5"),
+    # a randomised model: the mean over fresh draws may exceed the clean draws'
+    ({"clean_acc": 0.5, "autoattack_acc": 0.55, "autoattack_clean_acc": 0.5,
+      "autoattack_draws": 4, "n_eval": 8}, None),
+    ({"clean_acc": True}, "clean_acc True is not an accuracy"),
+    ({"averaged": {"clean_acc": 0.5, "pgd_acc": 0.7, "n_eval": 8}},
+     "averaged.pgd_acc 0.7 is above averaged.clean_acc 0.5"),
+])
+def test_results_read_back_are_numbers_this_library_could_have_written(record, refused):
+  if refused is None:
+    workdir.check_results(record, "r.json")
+  else:
+    with pytest.raises(workdir.WorkdirError, match=re.escape(refused)):
+      workdir.check_results(record, "r.json")

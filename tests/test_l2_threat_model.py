@@ -234,9 +234,13 @@ def test_evaluate_flags_per_norm():
                               defaults) == name
   assert evaluate.output_name("last", 0.1, 16, True, ("apgd-ce",), 50, 10, "Linf", 3,
                               dict(defaults, apgd_steps=20, square_queries=100)) == (
-      "eval_last_eps0.1000_n16_pgd50x10+aa-apgd-ce-apgd20-square100_seed3.json")
+      "eval_last_eps0.1000_n16_pgd50x10+aa-apgd-ce-apgd20_seed3.json")  # no Square run
   assert evaluate.output_name("last", 0.1, 16, True, (), 50, 10, "Linf", 1) == (
       "eval_last_eps0.1000_n16_pgd50x10_seed1.json")
+  # a budget of attacks that do not run changes nothing, so it is not in the name
+  assert evaluate.output_name("last", 0.1, 16, False, ("apgd-ce",), 50, 10, "Linf", 0,
+                              dict(defaults, fab_steps=5)) == (
+      "eval_last_eps0.1000_n16_aa-apgd-ce.json")
 
 
 def test_evaluate_command_with_norm_l2(tmp_path, mock_fashion_mnist):

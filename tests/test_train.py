@@ -99,6 +99,7 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path, mock_fashion_mnist):
   with pytest.raises(checkpointing.CheckpointError, match="could not be restored") as err:
     train.train_and_evaluate(config, str(tmp_path))
   assert str(ckpt_dir.parent) in str(err.value) and "--workdir" in str(err.value)
+  assert "edited" not in str(err.value)  # damage, not another config: no mismatch advice
 
 
 def test_incompatible_config_gives_a_clear_error(tmp_path, mock_fashion_mnist):
