@@ -257,3 +257,14 @@ def test_results_read_back_are_numbers_this_library_could_have_written(record, r
   else:
     with pytest.raises(workdir.WorkdirError, match=re.escape(refused)):
       workdir.check_results(record, "r.json")
+
+
+def test_every_json_file_written_is_valid_json(tmp_path):
+  """Python's json writes NaN and Infinity, which strict readers (and other languages) refuse:
+  write_json gives null instead, everywhere in the structure."""
+  path = tmp_path / "out.json"
+  workdir.write_json(str(path), {"eps": float("inf"), "rows": [1.0, float("nan")],
+                                 "nested": {"x": float("-inf"), "y": 0.5}})
+  text = path.read_text()
+  assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard {c}")) == {
+      "eps": None, "rows": [1.0, None], "nested": {"x": None, "y": 0.5}}
