@@ -95,18 +95,16 @@ def _check_other_method_args(c: ml_collections.ConfigDict, methods) -> None:
   refusal: a sweep over methods passes one method's hyperparameters to all its runs
   (experiments/sweep.py --extra), and a recorded run must still resume. An invalid value is
   refused all the same."""
-  for name, args in c.get("method_args", {}).items():
+  for name in c.get("method_args", {}):
     if name == c.method or name not in methods.names():
       continue
     method = methods.get(name)
     try:
-      changed = method.args_from(c) != method.default_args()
+      mine = dataclasses.asdict(method.args_from(c))
     except methods.ArgError as e:
       raise ConfigError(f"config.method_args.{name}.{e.field}: {e.message}") from None
-    if changed:
-      mine = dataclasses.asdict(method.args_from(c))
-      default = dataclasses.asdict(method.default_args())
-      field = next(k for k in mine if mine[k] != default[k])
+    default = dataclasses.asdict(method.default_args())
+    for field in [k for k in mine if mine[k] != default[k]][:1]:
       logging.warning(
           "config.method_args.%s.%s is set to %r, but config.method is %r, which does not read "
           "it (add --config.method=%s if %s was meant)", name, field, mine[field], c.method,

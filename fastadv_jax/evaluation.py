@@ -101,18 +101,13 @@ class Evaluator:
     """A one-line ValueError unless the points are in this evaluator's domain: uint8 images
     (it divides them by 255: float images already in [0, 1] would be evaluated as nearly
     black) and integer labels in [0, number of logits), one per image."""
-    images, labels = np.asarray(images), np.asarray(labels)
+    images = np.asarray(images)
     if images.dtype != np.uint8:
       raise ValueError(f"the Evaluator takes uint8 images in [0, 255], got dtype {images.dtype} "
                        "(for float images in [0, 1], use autoattack.evaluate or multiply by "
                        "255 and round)")
-    if labels.ndim != 1 or len(labels) != len(images) or labels.dtype.kind not in "iu":
-      raise ValueError(f"labels must be one integer per image: images {images.shape}, labels "
-                       f"{labels.shape} of dtype {labels.dtype}")
-    if len(labels) and (labels.min() < 0 or labels.max() >= self._classes(variables, images)):
-      bad = labels[(labels < 0) | (labels >= self._classes(variables, images))][0]
-      raise ValueError(f"labels must be class indices in [0, {self._classes(variables, images)})"
-                       f" for this model, got {bad}")
+    autoattack.runner.check_labels(np.asarray(labels), len(images),
+                                   self._classes(variables, images))
 
   def _classes(self, variables: Variables, images: np.ndarray) -> int:
     """The model's number of logits for images of this shape (traced once, not run)."""
@@ -269,7 +264,7 @@ class Evaluator:
     self._check_points(variables, images, labels)
     apply_fn = lambda v, x, _key: self.model.apply(v, x, train=False)  # noqa: E731
     aa = autoattack.AutoAttack(
-        apply_fn, autoattack.output_classes(apply_fn, variables, images.shape[1:]), eps,
+        apply_fn, self._classes(variables, images), eps,
         attacks_, batch_size=self.batch_size, devices=self.devices, progress=progress,
         norm=self.norm, **settings)
     return aa.run(variables, np.asarray(images, np.float32) / 255.0, labels, seed, pgd_acc)

@@ -291,10 +291,10 @@ def read_results(path: str) -> dict:
   return results
 
 
-# The accuracies of a final evaluation that can never exceed its clean accuracy (a point
-# counts as robust only if it is also classified correctly unperturbed).
-# Pairs from one pass over the same points; a randomised model's AutoAttack accuracy is a mean
-# over fresh draws (autoattack_draws), which may exceed the clean draws' on never-broken points.
+# (robust, clean) accuracies of one pass over the same points, where robust can never exceed
+# clean (a point counts as robust only if it is also classified correctly unperturbed). Not so
+# for a randomised model's AutoAttack accuracy (`autoattack_draws`): a mean over fresh draws,
+# which may exceed the clean draws' on never-broken points.
 _ROBUST_OF_CLEAN = (("pgd_acc", "clean_acc"), ("autoattack_acc", "autoattack_clean_acc"))
 
 

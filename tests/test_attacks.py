@@ -129,7 +129,7 @@ def test_the_evaluator_refuses_points_outside_its_domain():
                        "float32"):
       call(np.asarray(x)[:8], yy)
     with pytest.raises(ValueError, match=f"class indices in \\[0, {classes}\\) for this "
-                       f"model, got {classes}"):
+                       f"{classes}-class model, got {classes}"):
       call(xu, wrong_label)
     with pytest.raises(ValueError, match="one integer per image"):
       call(xu, yy.astype(np.float32))

@@ -197,21 +197,29 @@ def check_points(images: Any, labels: Any, num_classes: int) -> tuple[np.ndarray
   box: uint8 images must be divided by 255 first), labels integers in [0, num_classes), one
   label per image, at least one point."""
   x, y = np.asarray(images), np.asarray(labels)
-  if y.ndim != 1 or len(x) != len(y):
-    raise ValueError(f"labels must be one integer per image: images {x.shape}, labels {y.shape}")
+  check_labels(y, len(x), num_classes)
   if len(y) == 0:
     raise ValueError("no points to evaluate")
-  if y.dtype.kind not in "iu":
-    raise ValueError(f"labels must be integers, got dtype {y.dtype}")
-  if y.min() < 0 or y.max() >= num_classes:
-    bad = y[(y < 0) | (y >= num_classes)][0]
-    raise ValueError(f"labels must be class indices in [0, {num_classes}) for this "
-                     f"{num_classes}-class model, got {bad}")
   x = x.astype(np.float32)
   if not np.all(np.isfinite(x)) or x.min() < 0.0 or x.max() > 1.0:
     raise ValueError(f"images must be in [0, 1] (eps is in those units; divide uint8 images by "
                      f"255), got values in [{x.min()}, {x.max()}]")
   return x, y.astype(np.int32)
+
+
+def check_labels(labels: np.ndarray, n_images: int, num_classes: int) -> None:
+  """A one-line ValueError unless `labels` are one integer class index in [0, num_classes)
+  per image (the AutoAttack runner's and the Evaluator's shared check)."""
+  if labels.ndim != 1 or len(labels) != n_images:
+    raise ValueError(f"labels must be one integer per image: {n_images} images, labels of "
+                     f"shape {labels.shape}")
+  if labels.dtype.kind not in "iu":
+    raise ValueError(f"labels must be integers, got dtype {labels.dtype}: one integer per "
+                     "image, its class index")
+  if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+    bad = labels[(labels < 0) | (labels >= num_classes)][0]
+    raise ValueError(f"labels must be class indices in [0, {num_classes}) for this "
+                     f"{num_classes}-class model, got {bad}")
 
 
 def output_classes(apply_fn: ApplyFn, variables: Any, image_shape: tuple) -> int:
