@@ -14,8 +14,8 @@ Run time on one modern GPU: not measured in this project yet (no GPU was availab
 gives the measured step times from which it follows).
 Needs the CIFAR-10 TFDS files (README: "GPUs, TPUs, CIFAR-10 and SVHN").
 """
-from fastadv_jax import schedules
 from fastadv_jax.configs import common, default
+from fastadv_jax.training import schedules
 
 
 def get_config(arg: str = "gradalign,eps=8"):

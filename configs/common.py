@@ -17,7 +17,19 @@ import ml_collections
 
 from fastadv_jax import methods
 
-apply_preset = methods.apply_preset
+
+
+def apply_preset(config: ml_collections.ConfigDict, preset: str) -> None:
+  """Sets config.method and the preset's hyperparameters; GradAlign's lambda is reset to 0 (a
+  config file sets it for the `gradalign` preset after its overrides)."""
+  table = methods.presets()
+  if preset not in table:
+    raise ValueError(f"unknown method {preset!r}; choose from {tuple(table)}")
+  name, values = table[preset]
+  config.grad_align_lambda = 0.0
+  config.method = name
+  for k, v in values.items():
+    config.method_args[name][k] = v
 
 
 def parse_arg(arg: str) -> tuple[str, dict[str, str]]:

@@ -15,10 +15,22 @@ import ml_collections
 from fastadv_jax import methods
 
 
+def method_args() -> ml_collections.ConfigDict:
+  """`config.method_args`: one sub-config per registered method that has hyperparameters,
+  holding its defaults (read when the config is built, after plugins are imported)."""
+  out = ml_collections.ConfigDict()
+  for name in methods.names():
+    m = methods.get(name)
+    if m.arg_names:
+      defaults = m.default_args()
+      out[name] = ml_collections.ConfigDict({k: getattr(defaults, k) for k in m.arg_names})
+  return out
+
+
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Modules to import before anything else (comma-separated): code outside the package that
-  # registers methods, models or attacks (fastadv_jax/plugins.py). Recorded, so `evaluate`
+  # registers methods, models or attacks (fastadv_jax/runtime/plugins.py). Recorded, so `evaluate`
   # imports them again.
   c.plugins = ""
   # Data. Pixels in [0, 1]; augmentation as the original (none for MNIST-like data).
@@ -56,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   # defaults are the published values): method_args.<method>.<field>, e.g.
   # --config.method_args.nfgsm.noise=3 or --config.method_args.pgd.steps=2. Built from the live
   # registry, so a plugin method's (--config.plugins) are fields here too.
-  c.method_args = methods.args_config()
+  c.method_args = method_args()
 
   # Label smoothing (PyTorch's rule: 1 - s + s/C on the label, s/C elsewhere) of the training
   # cross-entropy; with label_smoothing_attack also of the loss the training attack ascends
@@ -64,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.label_smoothing = 0.0
   c.label_smoothing_attack = True
 
-  # Weight averaging (fastadv_jax/weight_averaging.py): an EMA of the weights after every step,
+  # Weight averaging (fastadv_jax/training/weight_averaging.py): an EMA of the weights after every step,
   # ema <- tau ema + (1 - tau) theta. 0 = off; the benchmark: 0.9995, no warm-up, BatchNorm
   # statistics averaged too. ema_warmup: DeepMind's tau_t = min(tau, (1 + t) / (10 + t)).
   c.ema_decay = 0.0
@@ -99,7 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.batch_size = 128            # global batch, split over all local devices
   c.num_epochs = 3
   c.seed = 0
-  # How the step runs over the devices (fastadv_jax/engines.py): "pmap" (stacked per-device
+  # How the step runs over the devices (fastadv_jax/training/engines.py): "pmap" (stacked per-device
   # copies) or "shard_map" (jit + shard_map on a Mesh; the state is global jax.Arrays and
   # Orbax checkpoints them shard by shard). Same numbers; README "Several hosts" compares them.
   c.parallelism = "pmap"

@@ -36,8 +36,8 @@ TFDS files (README: "GPUs, TPUs, CIFAR-10 and SVHN").
 """
 import ml_collections
 
-from fastadv_jax import schedules
 from fastadv_jax.configs import common, default
+from fastadv_jax.training import schedules
 
 EPOCHS = 100
 TRAIN_IMAGES = 50_000

@@ -12,8 +12,8 @@ method; here eps itself ramps (so the step with it), over 15 of Free-AT's 45 epo
 Expected (paper, eps 8/255, clean / PGD-50-10): GradAlign ~92.4 / ~42.2, PGD-10 ~91.8 / ~52.2.
 Run time on one modern GPU: not measured in this project yet (no GPU was available).
 """
-from fastadv_jax import schedules
 from fastadv_jax.configs import common, default
+from fastadv_jax.training import schedules
 
 
 def get_config(arg: str = "gradalign,eps=8"):

@@ -14,7 +14,9 @@ import collections
 import os
 import time
 
-from fastadv_jax import saved_run, xla_cpu
+from fastadv_jax import models
+from fastadv_jax.runtime import xla_cpu
+from fastadv_jax.training import saved_run
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -29,10 +31,11 @@ def main() -> None:
   ap.add_argument("--batch_size", type=int, default=0, help="0: the run's eval_batch_size")
   args = ap.parse_args()
   config = saved_run.run_config(args.workdir)
-  xla_cpu.apply(model=config.model)
+  xla_cpu.apply(flags=models.xla_flags(config.model))
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from fastadv_jax import autoattack, datasets, models  # pylint: disable=import-outside-toplevel
+  from fastadv_jax import autoattack, models  # pylint: disable=import-outside-toplevel
+  from fastadv_jax.data import datasets
 
   compile_s = collections.Counter()
   current = ["setup"]

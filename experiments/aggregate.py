@@ -24,8 +24,8 @@ NAME = re.compile(r"^(?P<method>.+)_eps(?P<eps>[0-9.]+)_s(?P<seed>\d+)$")
 def replay_overfitting_flag(workdir: str) -> dict:
   """The catastrophic-overfitting flag recomputed from the run's stored diagnostics with the
   library's current rule (so runs made before a rule change are judged alike)."""
-  from fastadv_jax import metric_writers, monitoring  # pylint: disable=import-outside-toplevel
-  from fastadv_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from fastadv_jax.training import metric_writers, monitoring  # pylint: disable=import-outside-toplevel
+  from fastadv_jax.training import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   config = workdir_lib.read_config(workdir)
   if config is None or not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
     return {}  # not a full run folder: keep the flag results.json has
@@ -44,7 +44,7 @@ def collect(root: str) -> dict[tuple[str, float], list[dict]]:
     m = NAME.match(os.path.basename(os.path.dirname(path)))
     if not m:
       continue
-    from fastadv_jax import workdir  # pylint: disable=import-outside-toplevel
+    from fastadv_jax.training import workdir  # pylint: disable=import-outside-toplevel
     try:
       r = workdir.read_results(path)  # checked: a number edited by hand is never aggregated
     except workdir.WorkdirError as e:

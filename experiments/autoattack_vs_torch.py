@@ -1,6 +1,6 @@
 """This library's AutoAttack against an independent PyTorch one, on the same weights and points.
 
-For each training workdir: export the weights with fastadv_jax.torch_interop (the exporter users
+For each training workdir: export the weights with fastadv_jax.interop.torch_interop (the exporter users
 get), run the JAX AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square at 100 / 100 / 5000) on
 the first --n test points, then torchattacks' attacks at the same settings on the export in the
 PyTorch environment (experiments/torch_autoattack.py), in the same invocation, one after the
@@ -33,15 +33,17 @@ import sys
 import tempfile
 import time
 
-from fastadv_jax import xla_cpu
+from fastadv_jax.runtime import xla_cpu
 
 xla_cpu.apply()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fastadv_jax import (autoattack, datasets, models, parallel, saved_run,  # noqa: E402
-                         torch_interop)
+from fastadv_jax import autoattack, models, parallel
+from fastadv_jax.data import datasets
+from fastadv_jax.interop import torch_interop
+from fastadv_jax.training import saved_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",

@@ -1,4 +1,4 @@
-"""Step time and memory of the two engines (fastadv_jax/engines.py) on 1 and 8 devices.
+"""Step time and memory of the two engines (fastadv_jax/training/engines.py) on 1 and 8 devices.
 
   JAX_NUM_CPU_DEVICES=8 .venv/bin/python experiments/engine_bench.py \
       --model=small_cnn --method=fgsm --batch=128 --devices=1,8 --out=experiments/bench/engines.json
@@ -23,15 +23,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastadv_jax import xla_cpu  # noqa: E402
+from fastadv_jax.runtime import xla_cpu  # noqa: E402
 
 xla_cpu.apply()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fastadv_jax import engines, models, parallel, timing, train_step  # noqa: E402
-from fastadv_jax import train_state as ts  # noqa: E402
+from fastadv_jax import models, parallel  # noqa: E402
+from fastadv_jax.training import engines, timing, train_step
+from fastadv_jax.training import train_state as ts  # noqa: E402
 from fastadv_jax.benchmark import input_shape, row_config  # noqa: E402
 
 

@@ -41,7 +41,7 @@ def plot_robust_vs_eps(root: str, out: str, key: str = "pgd") -> None:
 
 
 def plot_dynamics(workdir: str, out: str) -> None:
-  from fastadv_jax.metric_writers import read_metrics
+  from fastadv_jax.training.metric_writers import read_metrics
   recs = [r for r in read_metrics(workdir) if "test_pgd_acc" in r]
   steps = [r["step"] for r in recs]
   fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)

@@ -9,7 +9,7 @@ YNNPACK fusions, oneDNN calls), but its Eigen convolutions leave none, so on the
 time not covered by operation events ("untraced") is mostly those convolutions;
 experiments/conv_pass_bench.py times them one by one. Events of the two worker threads can
 overlap, so on small models the kinds can add up to more than the step (untraced < 0). The
-XLA flags are the ones `main` would use for the model (xla_cpu.flags_for). Needs TensorFlow's
+XLA flags are the ones `main` would use for the model (models.xla_flags). Needs TensorFlow's
 XPlane protocol buffers (`tensorflow.tsl.profiler.protobuf`; the .venv has them).
 """
 from __future__ import annotations
@@ -22,7 +22,8 @@ import re
 import sys
 import time
 
-from fastadv_jax import xla_cpu
+from fastadv_jax import models
+from fastadv_jax.runtime import xla_cpu
 
 
 def kind_of(name: str, line: str) -> str:
@@ -76,7 +77,7 @@ def main(argv=None) -> None:
   p.add_argument("--top", type=int, default=12)
   p.add_argument("--trace_dir", default="/tmp/fastadv_trace")
   args = p.parse_args(argv)
-  xla_cpu.apply(model=args.model)  # before the first JAX computation starts the backend
+  xla_cpu.apply(flags=models.xla_flags(args.model))  # before the first JAX computation starts the backend
   import jax  # pylint: disable=import-outside-toplevel
 
   from fastadv_jax import benchmark  # pylint: disable=import-outside-toplevel

@@ -52,7 +52,8 @@ def method_names(spec: str, plugin_modules: str = "") -> list[str]:
   """'all' = every preset of the method registry (plugins included) except plain training;
   else a comma list."""
   if spec == "all":
-    from fastadv_jax import methods, plugins  # pylint: disable=import-outside-toplevel
+    from fastadv_jax import methods  # pylint: disable=import-outside-toplevel
+    from fastadv_jax.runtime import plugins
     plugins.load_entry_points()
     plugins.load(plugin_modules)
     return [p for p in methods.presets() if p != "standard"]

@@ -3,7 +3,7 @@ need ResNet-18 weights with robust points (BENCHMARKS.md, "AutoAttack against to
 
 FGSM with a uniform random start (eps 0.1, step 1.25 eps; Wong et al. 2020) on the first 10,000
 training images, 2 epochs of batch 128, SGD lr 0.05, momentum 0.9, weight decay 5e-4, seed 0, on
-this library's PyTorch PreActResNet18 (fastadv_jax/torch_models.py, one input channel). Much
+this library's PyTorch PreActResNet18 (fastadv_jax/interop/torch_models.py, one input channel). Much
 cheaper on CPU than the JAX trainer's run with its periodic diagnostics, and it goes through the
 importer users get. Run with the PyTorch environment:
 

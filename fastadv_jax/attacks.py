@@ -19,7 +19,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from fastadv_jax import randomness, xla_cpu
+from fastadv_jax import randomness
+from fastadv_jax.runtime import xla_cpu
 
 __all__ = ["NORMS", "LossFn", "check_norm", "clean_correct", "clip_to_box", "fgsm", "init_delta",
            "input_grad", "l2_step", "pgd", "pgd_restart", "pgd_with_restarts", "project",

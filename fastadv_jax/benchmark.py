@@ -17,7 +17,7 @@ minutes apart on the same machine, and each row gets its JAX/PyTorch speed ratio
 from __future__ import annotations
 
 if __name__ == "__main__":  # the command line: quiet before jax loads (cli_logging's docstring)
-  from fastadv_jax import cli_logging as _quiet
+  from fastadv_jax.runtime import cli_logging as _quiet
   _quiet.quiet_startup()
 
 import argparse  # noqa: E402  pylint: disable=wrong-import-position
@@ -34,11 +34,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import resource
 
-from fastadv_jax import (evaluation, methods, models, parallel, plugins, timing, train_step,
-                         xla_cpu)
-from fastadv_jax import train_state as ts
+from fastadv_jax import cli, methods, models, parallel
 from fastadv_jax.configs import common, default
+from fastadv_jax.runtime import plugins, xla_cpu
+from fastadv_jax.training import evaluation, timing, train_step
+from fastadv_jax.training import train_state as ts
 
 # Every preset of the method registry, plus variants of GradAlign. gradalign_full: through g1
 # too; gradalign_double / gradalign_jvp: its derivative forced to one formulation (the
@@ -77,7 +79,6 @@ def _memory(device) -> dict:
     import psutil
     return {"rss_mb": psutil.Process().memory_info().rss / 2**20}
   except ImportError:
-    import resource
     return {"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -272,7 +273,6 @@ class _OneLineParser(argparse.ArgumentParser):
   and exit 2, as the other command lines' (cli.fail), not a usage block first."""
 
   def error(self, message: str):  # type: ignore[override]
-    from fastadv_jax import cli  # pylint: disable=import-outside-toplevel
     cli.fail(f"{message} (see --help)")
 
 
@@ -303,13 +303,12 @@ def main(argv=None) -> None:
     try:
       models.get(name)
     except ValueError as e:
-      from fastadv_jax import cli  # pylint: disable=import-outside-toplevel
       cli.fail(f"--models: {e}")
-  profiles = {json.dumps(xla_cpu.flags_for(m), sort_keys=True) for m in model_names}
+  profiles = {json.dumps(models.xla_flags(m), sort_keys=True) for m in model_names}
   if len(profiles) > 1:  # XLA reads its flags once per process
     raise SystemExit(f"--models={args.models}: these models train under different XLA:CPU flags "
-                     "(xla_cpu.flags_for); benchmark them in separate invocations")
-  xla_cpu.apply(model=model_names[0])  # before the first JAX computation starts the backend
+                     "(models.xla_flags); benchmark them in separate invocations")
+  xla_cpu.apply(flags=models.xla_flags(model_names[0]))  # before the first JAX computation starts the backend
   peak = measure_peak_flops()
   print(f"peak: {peak / 1e9:.1f} GFLOP/s (float32 2048 x 2048 matmul, one device)", flush=True)
   known = method_rows()

@@ -35,7 +35,7 @@ process's (one entry in a single-process run).
 from __future__ import annotations
 
 if __name__ == "__main__":  # the command line: quiet before jax loads (cli_logging's docstring)
-  from fastadv_jax import cli_logging as _quiet
+  from fastadv_jax.runtime import cli_logging as _quiet
   _quiet.quiet_startup()
 
 import json  # noqa: E402  pylint: disable=wrong-import-position
@@ -47,9 +47,11 @@ import jax
 import numpy as np
 from absl import flags
 
-from fastadv_jax import (autoattack, checkpointing, cli, cli_logging, compilation_cache, datasets,
-                         distributed, distributed_flags, evaluation, models, plugins, saved_run,
-                         workdir, xla_cpu)
+from fastadv_jax import autoattack, cli, models
+from fastadv_jax.cli import distributed_flags
+from fastadv_jax.data import datasets
+from fastadv_jax.runtime import cli_logging, compilation_cache, distributed, plugins, xla_cpu
+from fastadv_jax.training import checkpointing, evaluation, saved_run, workdir
 
 FLAGS = flags.FLAGS
 # AutoAttack's iteration and query budgets (the reference's); evaluate passes the flags' values.
@@ -171,7 +173,7 @@ def main(argv):
   cli_logging.setup()
   load_plugins(FLAGS.plugins)
   config = run_config(FLAGS.workdir)  # imports config.plugins
-  xla_cpu.apply(model=config.model)  # before the first JAX computation starts the backend
+  xla_cpu.apply(flags=models.xla_flags(config.model))  # before the first JAX computation starts the backend
   compilation_cache.enable()  # a second evaluation loads the attacks' compiled programs
   distributed_flags.initialize()  # before any JAX computation
   if FLAGS.eps is None and FLAGS.norm != "Linf":

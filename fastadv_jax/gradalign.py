@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from fastadv_jax import attacks, losses, randomness
 
-__all__ = ["Term", "derivative_mode", "gradalign_regularizer", "gradient_alignment",
+__all__ = ["Term", "gradalign_regularizer", "gradient_alignment",
            "input_gradients", "masked_cosine", "regularizer_by_jvp", "term"]
 
 
@@ -69,21 +69,6 @@ def gradalign_regularizer(cos: jax.Array, mask: jax.Array, lam, axis_name: str |
   reg = local_share if axis_name is None else jax.lax.psum(jax.lax.stop_gradient(local_share),
                                                             axis_name)
   return n_devices * local_share, reg
-
-
-def derivative_mode(config) -> str:
-  """'jvp' or 'double_backprop' for this config (config.grad_align_derivative, 'auto' resolved
-  by the model's record, models.ModelSpec.gradalign_derivative: jvp for the ResNets, where
-  XLA:CPU ran GradAlign 1.6-1.7x faster with it; double backpropagation for the CNNs, where it
-  was as fast or faster (BENCHMARKS.md, optimisation log); never jvp when g1 is differentiated
-  too, which only double backpropagation does)."""
-  from fastadv_jax import models  # pylint: disable=import-outside-toplevel
-  mode = config.grad_align_derivative
-  if config.grad_align_backprop_g1:
-    return "double_backprop"
-  if mode == "auto":
-    return models.get(config.model).gradalign_derivative
-  return mode
 
 
 def regularizer_by_jvp(loss_fn: attacks.LossFn, x: jax.Array, keys: jax.Array, eps,

@@ -4,11 +4,21 @@
 Several processes (hosts) as one run: the same command in each, plus --coordinator_address=
 host:port --num_processes=N --process_id=i (or FASTADV_COORDINATOR_ADDRESS / _NUM_PROCESSES /
 _PROCESS_ID), or --distributed=auto where JAX detects the cluster (TPU pods, SLURM); see
-distributed.py and README "Several hosts"."""
-from absl import app, flags
+runtime/distributed.py and README "Several hosts"."""
+from __future__ import annotations
+
+if __name__ == "__main__":  # the command line: quiet before jax loads (cli_logging's docstring)
+  from fastadv_jax.runtime import cli_logging as _quiet
+  _quiet.quiet_startup()
+
+from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
 from ml_collections import config_flags
 
-from fastadv_jax import distributed_flags  # --distributed, --coordinator_address, ...
+from fastadv_jax import cli, models
+from fastadv_jax.cli import distributed_flags  # --distributed, --coordinator_address, ...
+from fastadv_jax.data import datasets
+from fastadv_jax.runtime import cli_logging, compilation_cache, distributed, plugins, xla_cpu
+from fastadv_jax.training import checkpointing, config_validation, evaluation, train, workdir
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and results.")
@@ -20,9 +30,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # pylint: disable-next=import-outside-toplevel
-  from fastadv_jax import cli_logging, compilation_cache, train, xla_cpu
-  xla_cpu.apply(model=FLAGS.config.model)  # before the first JAX computation starts the backend
+  # before the first JAX computation starts the backend
+  xla_cpu.apply(flags=models.xla_flags(FLAGS.config.model))
   cli_logging.setup()
   compilation_cache.enable()  # a resumed run loads its compiled programs
   distributed_flags.initialize(training=True)  # before any JAX computation
@@ -30,11 +39,8 @@ def main(argv):
 
 
 def run() -> None:
-  from fastadv_jax import cli_logging  # pylint: disable=import-outside-toplevel
-  cli_logging.quiet_startup()  # before jax and TensorFlow load (cli_logging's docstring)
-  from fastadv_jax import (  # pylint: disable=import-outside-toplevel
-      checkpointing, cli, config_validation, datasets, distributed, evaluation, plugins, train,
-      workdir)
+  """The command line (`python -m fastadv_jax.main`): one line and exit 2 on an expected error."""
+  cli_logging.quiet_startup()  # again, for callers of run() that did not run this module
   try:  # before the config file is read: plugin methods' hyperparameters are config fields
     plugins.load_for_command_line()
   except plugins.PluginError as e:

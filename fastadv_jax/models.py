@@ -4,7 +4,7 @@ Each model is one `ModelSpec` record: how to build it from a config, the XLA:CPU
 with, what GradAlign's `grad_align_derivative="auto"` resolves to for it, and its PyTorch layout.
 Everything that depends on the model (create_model, config_validation, xla_cpu, gradalign,
 torch_interop) reads that record, so a model defined outside the package is one
-`models.register(ModelSpec(...))` in a plugin module (fastadv_jax/plugins.py).
+`models.register(ModelSpec(...))` in a plugin module (fastadv_jax/runtime/plugins.py).
 
 All models take images in [0, 1] (NHWC: eps lives in pixel space); a config with `input_mean` /
 `input_std` makes create_model wrap the model in `InputNormalization`, which computes
@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fastadv_jax import registry, xla_cpu
+from fastadv_jax import registry
+from fastadv_jax.runtime import xla_cpu
 
 __all__ = [
     "ModelSpec", "TorchEntry", "TorchLayout", "register", "unregister", "get", "names",
@@ -390,6 +391,15 @@ def names() -> tuple[str, ...]:
 def get(name: str) -> ModelSpec:
   """The record of model `name`; ValueError naming the registered models if there is none."""
   return _REGISTRY.get(name)
+
+
+def xla_flags(name: str | None) -> dict[str, str]:
+  """The XLA:CPU flags model `name` runs with (its record's `xla_flags`), for
+  `xla_cpu.apply(flags=...)`; xla_cpu.CNN_FLAGS when None or not registered (e.g. a plugin not
+  imported yet: the config check names an unknown model later, in one line)."""
+  if name and name in _REGISTRY.names():
+    return dict(get(name).xla_flags)
+  return dict(xla_cpu.CNN_FLAGS)
 
 
 def penultimate_features(apply: Callable[[jax.Array], jax.Array], x: jax.Array

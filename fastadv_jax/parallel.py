@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastadv_jax import distributed
+from fastadv_jax.runtime import distributed
 
 # The name of the pmapped device axis: collectives and shardings refer to it.
 AXIS = "batch"

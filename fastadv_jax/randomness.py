@@ -9,7 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fastadv_jax import parallel, xla_cpu
+from fastadv_jax import parallel
+from fastadv_jax.runtime import xla_cpu
 
 
 def example_keys(rng: jax.Array, global_index: jax.Array) -> jax.Array:

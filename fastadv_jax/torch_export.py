@@ -14,7 +14,7 @@ line naming the file, before any work, unless --force.
 from __future__ import annotations
 
 if __name__ == "__main__":  # the command line: quiet before jax loads (cli_logging's docstring)
-  from fastadv_jax import cli_logging as _quiet
+  from fastadv_jax.runtime import cli_logging as _quiet
   _quiet.quiet_startup()
 
 import hashlib  # noqa: E402  pylint: disable=wrong-import-position
@@ -23,7 +23,11 @@ import os  # noqa: E402  pylint: disable=wrong-import-position
 
 from absl import flags  # noqa: E402  pylint: disable=wrong-import-position
 
-from fastadv_jax import checkpointing, cli, cli_logging, datasets, torch_interop, workdir
+from fastadv_jax import cli
+from fastadv_jax.data import datasets
+from fastadv_jax.interop import torch_interop
+from fastadv_jax.runtime import cli_logging
+from fastadv_jax.training import checkpointing, saved_run, workdir
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -91,7 +95,6 @@ def _record(out: str, digests: dict) -> None:
 def main(argv):
   del argv
   cli_logging.setup()
-  from fastadv_jax import saved_run  # pylint: disable=import-outside-toplevel
   config = saved_run.run_config(FLAGS.workdir)
   torch_interop.check_supported(config)  # before any work
   saved_run.check_keeps(config, FLAGS.weights, FLAGS.workdir)

@@ -11,15 +11,21 @@ last and the early-stopped weights. Then: python -m fastadv_jax.evaluate --workd
 from __future__ import annotations
 
 if __name__ == "__main__":  # the command line: quiet before jax loads (cli_logging's docstring)
-  from fastadv_jax import cli_logging as _quiet
+  from fastadv_jax.runtime import cli_logging as _quiet
   _quiet.quiet_startup()
 
 import os  # noqa: E402  pylint: disable=wrong-import-position
 
 from absl import flags  # noqa: E402  pylint: disable=wrong-import-position
 from ml_collections import config_flags
+import numpy as np
+import zipfile
+import zlib
 
-from fastadv_jax import checkpointing, cli, cli_logging, config_validation, torch_interop, workdir
+from fastadv_jax import cli
+from fastadv_jax.interop import torch_interop
+from fastadv_jax.runtime import cli_logging
+from fastadv_jax.training import checkpointing, config_validation, workdir
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("state_dict", None, "A PyTorch state_dict: .pt/.pth (needs torch) or .npz.")
@@ -33,9 +39,6 @@ def check_state_dict_file(path: str) -> None:
   """InteropError naming the file, before any work, if `path` is not a readable file or (for
   .npz) not a numpy archive of arrays: numpy's own errors (a zip error, "contains pickled
   data") would not say which file, or which flag, is to blame."""
-  import zipfile  # pylint: disable=import-outside-toplevel
-  import zlib  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
   if not os.path.exists(path):
     raise torch_interop.InteropError(f"--state_dict: {path} does not exist")
   if not os.path.isfile(path):

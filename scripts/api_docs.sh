@@ -2,7 +2,7 @@
 # Builds the API reference (HTML generated from the docstrings by pdoc) into build/api/, or into
 # the folder given as the first argument. Set-up first (idempotent), as scripts/test.sh.
 # Fails when a module cannot be imported or pdoc reports any problem (a warning) while building.
-# Left out: fastadv_jax.torch_models, which imports PyTorch at the top (it is written to be
+# Left out: fastadv_jax.interop.torch_models, which imports PyTorch at the top (it is written to be
 # copied, self-contained, next to exported weights as model.py); .venv has no PyTorch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ from absl import flags
 import fastadv_jax
 
 out = pathlib.Path(sys.argv[1])
-excluded = {"fastadv_jax.torch_models"}
+excluded = {"fastadv_jax.interop.torch_models"}
 
 
 def _raise(name):

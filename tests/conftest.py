@@ -23,7 +23,7 @@ if "PYTEST_XDIST_WORKER" not in os.environ and "FASTADV_COMPILATION_CACHE" not i
 else:
   _SUITE_CACHE = None
 
-from fastadv_jax import xla_cpu  # noqa: E402
+from fastadv_jax.runtime import xla_cpu  # noqa: E402
 
 xla_cpu.apply()  # tests run with the XLA flags users run with
 
@@ -43,7 +43,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # start-up as the command lines are (cli_logging.quiet_startup, before TensorFlow loads).
 MOCK_DATA_CLI = r"""
 import sys
-from fastadv_jax import cli_logging
+from fastadv_jax.runtime import cli_logging
 cli_logging.quiet_startup()
 import tensorflow_datasets as tfds
 sys.path.insert(0, "tests")

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fastadv_jax import attacks, losses, methods, models, parallel, randomness, train_step
-from fastadv_jax import train_state as ts
+from fastadv_jax import attacks, losses, methods, models, parallel, randomness
 from fastadv_jax.methods import aaer, trades
 from fastadv_jax.methods.base import AttackInputs, RegularizerInputs
+from fastadv_jax.training import train_step
+from fastadv_jax.training import train_state as ts
 from test_train_step import N_DEV, N_EXAMPLES, _batch, DEVICE_SPLIT_RTOL, _max_rel_err
 
 N, D, C = 8, (6, 6, 1), 10

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import MOCK_DATA_CLI, ROOT, tiny_config
-from fastadv_jax import autoattack, evaluation, train
+from fastadv_jax import autoattack
 from fastadv_jax.autoattack import runner
+from fastadv_jax.training import evaluation, train
 from test_autoattack import EPS, _exact_worst_margin, _linear_problem
 
 PLUGINS = ROOT / "tests" / "plugins"

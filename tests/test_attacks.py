@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastadv_jax import attacks, evaluation, losses, models
+from fastadv_jax import attacks, losses, models
+from fastadv_jax.training import evaluation
 
 
 def _model_and_loss(seed=0):

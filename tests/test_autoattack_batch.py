@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastadv_jax import autoattack, evaluation, models
+from fastadv_jax import autoattack, models
+from fastadv_jax.training import evaluation
 
 EPS = 0.03
 WARNING = "depend on the batch"

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastadv_jax import autoattack, evaluate, evaluation
+from fastadv_jax import autoattack, evaluate
 from fastadv_jax.autoattack import fab
+from fastadv_jax.training import evaluation
 
 from test_autoattack import _exact_worst_margin
 

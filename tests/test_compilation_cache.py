@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI
-from fastadv_jax import compilation_cache
+from fastadv_jax.runtime import compilation_cache
 
 VOLATILE = ("train_time_s", "wall_time_s", "step_time_s")
 

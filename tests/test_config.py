@@ -5,8 +5,8 @@ import sys
 import pytest
 
 from conftest import ROOT, load_config
-from fastadv_jax import schedules
-from fastadv_jax.config_validation import ConfigError, validate_config
+from fastadv_jax.training import schedules
+from fastadv_jax.training.config_validation import ConfigError, validate_config
 
 
 def test_default_config_is_valid():
@@ -126,7 +126,7 @@ def test_cli_sets_method_args_and_names_moved_fields(tmp_path):
 
 
 def test_old_config_json_is_migrated():
-  from fastadv_jax.config_validation import migrate_stored_config  # pylint: disable=import-outside-toplevel
+  from fastadv_jax.training.config_validation import (migrate_stored_config)  # pylint: disable=import-outside-toplevel
   old = {"method": "gat", "eps": 0.1, "fgsm_alpha": 1.0, "gat_lambda": 3.0, "guided_init": 0.5,
          "pgd_steps": 10, "nfgsm_noise": 2.0}
   assert migrate_stored_config(old) == {

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from fastadv_jax import augment, datasets
+from fastadv_jax.data import augment, datasets
 
 SHAPES = {"cifar10": (32, 32, 3), "svhn_cropped": (32, 32, 3), "mnist": (28, 28, 1),
           "fashion_mnist": (28, 28, 1)}

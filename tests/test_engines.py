@@ -13,9 +13,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, tiny_config
-from fastadv_jax import (checkpointing, engines, methods, metric_writers, models, parallel,
-                         train, train_step)
-from fastadv_jax import train_state as ts
+from fastadv_jax import methods, models, parallel
+from fastadv_jax.training import checkpointing, engines, metric_writers, train, train_step
+from fastadv_jax.training import train_state as ts
 from test_reliability import _Killed, _raise_in
 from test_train_step import N_EXAMPLES, _batch, DEVICE_SPLIT_RTOL, _max_rel_err
 
@@ -163,7 +163,7 @@ def test_a_shard_map_run_writes_what_a_pmap_run_writes(tmp_path, mock_fashion_mn
   assert _comparable_rows(tmp_path / "cli") == want_rows
   # One process with one device reads the weights a run on an 8-device mesh saved (Orbax
   # refuses to restore global arrays onto another topology without a target).
-  from fastadv_jax import saved_run
+  from fastadv_jax.training import saved_run
   _, want, step = saved_run.load_run(str(tmp_path / "cli"), "averaged")
   read = subprocess.run(
       [sys.executable, "-c", "import sys, numpy as np, jax; from fastadv_jax import saved_run; "

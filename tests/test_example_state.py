@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fastadv_jax import methods, models, parallel, train_step
-from fastadv_jax import train_state as ts
+from fastadv_jax import methods, models, parallel
 from fastadv_jax.methods.base import AttackInputs, Method, Perturbation
+from fastadv_jax.training import train_step
+from fastadv_jax.training import train_state as ts
 
 
 @dataclasses.dataclass(frozen=True)

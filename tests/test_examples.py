@@ -160,7 +160,8 @@ def test_plugin_model_trains_and_evaluates(tmp_path, monkeypatch, mock_fashion_m
   line path of a plugin model, main then evaluate in subprocesses, is
   tests/test_model_plugins.py's)."""
   from conftest import tiny_config  # pylint: disable=import-outside-toplevel
-  from fastadv_jax import evaluation, models, saved_run, train  # pylint: disable=import-outside-toplevel
+  from fastadv_jax import models  # pylint: disable=import-outside-toplevel
+  from fastadv_jax.training import evaluation, saved_run, train
   monkeypatch.syspath_prepend(str(EXAMPLES))
   config = tiny_config(plugins="plugin_model", model="lenet5", n_filters=6, num_epochs=1)
   results = train.train_and_evaluate(config, str(tmp_path / "lenet"))

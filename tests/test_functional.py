@@ -16,10 +16,10 @@ import pytest
 from flax import nnx
 
 from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, tiny_config
-from fastadv_jax import (attacks, config_validation, gradalign, losses, methods, models,
-                         randomness, train_step)
-from fastadv_jax import train_state as ts
+from fastadv_jax import attacks, gradalign, losses, methods, models, randomness
 from fastadv_jax.methods.base import Method, Perturbation
+from fastadv_jax.training import config_validation, train_step
+from fastadv_jax.training import train_state as ts
 
 PLUGINS = ROOT / "tests" / "plugins"
 
@@ -251,7 +251,7 @@ def test_the_readme_own_code_example_runs_and_trains():
 def test_installed_plugins_are_loaded_from_their_entry_point_group(monkeypatch):
   """A package's `fastadv_jax.plugins` entry point (a module or a registration function) is
   imported once per process; a broken one is a PluginError naming it."""
-  from fastadv_jax import plugins  # pylint: disable=import-outside-toplevel
+  from fastadv_jax.runtime import plugins  # pylint: disable=import-outside-toplevel
   calls = []
 
   class FakeEntryPoint:
@@ -290,7 +290,7 @@ def test_installed_plugins_are_loaded_from_their_entry_point_group(monkeypatch):
 
 
 def test_plugins_named_on_the_command_line_are_found_before_flags_are_parsed():
-  from fastadv_jax import plugins  # pylint: disable=import-outside-toplevel
+  from fastadv_jax.runtime import plugins  # pylint: disable=import-outside-toplevel
   argv = ["prog", "--config=c.py", "--config.plugins=a.b, c", "--config.plugins", "d"]
   assert plugins.from_argv(argv) == "d"  # the last one wins, as absl's flags
   assert plugins.parse(plugins.from_argv(argv[:3])) == ("a.b", "c")

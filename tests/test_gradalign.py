@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fastadv_jax import attacks, gradalign, losses, models
+from fastadv_jax.training import train_step
 
 
 def _per_example_loss(model, params, batch_stats, y):
@@ -174,11 +175,11 @@ def test_the_jvp_derivative_equals_double_backpropagation(x64):
 
 def test_auto_picks_the_derivative_per_model():
   from conftest import tiny_config
-  from fastadv_jax.config_validation import ConfigError, validate_config
-  assert gradalign.derivative_mode(tiny_config(model="preact_resnet18")) == "jvp"
-  assert gradalign.derivative_mode(tiny_config(model="small_cnn")) == "double_backprop"
-  assert gradalign.derivative_mode(tiny_config(model="cnn", grad_align_derivative="jvp")) == "jvp"
-  assert gradalign.derivative_mode(tiny_config(model="preact_resnet18",
+  from fastadv_jax.training.config_validation import ConfigError, validate_config
+  assert train_step.derivative_mode(tiny_config(model="preact_resnet18")) == "jvp"
+  assert train_step.derivative_mode(tiny_config(model="small_cnn")) == "double_backprop"
+  assert train_step.derivative_mode(tiny_config(model="cnn", grad_align_derivative="jvp")) == "jvp"
+  assert train_step.derivative_mode(tiny_config(model="preact_resnet18",
                                                grad_align_backprop_g1=True)) == "double_backprop"
   with pytest.raises(ConfigError, match="grad_align_derivative"):
     validate_config(tiny_config(grad_align_derivative="forward"))

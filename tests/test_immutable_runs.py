@@ -18,7 +18,7 @@ import jax
 import pytest
 
 from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, tiny_config
-from fastadv_jax import config_validation, workdir
+from fastadv_jax.training import config_validation, workdir
 
 
 def _main(wd: pathlib.Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

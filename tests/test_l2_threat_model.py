@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import MOCK_DATA_CLI, ROOT, tiny_config
-from fastadv_jax import (attacks, autoattack, evaluate, evaluation, losses, models, randomness,
-                         train)
+from fastadv_jax import attacks, autoattack, evaluate, losses, models, randomness
 from fastadv_jax.autoattack import square
+from fastadv_jax.training import evaluation, train
 
 PLUGINS = ROOT / "tests" / "plugins"
 

@@ -5,7 +5,7 @@ import pathlib
 import re
 
 from conftest import ROOT
-from fastadv_jax import distributed
+from fastadv_jax.runtime import distributed
 
 LOCK = ROOT / "requirements" / "cpu.txt"
 

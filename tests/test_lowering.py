@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fastadv_jax import attacks, engines, evaluation, models, parallel, train_step
-from fastadv_jax import train_state as ts
+from fastadv_jax import attacks, models, parallel
+from fastadv_jax.training import engines, evaluation, train_step
+from fastadv_jax.training import train_state as ts
 
 SHAPE = (16, 28, 28, 1)
 

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fastadv_jax import losses, methods, monitoring, randomness
+from fastadv_jax import losses, methods, randomness
+from fastadv_jax.configs import common
 from fastadv_jax.methods import elle, guided, zerograd
 from fastadv_jax.methods.base import AttackInputs, RegularizerInputs
+from fastadv_jax.training import monitoring
 
 N, D = 8, (6, 6, 1)
 
@@ -43,7 +45,7 @@ def _inputs(config, x, y, logits_fn, loss_fn, eps, step=0, seed=1):
 def _preset_config(preset, **args):
   """The tiny config with a preset applied, its derived values, then `args` (the method's own)."""
   c = tiny_config()
-  methods.apply_preset(c, preset)
+  common.apply_preset(c, preset)
   own = c.method_args[c.method]
   for k, v in methods.get(c.method).derived(c).items():
     own[k] = v

@@ -11,8 +11,10 @@ import sys
 import pytest
 
 from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, tiny_config
-from fastadv_jax import (config_validation, gradalign, models, saved_run, torch_interop,
-                         xla_cpu)
+from fastadv_jax import gradalign, models
+from fastadv_jax.interop import torch_interop
+from fastadv_jax.runtime import xla_cpu
+from fastadv_jax.training import config_validation, saved_run, train_step
 
 PLUGINS = ROOT / "tests" / "plugins"
 NO_YNN_CONV = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
@@ -28,12 +30,12 @@ def _import_plugin():
 def test_builtin_records_keep_their_flags_derivatives_and_layouts():
   assert set(models.names()) >= {"preact_resnet18", "wide_resnet", "cnn", "small_cnn"}
   for name in ("preact_resnet18", "wide_resnet"):
-    assert xla_cpu.flags_for(name) == xla_cpu.RESNET_FLAGS
-    assert gradalign.derivative_mode(tiny_config(model=name)) == "jvp"
+    assert models.xla_flags(name) == xla_cpu.RESNET_FLAGS
+    assert train_step.derivative_mode(tiny_config(model=name)) == "jvp"
   for name in ("cnn", "small_cnn"):
-    assert xla_cpu.flags_for(name) == xla_cpu.CNN_FLAGS
-    assert gradalign.derivative_mode(tiny_config(model=name)) == "double_backprop"
-  assert xla_cpu.flags_for("not_registered") == xla_cpu.CNN_FLAGS
+    assert models.xla_flags(name) == xla_cpu.CNN_FLAGS
+    assert train_step.derivative_mode(tiny_config(model=name)) == "double_backprop"
+  assert models.xla_flags("not_registered") == xla_cpu.CNN_FLAGS
   assert torch_interop.exportable() == ("preact_resnet18", "wide_resnet", "cnn", "small_cnn")
 
 
@@ -68,8 +70,8 @@ def test_the_plugin_record_is_what_the_library_reads():
   config_validation.validate_config(config)  # imports config.plugins, then finds the model
   assert models.get("my_model") is plugin.RECORD
   assert isinstance(models.create_model(config, 10), plugin.MyMLP)
-  assert xla_cpu.flags_for("my_model") == xla_cpu.RESNET_FLAGS
-  assert gradalign.derivative_mode(config) == "jvp"
+  assert models.xla_flags("my_model") == xla_cpu.RESNET_FLAGS
+  assert train_step.derivative_mode(config) == "jvp"
   with pytest.raises(torch_interop.InteropError, match="supports .*not 'my_model'"):
     torch_interop.check_supported(config)
 

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import (MOCK_DATA_CLI, ROOT, TINY_CLI, kill_processes, start_processes,
                       wait_processes)
-from fastadv_jax import distributed
+from fastadv_jax.runtime import distributed
 
 _TINY = TINY_CLI + ["--config.num_epochs=2", "--config.log_every=2", "--config.eval_every=3",
                     "--config.checkpoint_every=3", "--config.n_final_eval=20",
@@ -50,7 +50,7 @@ def _train(workdir, n_proc: int, devices: int, extra=()):
 
 
 def _params(workdir):
-  from fastadv_jax import saved_run
+  from fastadv_jax.training import saved_run
   _, v, step = saved_run.load_run(str(workdir))
   return v, step
 

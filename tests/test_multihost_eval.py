@@ -17,8 +17,9 @@ import pytest
 from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, start_processes, wait_processes
 from test_attacks import _model_and_loss
 from test_multihost import _free_port
-from fastadv_jax import autoattack, evaluation
+from fastadv_jax import autoattack
 from fastadv_jax.autoattack import runner
+from fastadv_jax.training import evaluation
 
 # eps 0.01 on the tiny run: of its 20 points some are clean, some of those survive APGD-CE and
 # go on to the later attacks (found by running it; the test checks it still holds).

@@ -17,7 +17,8 @@ import time
 import pytest
 
 from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, load_config
-from fastadv_jax import cli_logging, metric_writers, workdir
+from fastadv_jax.runtime import cli_logging
+from fastadv_jax.training import metric_writers, workdir
 
 # Set by conftest for the test process, or by a user's shell: each would hide what is tested.
 _QUIETING = ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS", "JAX_PLATFORMS", "JAX_LOGGING_LEVEL",
@@ -209,7 +210,7 @@ def test_importing_a_wide_resnet_of_another_depth_is_one_line(tmp_path):
   every group: refused, both architectures and the flag to set named, nothing written."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from test_torch_interop import CIFAR, _random_like, _shapes, _wrn_config
-  from fastadv_jax import torch_interop  # pylint: disable=import-outside-toplevel
+  from fastadv_jax.interop import torch_interop  # pylint: disable=import-outside-toplevel
   file_config = _wrn_config(16, 1)
   np.savez(tmp_path / "wrn16.npz", **torch_interop.to_torch_state_dict(
       file_config, _random_like(_shapes(file_config), 0), CIFAR))
@@ -268,7 +269,7 @@ def test_the_timeout_comes_from_the_environment_too(tmp_path):
 @pytest.fixture(scope="module")
 def imported_run(tmp_path_factory):
   """A workdir with checkpoint 0: the default model's initial weights, saved as an import."""
-  from fastadv_jax import checkpointing, saved_run  # pylint: disable=import-outside-toplevel
+  from fastadv_jax.training import checkpointing, saved_run  # pylint: disable=import-outside-toplevel
   wd = _run_workdir(tmp_path_factory.mktemp("run") / "wd")
   ckpt = checkpointing.Checkpointer(str(wd))
   try:

@@ -7,8 +7,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import ROOT, load_config
-from fastadv_jax import config_validation, datasets, methods, models, parallel, train_step
-from fastadv_jax import train_state as ts
+from fastadv_jax import methods, models, parallel
+from fastadv_jax.data import datasets
+from fastadv_jax.training import config_validation, train_step
+from fastadv_jax.training import train_state as ts
 
 CONFIGS = ["cifar10", "svhn", "cifar10_cnn", "fashion_mnist", "fastat_benchmark",
            "fmnist_protocol"]
@@ -82,7 +84,7 @@ def test_benchmark_config_trains_selects_and_evaluates_on_mock_data(tmp_path):
   """The benchmark config end to end on mock CIFAR-10 (the paper CNN in place of ResNet-18,
   for time): one-cycle lr and momentum per epoch, averaged weights, the validation split and
   selection, the final evaluation of last, averaged and selected weights."""
-  from fastadv_jax import metric_writers, train
+  from fastadv_jax.training import metric_writers, train
   c = load_config("fastat_benchmark", "fgsm_pgi")
   c.model, c.n_filters, c.n_layers, c.half_precision = "cnn", 4, 1, False
   c.batch_size, c.num_epochs, c.validation_size = 8, 10, 8

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fastadv_jax import losses, methods, models, parallel, randomness, train_step
-from fastadv_jax import train_state as ts
+from fastadv_jax import losses, methods, models, parallel, randomness
 from fastadv_jax.methods import pco, pgi
 from fastadv_jax.methods.base import AttackInputs, CELossInputs, RegularizerInputs
+from fastadv_jax.training import train_step
+from fastadv_jax.training import train_state as ts
 from test_train_step import N_DEV, N_EXAMPLES, _batch, DEVICE_SPLIT_RTOL, _max_rel_err
 
 N, D, C, EPS = 12, (4, 4, 3), 5, 0.1

@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, kill_processes, wait_processes
-from fastadv_jax import checkpointing, metric_writers
+from fastadv_jax.training import checkpointing, metric_writers
 
 # 36 iterations (3 per epoch), a metrics row every 3, checkpoints at 9, 18, ... (the last two
 # kept), diagnostics only at the end: long enough to be signalled mid-training.

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastadv_jax import randomness, xla_cpu
+from fastadv_jax import randomness
+from fastadv_jax.runtime import xla_cpu
 
 
 def test_threefry2x32_matches_jax():

@@ -14,7 +14,8 @@ import time
 import pytest
 
 from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, tiny_config
-from fastadv_jax import checkpointing, evaluation, metric_writers, monitoring, train, workdir
+from fastadv_jax.training import (checkpointing, evaluation, metric_writers, monitoring, train,
+                                  workdir)
 
 # 6 iterations; diagnostics at 4 and 6; checkpoints at 2, 4, 6 (the last two kept).
 CONFIG = dict(checkpoint_every=2, keep_checkpoints=2)
@@ -170,7 +171,7 @@ def test_out_of_memory_at_the_first_step_is_one_line_and_leaves_the_workdir_free
   """XLA's RESOURCE_EXHAUSTED (a batch too large for the device; it cannot happen on this
   CPU machine, so it is raised where the first step's results are read): one StartError line
   naming the batch size, and a smaller batch then runs in the same workdir."""
-  from fastadv_jax import engines  # pylint: disable=import-outside-toplevel
+  from fastadv_jax.training import engines  # pylint: disable=import-outside-toplevel
   oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.50GiB.\n"
                      "BufferAssignment OOM Debugging ...")
   with _raise_in(engines.PmapEngine, "local_metrics", oom) as fired:
@@ -189,7 +190,7 @@ def test_out_of_memory_at_the_first_step_is_one_line_and_leaves_the_workdir_free
 def test_a_library_error_at_the_first_step_keeps_its_traceback(tmp_path, mock_fashion_mnist):
   """Only what the user can fix becomes one line: an error inside the library's own method and
   model (no plugin, not out of memory) propagates as it is."""
-  from fastadv_jax import engines  # pylint: disable=import-outside-toplevel
+  from fastadv_jax.training import engines  # pylint: disable=import-outside-toplevel
   with _raise_in(engines.PmapEngine, "local_metrics", ZeroDivisionError("a library bug")):
     with pytest.raises(ZeroDivisionError, match="a library bug"):
       train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))

@@ -13,8 +13,8 @@ import optax
 import pytest
 
 from conftest import TORCH_PY, load_config, needs_torch, tiny_config
-from fastadv_jax import config_validation, schedules
-from fastadv_jax import train_state as ts
+from fastadv_jax.training import config_validation, schedules
+from fastadv_jax.training import train_state as ts
 
 
 

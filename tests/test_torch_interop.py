@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import MOCK_DATA_CLI, ROOT, TORCH_PY, needs_torch, tiny_config
-from fastadv_jax import config_validation, models, saved_run, torch_interop, train
+from fastadv_jax import models
+from fastadv_jax.interop import torch_interop
+from fastadv_jax.training import config_validation, saved_run, train
 
 SHAPE = (28, 28, 1)
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fastadv_jax import (checkpointing, config_validation, datasets, metric_writers, monitoring,
-                         preemption, train)
+from fastadv_jax.data import datasets
 from fastadv_jax.evaluate import load_run
+from fastadv_jax.training import (checkpointing, config_validation, metric_writers, monitoring,
+                                  preemption, train)
 
 
 def _final_params(workdir):
@@ -220,7 +221,8 @@ def test_autoattack_at_the_end_of_a_run_and_from_the_evaluate_command(tmp_path,
 def test_the_final_pgd_shows_its_progress_and_the_same_verdicts(capsys):
   """Evaluator.robust_points(progress=True), as the final evaluation and `evaluate` call it: a
   bar of points done and robust so far, on stderr; the verdicts are those without the bar."""
-  from fastadv_jax import evaluation, models  # pylint: disable=import-outside-toplevel
+  from fastadv_jax import models  # pylint: disable=import-outside-toplevel
+  from fastadv_jax.training import evaluation
   model = models.SmallCNN(num_classes=10, width=4, use_batch_norm=True)
   v = model.init(jax.random.key(0), np.zeros((1, 12, 12, 1), np.float32), train=False)
   x = np.asarray(jax.random.randint(jax.random.key(1), (40, 12, 12, 1), 0, 256), np.uint8)

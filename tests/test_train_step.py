@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fastadv_jax import models, parallel, train_step
-from fastadv_jax import train_state as ts
+from fastadv_jax import models, parallel
+from fastadv_jax.training import train_step
+from fastadv_jax.training import train_state as ts
 
 N_DEV = 8
 

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fastadv_jax import (checkpointing, config_validation, datasets, metric_writers, models,
-                         monitoring, saved_run, torch_interop, train, weight_averaging, workdir)
-from fastadv_jax import train_state as ts
+from fastadv_jax import models
+from fastadv_jax.data import datasets
+from fastadv_jax.interop import torch_interop
+from fastadv_jax.training import (checkpointing, config_validation, metric_writers, monitoring,
+                                  saved_run, train, weight_averaging, workdir)
+from fastadv_jax.training import train_state as ts
 from test_reliability import _Killed, _cli, _raise_in, _results
 from test_train_step import N_DEV, _max_rel_err, _run
 

@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 
 from conftest import MOCK_DATA_CLI, ROOT, tiny_config
-from fastadv_jax import (attacks, autoattack, checkpointing, datasets, evaluation, losses, models,
-                         monitoring, randomness, saved_run, torch_interop, workdir)
+from fastadv_jax import attacks, autoattack, losses, models, randomness
+from fastadv_jax.data import datasets
+from fastadv_jax.interop import torch_interop
+from fastadv_jax.training import checkpointing, evaluation, monitoring, saved_run, workdir
 
 SHAPE = (28, 28, 1)
 

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastadv_jax import benchmark, xla_cpu
+from fastadv_jax import benchmark, models
+from fastadv_jax.runtime import xla_cpu
 
 ONEDNN = "--xla_cpu_experimental_onednn_custom_call=true"
 NO_YNN_CONV = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
@@ -27,12 +28,13 @@ def test_apply_adds_the_flags_once():
 def test_apply_chooses_the_flags_by_model():
   for model in ("preact_resnet18", "wide_resnet"):
     env = {}
-    assert xla_cpu.apply(env, model=model) == NO_YNN_CONV
+    assert xla_cpu.apply(env, flags=models.xla_flags(model)) == NO_YNN_CONV
   for model in ("cnn", "small_cnn", None):
     env = {}
-    assert xla_cpu.apply(env, model=model) == ONEDNN
+    assert xla_cpu.apply(env, flags=models.xla_flags(model)) == ONEDNN
   env = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}  # the user's choice stays
-  assert xla_cpu.apply(env, model="preact_resnet18") == "--xla_cpu_experimental_ynn_fusion_type="
+  assert (xla_cpu.apply(env, flags=models.xla_flags("preact_resnet18"))
+          == "--xla_cpu_experimental_ynn_fusion_type=")
 
 
 def test_benchmark_refuses_models_with_different_flags():
@@ -83,8 +85,9 @@ import json, sys
 import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, "tests")
 from conftest import tiny_config
-from fastadv_jax import models, train_step
-from fastadv_jax import train_state as ts
+from fastadv_jax import models
+from fastadv_jax.training import train_step
+from fastadv_jax.training import train_state as ts
 out = {}
 for name, shape in (("cnn", (32, 32, 3)), ("small_cnn", (28, 28, 1))):
   c = tiny_config(model=name, method="fgsm", grad_align_lambda=0.5)

@@ -24,9 +24,9 @@ from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the other examples
 
-from fastadv_jax import xla_cpu  # noqa: E402
+from fastadv_jax.runtime import xla_cpu  # noqa: E402
 
-xla_cpu.apply(model="small_cnn")
+xla_cpu.apply()  # the CNN XLA:CPU flags
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -34,7 +34,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from fastadv_jax import autoattack, models, saved_run, torch_interop  # noqa: E402
+from fastadv_jax import autoattack, models  # noqa: E402
+from fastadv_jax.interop import torch_interop  # noqa: E402
+from fastadv_jax.training import saved_run  # noqa: E402
 from fastadv_jax.configs import fashion_mnist  # noqa: E402
 
 import examples_common as common  # noqa: E402

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fastadv_jax import attacks, autoattack, datasets, randomness
+from fastadv_jax import attacks, autoattack, randomness
+from fastadv_jax.data import datasets
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 

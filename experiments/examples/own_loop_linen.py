@@ -20,9 +20,9 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples_common.py
 
-from fastadv_jax import xla_cpu  # noqa: E402
+from fastadv_jax.runtime import xla_cpu  # noqa: E402
 
-xla_cpu.apply(model="small_cnn")  # the CNN XLA:CPU flags, before JAX starts (inert on GPU)
+xla_cpu.apply()  # the CNN XLA:CPU flags, before JAX starts (inert on GPU)
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

@@ -16,7 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastadv_jax import models, xla_cpu
+from fastadv_jax import models
+from fastadv_jax.runtime import xla_cpu
 
 NAME = "lenet5"
 

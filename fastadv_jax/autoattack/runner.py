@@ -26,8 +26,10 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
-from fastadv_jax import distributed, parallel, randomness, xla_cpu
+from fastadv_jax import parallel, randomness
+from fastadv_jax.runtime import distributed, xla_cpu
 # The built-in components register themselves when their modules are imported.
 from fastadv_jax.autoattack import apgd, fab, square  # noqa: F401  pylint: disable=unused-import
 from fastadv_jax.autoattack import checks, component
@@ -587,5 +589,4 @@ def points_bar(name: str, total: int, show: bool = True):
   when asked, by process 0 only (on its own points) in a multi-process run."""
   if not show or total == 0 or not distributed.is_main():
     return None
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   return tqdm(total=total, desc=name, unit="pt", dynamic_ncols=True, leave=False)

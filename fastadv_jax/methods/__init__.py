@@ -5,7 +5,7 @@ The registry is open: `register(Method(...))` from any module adds a method, and
 reads methods (the step, config validation, the config files' method argument, the sweep, the
 benchmark) reads the live registry through `names`, `get` and `presets`. Code outside the
 package is imported with `--config.plugins=my_pkg.my_method` or an installed entry point
-(fastadv_jax/plugins.py). The built-in methods are registered here, one module each.
+(fastadv_jax/runtime/plugins.py). The built-in methods are registered here, one module each.
 
 Hyperparameters are owned by each method (`Method.args`, a frozen dataclass with the published
 values as defaults); in a config they are `config.method_args.<method>.<field>`.
@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import jax
-import ml_collections
 
 from fastadv_jax import randomness, registry
 from fastadv_jax.methods import base
@@ -23,7 +22,7 @@ from fastadv_jax.methods.base import (ArgError, AttackInputs, Method, MethodOutp
                                       Perturbation, RegularizerInputs, RegularizerOutput)
 
 __all__ = ["ArgError", "AttackInputs", "Method", "MethodOutputError", "NoArgs", "Perturbation",
-           "RegularizerInputs", "RegularizerOutput", "apply_preset", "args_config", "get", "names",
+           "RegularizerInputs", "RegularizerOutput", "get", "names",
            "perturb", "presets", "register", "regularizer", "unregister"]
 
 _REGISTRY: registry.Registry[Method] = registry.Registry("method", Method)
@@ -61,30 +60,6 @@ def get(name: str) -> Method:
 def presets() -> dict[str, tuple[str, Mapping[str, Any]]]:
   """Paper name -> (method, hyperparameters), e.g. "pgd10" -> ("pgd", {"steps": 10, ...})."""
   return {p: (m.name, values) for m in _REGISTRY for p, values in m.presets.items()}
-
-
-def args_config() -> ml_collections.ConfigDict:
-  """`config.method_args`: one sub-config per registered method that has hyperparameters,
-  holding its defaults (the config files call this, after plugins are imported)."""
-  out = ml_collections.ConfigDict()
-  for m in _REGISTRY:
-    defaults = m.default_args()
-    if m.arg_names:
-      out[m.name] = ml_collections.ConfigDict({k: getattr(defaults, k) for k in m.arg_names})
-  return out
-
-
-def apply_preset(config: ml_collections.ConfigDict, preset: str) -> None:
-  """Sets config.method and the preset's hyperparameters; GradAlign's lambda is reset to 0 (a
-  config file sets it for the `gradalign` preset after its overrides)."""
-  table = presets()
-  if preset not in table:
-    raise ValueError(f"unknown method {preset!r}; choose from {tuple(table)}")
-  name, values = table[preset]
-  config.grad_align_lambda = 0.0
-  config.method = name
-  for k, v in values.items():
-    config.method_args[name][k] = v
 
 
 def _resolve(method: str | Method) -> Method:
@@ -151,13 +126,11 @@ def regularizer(method: str | Method, forward: base.Forward, params: Any, x: jax
       state, jax.numpy.asarray(progress, jax.numpy.float32), axis_name))
 
 
-def _register_builtins() -> None:
-  # pylint: disable=import-outside-toplevel
-  from fastadv_jax.methods import (aaer, elle, fgsm, free, guided, liet, nfgsm, pco, pgd, pgi,
-                                   standard, trades, uap, zerograd)
-  for module in (standard, fgsm, free, pgd, nfgsm, zerograd, elle, guided, pgi, pco, aaer,
-                 trades, liet, uap):
-    register(*module.METHODS)
+# The built-in methods, one module each (imported after the registry exists: each imports only
+# methods.base and the library, never this package's names).
+from fastadv_jax.methods import (aaer, elle, fgsm, free, guided, liet, nfgsm, pco,  # noqa: E402
+                                 pgd, pgi, standard, trades, uap, zerograd)
 
-
-_register_builtins()
+for _module in (standard, fgsm, free, pgd, nfgsm, zerograd, elle, guided, pgi, pco, aaer, trades,
+                liet, uap):
+  register(*_module.METHODS)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fastadv_jax import models, xla_cpu
+from fastadv_jax import models
+from fastadv_jax.runtime import xla_cpu
 
 NAME = "my_model"
 

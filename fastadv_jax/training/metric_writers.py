@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from absl import logging
+from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
@@ -24,7 +25,6 @@ class MetricWriter:
       with open(self.path + ".tmp", "w") as f:
         f.writelines(kept)
       os.replace(self.path + ".tmp", self.path)
-    from tensorboardX import SummaryWriter  # local: keep import time of the package low
     self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, epoch: float, metrics: dict[str, Any]) -> None:

@@ -7,7 +7,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from fastadv_jax import checkpointing, datasets, models, workdir
+from fastadv_jax import models
+from fastadv_jax.data import datasets
+from fastadv_jax.runtime import plugins
+from fastadv_jax.training import checkpointing, workdir
 
 
 def run_config(workdir_: str) -> ml_collections.ConfigDict:
@@ -19,7 +22,6 @@ def run_config(workdir_: str) -> ml_collections.ConfigDict:
         f"{os.path.join(workdir_, 'config.json')} not found: is {workdir_} a training workdir?")
   # The run's plugins register its model (and method) again here, before anything reads the
   # registries: the model's XLA flags, its build, its PyTorch layout.
-  from fastadv_jax import plugins  # pylint: disable=import-outside-toplevel
   try:
     plugins.load(config.get("plugins", ""))
   except plugins.PluginError as e:

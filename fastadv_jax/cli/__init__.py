@@ -19,7 +19,8 @@ from absl import app, flags
 # the parser class of DEFINE_config_file's flags (not re-exported by the package)
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-from fastadv_jax import plugins
+from fastadv_jax.runtime import cli_logging, plugins
+from fastadv_jax.training import config_validation, preemption
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -43,7 +44,6 @@ def describe_flag_error(e: BaseException, argv: list[str]) -> str:
     name = text.split("'")[1] if "'" in text else text
     where = next((o for o in overrides if o.endswith("." + name) or o == f"--config.{name}"),
                  "--config")
-    from fastadv_jax import config_validation  # pylint: disable=import-outside-toplevel
     return (f"{where}: unknown config field {name!r} (every field is declared in "
             f"configs/default.py{config_validation.moved_field_hint(name)})")
   if isinstance(root, OSError) and "config" in str(e):
@@ -132,7 +132,6 @@ def run(main: Callable[[list[str]], None], expected: tuple[type[BaseException], 
   """app.run(main) where `expected` errors and interruptions end in one line. Installed
   plugins (entry points) are imported first, by every command line (a no-op where the command
   imported them already, before its flags were defined)."""
-  from fastadv_jax import cli_logging  # pylint: disable=import-outside-toplevel
   cli_logging.quiet_startup()  # for callers of run() that skipped the module-level call
   try:
     plugins.load_for_command_line()
@@ -150,7 +149,6 @@ def run(main: Callable[[list[str]], None], expected: tuple[type[BaseException], 
             "again to resume", file=sys.stderr)
       code = 143 if signal_name == "SIGTERM" else 130
       if "jax" in sys.modules:  # a process of a multi-process run stopped alone ends at once
-        from fastadv_jax import preemption  # pylint: disable=import-outside-toplevel
         preemption.exit_if_alone(e, code)
       sys.exit(code)
 

@@ -4,19 +4,19 @@ On GPUs and TPUs none of this changes what runs (the flags are CPU-only, loops s
 barrier is left out, and JAX's own Threefry lowering is already straight-line there).
 Measurements: BENCHMARKS.md, on this project's 2-core machine.
 
-1. `apply(model)`: which library runs the convolutions, chosen per model. XLA:CPU hands each
-   convolution to YNNPACK by default; `--xla_cpu_experimental_onednn_custom_call=true` gives
-   oneDNN the ones YNNPACK declines. That is the best set for the two CNNs (the paper's 4-filter
-   CNN trains 1.5x to 3.2x faster than with XLA's own kernels). On the ResNets, YNNPACK's
-   weight-gradient convolutions run at half the speed of XLA's Eigen ones (89 vs 40 ms for a
-   64-channel 3x3 layer at batch 128) and oneDNN's are slower still, so there YNNPACK's
-   convolutions are switched off and Eigen runs them: a PreAct ResNet-18 step is 1.03x to
-   1.27x faster, a WRN-28-10 step 1.20x to 1.26x (`flags_for`: each model's record,
-   models.ModelSpec.xla_flags, names its family). XLA reads XLA_FLAGS once,
-   when the first JAX computation starts the backend, so `apply()` must run before that:
-   `main`, `evaluate` and `benchmark` call it first thing with the run's model; your own
-   scripts should too. FASTADV_XLA_CPU_FLAGS=0 opts out; a flag already set in XLA_FLAGS is
-   left as the user set it.
+1. `apply(flags=models.xla_flags(model))`: which library runs the convolutions, chosen per
+   model. XLA:CPU hands each convolution to YNNPACK by default;
+   `--xla_cpu_experimental_onednn_custom_call=true` gives oneDNN the ones YNNPACK declines. That
+   is the best set for the two CNNs (the paper's 4-filter CNN trains 1.5x to 3.2x faster than
+   with XLA's own kernels). On the ResNets, YNNPACK's weight-gradient convolutions run at half
+   the speed of XLA's Eigen ones (89 vs 40 ms for a 64-channel 3x3 layer at batch 128) and
+   oneDNN's are slower still, so there YNNPACK's convolutions are switched off and Eigen runs
+   them: a PreAct ResNet-18 step is 1.03x to 1.27x faster, a WRN-28-10 step 1.20x to 1.26x
+   (`models.xla_flags`: each model's record, models.ModelSpec.xla_flags, names its family). XLA
+   reads XLA_FLAGS once, when the first JAX computation starts the backend, so `apply()` must
+   run before that: `main`, `evaluate` and `benchmark` call it first thing with the run's model;
+   your own scripts should too. FASTADV_XLA_CPU_FLAGS=0 opts out; a flag already set in
+   XLA_FLAGS is left as the user set it.
 2. `attack_loop_unroll()`: attack loops (PGD) are fully unrolled on CPU. XLA:CPU runs
    convolutions inside a while-loop body several times slower than in straight-line code
    (jax-ml/jax#12868): PGD-50 on the small CNN took 229 ms/step rolled vs 48 ms/step unrolled,
@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import xla_bridge
 
 # The two XLA_FLAGS families, measured per convolution pass and per training step in
 # BENCHMARKS.md ("Convolution backends on XLA:CPU"). Which one a model runs with is part of its
@@ -49,22 +51,9 @@ RESNET_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "-individual_convolution
 OPT_OUT = "FASTADV_XLA_CPU_FLAGS"
 
 
-def flags_for(model: str | None = None) -> dict[str, str]:
-  """The XLA:CPU flags this library runs `model` with: its registered record's `xla_flags`
-  (CNN_FLAGS when None or not registered, e.g. a plugin not imported yet; the config check
-  names an unknown model later, in one line)."""
-  if not model:
-    return dict(CNN_FLAGS)
-  # Imported here: models imports this module. Importing it starts no JAX backend.
-  from fastadv_jax import models  # pylint: disable=import-outside-toplevel
-  try:
-    return dict(models.get(model).xla_flags)
-  except ValueError:
-    return dict(CNN_FLAGS)
-
-
-def apply(environ: dict | None = None, model: str | None = None) -> str:
-  """Adds `flags_for(model)` to XLA_FLAGS (unless opted out or already set); returns the result.
+def apply(environ: dict | None = None, flags: Mapping[str, str] | None = None) -> str:
+  """Adds `flags` (default CNN_FLAGS; a model's own are `models.xla_flags(name)`) to XLA_FLAGS,
+  unless opted out or already set there; returns the result.
 
   Warns when JAX's backend has already started in this process: XLA has read its flags then,
   and the new ones would only reach processes started later."""
@@ -72,19 +61,19 @@ def apply(environ: dict | None = None, model: str | None = None) -> str:
   current = env.get("XLA_FLAGS", "")
   if env.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
     return current
-  extra = [f"--{name}={value}" for name, value in flags_for(model).items()
+  flags = CNN_FLAGS if flags is None else flags
+  extra = [f"--{name}={value}" for name, value in flags.items()
            if f"--{name}=" not in current]
   if extra:
     env["XLA_FLAGS"] = " ".join([current] + extra).strip()
     if environ is None and _backend_started():
-      logging.warning("xla_cpu.apply(model=%r) after JAX's backend started: %s will not take "
-                      "effect in this process", model, " ".join(extra))
+      logging.warning("xla_cpu.apply() after JAX's backend started: %s will not take effect "
+                      "in this process", " ".join(extra))
   return env.get("XLA_FLAGS", "")
 
 
 def _backend_started() -> bool:
   try:
-    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
     return bool(xla_bridge.backends_are_initialized())
   except (ImportError, AttributeError):  # a JAX without it: no warning rather than an error
     return False

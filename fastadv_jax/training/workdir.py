@@ -14,6 +14,10 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+import fcntl
+from fastadv_jax.configs import default
+from fastadv_jax.runtime import plugins
+from fastadv_jax.training import config_validation
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -73,8 +77,6 @@ def _load_json(path: str, advice: str = "") -> Any:
 def config_from_stored(stored: dict) -> ml_collections.ConfigDict:
   """A stored config (config.json, or results.json's "config"), migrated
   (config_validation.migrate_stored_config) and laid over the library's defaults."""
-  from fastadv_jax.configs import default  # pylint: disable=import-outside-toplevel
-  from fastadv_jax import config_validation  # pylint: disable=import-outside-toplevel
   if not isinstance(stored, dict):
     raise ValueError("not a JSON object")
   stored = config_validation.migrate_stored_config(stored)
@@ -372,7 +374,6 @@ def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   rewrites nothing). Training checks with check_rerun first that a resume changes only
   RESUME_SAFE_FIELDS and FINAL_EVALUATION_FIELDS; their new values are recorded (so `evaluate`
   reads the data where it is now)."""
-  from fastadv_jax import plugins  # pylint: disable=import-outside-toplevel
   path = os.path.join(workdir, "config.json")
   now = config_dict(config)
   sources = plugins.sources(config.get("plugins", ""))
@@ -424,7 +425,6 @@ class Lock:
   def __enter__(self) -> "Lock":
     if not self.enabled:
       return self
-    import fcntl  # pylint: disable=import-outside-toplevel
     f = open(self.path, "a+")
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -26,9 +26,10 @@ import numpy as np
 
 import ml_collections
 
-from fastadv_jax import (attacks, augment, autoattack, datasets, distributed, gradalign, losses,
-                         parallel, randomness)
+from fastadv_jax import attacks, autoattack, gradalign, losses, parallel, randomness
 from fastadv_jax.autoattack import checks
+from fastadv_jax.data import augment, datasets
+from fastadv_jax.runtime import distributed
 
 Variables = dict[str, Any]
 NonFiniteOutputError = checks.NonFiniteOutputError  # NaN/Inf weights or logits: no accuracy

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
 
 from fastadv_jax import parallel
 
@@ -189,7 +190,6 @@ class ShardMapEngine:
 
   def host_state(self, state: Any) -> Any:
     """One host copy with the per-example rows gathered (unpadded): for tests and tools."""
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     table = getattr(state, "example_state", None)
     out = jax.tree.map(np.asarray, multihost_utils.process_allgather(state, tiled=True))
     if table is not None:

@@ -15,7 +15,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from fastadv_jax import datasets, evaluation
+from fastadv_jax.data import datasets
+from fastadv_jax.training import evaluation
 
 
 @dataclasses.dataclass

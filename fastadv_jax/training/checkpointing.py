@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fastadv_jax import distributed, workdir
+from fastadv_jax.runtime import distributed
+from fastadv_jax.training import workdir
 
 
 class CheckpointError(RuntimeError):

@@ -15,8 +15,9 @@ import optax
 import flax.struct
 from flax.training import train_state
 
-from fastadv_jax import methods, models, schedules, weight_averaging
+from fastadv_jax import methods, models
 from fastadv_jax.methods.base import ModelInfo
+from fastadv_jax.training import schedules, weight_averaging
 
 
 class TrainState(train_state.TrainState):

@@ -24,7 +24,7 @@ import warnings
 
 import jax
 
-from fastadv_jax import cli_logging
+from fastadv_jax.runtime import cli_logging
 
 ENV = "FASTADV_COMPILATION_CACHE"
 MAX_BYTES = 2 * 1024**3

@@ -3,6 +3,7 @@
 imported into one process (absl refuses a flag defined twice). Imports no JAX until used, so
 the command lines stay quiet at start-up (cli_logging)."""
 from absl import flags
+from fastadv_jax.runtime import distributed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("distributed", "off", ["off", "auto"],
@@ -19,7 +20,6 @@ def initialize(training: bool = False) -> bool:
   """distributed.initialize with these flags (the FASTADV_* variables fill what they leave
   unset); call before any JAX computation. True in a multi-process run. `training`: the
   first-step watchdog is armed (distributed.made_progress stops it)."""
-  from fastadv_jax import distributed  # pylint: disable=import-outside-toplevel
   return distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address,
                                 FLAGS.num_processes, FLAGS.process_id,
                                 timeout_s=FLAGS.distributed_timeout, training=training)

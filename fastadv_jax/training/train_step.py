@@ -27,11 +27,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fastadv_jax import (augment, gradalign, losses, methods, models, parallel, randomness,
-                         schedules, weight_averaging)
+from fastadv_jax import gradalign, losses, methods, models, parallel, randomness
+from fastadv_jax.data import augment
 from fastadv_jax.methods.base import (AttackInputs, CELossInputs, RegularizerInputs,
-                                     checked_perturbation)
-from fastadv_jax.train_state import TrainState
+                                      checked_perturbation)
+from fastadv_jax.training import schedules, weight_averaging
+from fastadv_jax.training.train_state import TrainState
 
 Metrics = dict[str, jax.Array]
 
@@ -57,13 +58,27 @@ def _batch_key(rng: jax.Array, step: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(rng, 2 * step + 1), 2**31 - 1)
 
 
+def derivative_mode(config: ml_collections.ConfigDict) -> str:
+  """'jvp' or 'double_backprop' for this config (config.grad_align_derivative, 'auto' resolved
+  by the model's record, models.ModelSpec.gradalign_derivative: jvp for the ResNets, where
+  XLA:CPU ran GradAlign 1.6-1.7x faster with it; double backpropagation for the CNNs, where it
+  was as fast or faster (BENCHMARKS.md, optimisation log); never jvp when g1 is differentiated
+  too, which only double backpropagation does)."""
+  mode = config.grad_align_derivative
+  if config.grad_align_backprop_g1:
+    return "double_backprop"
+  if mode == "auto":
+    return models.get(config.model).gradalign_derivative
+  return mode
+
+
 def gradalign_term(config: ml_collections.ConfigDict, loss_fn: Callable, x: jax.Array,
                    keys: jax.Array, eps: jax.Array, clean_grad: jax.Array | None,
                    axis_name: str | None) -> tuple[jax.Array, jax.Array]:
   """(this device's share, global value) of GradAlign as the config asks (gradalign.py):
   lambda = config.grad_align_lambda, by double backpropagation or by the jvp formulation."""
   lam = float(config.grad_align_lambda)
-  if gradalign.derivative_mode(config) == "jvp":
+  if derivative_mode(config) == "jvp":
     return gradalign.regularizer_by_jvp(loss_fn, x, keys, eps, clean_grad, lam, axis_name)
   g1, g2 = gradalign.input_gradients(loss_fn, x, keys, eps, g1=clean_grad,
                                      backprop_g1=config.grad_align_backprop_g1)

@@ -6,6 +6,10 @@ import math
 
 import ml_collections
 from absl import logging
+from fastadv_jax import autoattack, methods, models
+from fastadv_jax.data import datasets
+from fastadv_jax.runtime import plugins
+from fastadv_jax.training import evaluation
 
 DATASETS = ("cifar10", "svhn_cropped", "mnist", "fashion_mnist")
 INITS = ("", "zero", "uniform", "corner")
@@ -66,7 +70,6 @@ def _check(cond: bool, field: str, msg: str) -> None:
 
 def _check_normalization(c: ml_collections.ConfigDict) -> None:
   """input_mean / input_std: both empty, or one value per image channel, std > 0."""
-  from fastadv_jax import datasets  # pylint: disable=import-outside-toplevel
   mean, std = tuple(c.get("input_mean", ())), tuple(c.get("input_std", ()))
   if not mean and not std:
     return
@@ -114,8 +117,6 @@ def _check_other_method_args(c: ml_collections.ConfigDict, methods) -> None:
 def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Raises ConfigError naming the first offending field. Imports `config.plugins` first, so
   the registries it reads hold what the run's plugins register."""
-  from fastadv_jax import methods, plugins  # pylint: disable=import-outside-toplevel
-  from fastadv_jax import models  # local import: keep this module light
 
   c = config
   try:
@@ -190,7 +191,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   _check(c.n_final_eval == -1 or c.n_final_eval >= 1, "n_final_eval",
          f"must be -1 (all) or >= 1, got {c.n_final_eval}")
   # pylint: disable-next=import-outside-toplevel
-  from fastadv_jax import autoattack, datasets, evaluation
   try:
     _, aa_attacks = evaluation.parse_attack_spec(c.final_attack)
     if aa_attacks:  # what AutoAttack would refuse after all of training

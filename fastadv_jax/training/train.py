@@ -22,12 +22,15 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from tqdm import tqdm
 
-from fastadv_jax import (checkpointing, cli_logging, config_validation, datasets, distributed,
-                         engines, evaluation, metric_writers, methods, models, monitoring,
-                         parallel, preemption, schedules, timing, train_step, weight_averaging,
-                         workdir)
-from fastadv_jax import train_state as ts
+from fastadv_jax import methods, models, parallel
+from fastadv_jax.data import datasets
+from fastadv_jax.runtime import cli_logging, distributed
+from fastadv_jax.training import (checkpointing, config_validation, engines, evaluation,
+                                  metric_writers, monitoring, preemption, schedules, timing,
+                                  train_step, weight_averaging, workdir)
+from fastadv_jax.training import train_state as ts
 
 class StartError(RuntimeError):
   """The run's first step could not run (out of memory, a plugin's error): one line, and the
@@ -505,7 +508,6 @@ class _Progress:
                enabled: bool = True):
     self.config, self.total, self.bar = config, total, None
     if config.progress_bar and enabled:
-      from tqdm import tqdm
       ga = "+GA" if config.grad_align_lambda > 0 else ""
       self.bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True,
                       mininterval=1.0, desc=f"{config.method}{ga}")

@@ -43,7 +43,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from fastadv_jax import checkpointing, config_validation, datasets, models, monitoring, workdir
+from fastadv_jax import models
+from fastadv_jax.data import datasets
+from fastadv_jax.training import checkpointing, config_validation, monitoring, saved_run, workdir
 
 # The state_dict buffers of the input normalisation: (key, config field, value meaning "none").
 NORMALIZATION_KEYS = (("mu", "input_mean", 0.0), ("sigma", "input_std", 1.0))
@@ -316,7 +318,6 @@ def import_to_workdir(config: ml_collections.ConfigDict, state_dict_path: str, w
   weights as both last and early-stopped ones, variables alone: an import has no optimiser
   state); returns the number of arrays filled (every parameter and BatchNorm statistic; the
   state_dict's counters and normalisation buffers are not counted)."""
-  from fastadv_jax import saved_run  # pylint: disable=import-outside-toplevel
   config_validation.validate_config(config)
   check_supported(config)
   if not os.path.exists(state_dict_path):

@@ -35,8 +35,9 @@ from typing import Any
 import jax
 import jaxlib
 import numpy as np
+from jax.experimental import multihost_utils
 
-from fastadv_jax import cli_logging
+from fastadv_jax.runtime import cli_logging
 
 ENV = ("FASTADV_COORDINATOR_ADDRESS", "FASTADV_NUM_PROCESSES", "FASTADV_PROCESS_ID")
 TIMEOUT_ENV = "FASTADV_DISTRIBUTED_TIMEOUT"
@@ -264,7 +265,6 @@ def gather_points(local: Any, n: int) -> Any:
   leaf's leading axis); identity in a single-process run."""
   if jax.process_count() == 1:
     return local
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   per = -(-n // jax.process_count())
   sizes = [b - a for a, b in (point_range(n, p) for p in range(jax.process_count()))]
 
@@ -283,7 +283,6 @@ def gather_values(local: np.ndarray) -> np.ndarray:
   (processes, ...); (1, ...) in a single-process run."""
   if jax.process_count() == 1:
     return np.asarray(local)[None]
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return np.asarray(multihost_utils.process_allgather(np.asarray(local)))
 
 
@@ -291,14 +290,12 @@ def gather_rows(local: np.ndarray) -> np.ndarray:
   """This process's rows of a global batch -> the global batch (the inverse of process_rows)."""
   if jax.process_count() == 1:
     return local
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
 
 
 def barrier(name: str) -> None:
   """All processes wait here (e.g. until process 0 has written a checkpoint)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices(name)
 
 
@@ -307,7 +304,6 @@ def from_main(value: int) -> int:
   others. Every process must call it at the same point."""
   if jax.process_count() == 1:
     return int(value)
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
 
 
