@@ -17,7 +17,8 @@ def get_config(arg: str = "fgsm,eps=10"):
   preset, kv = common.parse_arg(arg)
   c = default.get_config()
   c.dataset, c.crop_padding, c.flip = "cifar10", 4, True
-  c.model, c.n_layers, c.n_filters = "cnn", 1, 4
+  c.model = "cnn"
+  c.model_args.cnn.n_layers, c.model_args.cnn.n_filters = 1, 4
   c.optimizer, c.lr_max, c.lr_schedule = "adam", 0.003, "cyclic"
   c.num_epochs = 30
   c.eps = 10 / 255

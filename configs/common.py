@@ -52,7 +52,8 @@ def parse_arg(arg: str) -> tuple[str, dict[str, str]]:
 
 def _field_path(c: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
   """(the ConfigDict holding `key`, its last name): a top-level field, a dotted path
-  (`method_args.pgd.steps`), or a hyperparameter of the config's method by its short name."""
+  (`method_args.pgd.steps`), or a hyperparameter of the config's method or model by its short
+  name (`steps`, `n_filters`)."""
   if "." in key:
     *parents, last = key.split(".")
     holder = c
@@ -65,11 +66,11 @@ def _field_path(c: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.
     return holder, last
   if key in c:
     return c, key
-  own = c.method_args.get(c.method)
-  if own is not None and key in own:
-    return own, key
+  for own in (c.method_args.get(c.method), c.model_args.get(c.model)):
+    if own is not None and key in own:
+      return own, key
   raise ValueError(f"config argument: unknown field {key!r} (neither a config field nor a "
-                   f"hyperparameter of {c.method})")
+                   f"hyperparameter of {c.method} or {c.model})")
 
 
 def apply_overrides(c: ml_collections.ConfigDict, kv: dict[str, str]) -> None:

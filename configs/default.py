@@ -10,20 +10,23 @@ Expected (measured 2026-11-22 on a 2-core CPU, jax 0.12.0.1, oneDNN convolutions
 3-4 minutes wall in all, depending on the machine's load (README, "Measured").
 Every other config imports this one and overrides what differs.
 """
+from typing import Any
+
 import ml_collections
 
-from fastadv_jax import methods
+from fastadv_jax import methods, models
 
 
-def method_args() -> ml_collections.ConfigDict:
-  """`config.method_args`: one sub-config per registered method that has hyperparameters,
-  holding its defaults (read when the config is built, after plugins are imported)."""
+def args_defaults(kind: Any) -> ml_collections.ConfigDict:
+  """`config.method_args` (kind=methods) or `config.model_args` (kind=models): one sub-config per
+  registered record that has hyperparameters, holding its defaults (read when the config is
+  built, after plugins are imported)."""
   out = ml_collections.ConfigDict()
-  for name in methods.names():
-    m = methods.get(name)
-    if m.arg_names:
-      defaults = m.default_args()
-      out[name] = ml_collections.ConfigDict({k: getattr(defaults, k) for k in m.arg_names})
+  for name in kind.names():
+    record = kind.get(name)
+    if record.arg_names:
+      defaults = record.make_args()
+      out[name] = ml_collections.ConfigDict({k: getattr(defaults, k) for k in record.arg_names})
   return out
 
 
@@ -45,13 +48,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.validation_size = 0
 
   # Model, chosen by name.
-  c.model = "small_cnn"         # preact_resnet18 | resnet18 | wide_resnet | cnn | small_cnn
-  c.resnet_widths = (64, 128, 256, 512)  # preact_resnet18 stage widths (the paper's)
-  c.wrn_depth = 28              # wide_resnet: 28 or 34 (RobustBench's WRN-28-10 / WRN-34-10)
-  c.wrn_widen = 10              # wide_resnet: widening factor k
-  c.n_filters = 16              # cnn: filters per layer; small_cnn: width
-  c.n_layers = 1                # cnn only
-  c.use_batch_norm = True       # small_cnn only
+  c.model = "small_cnn"         # a registered model: fastadv_jax.models.names() (README)
+  # Each model's own hyperparameters, with its defaults: model_args.<model>.<field>, e.g.
+  # --config.model_args.cnn.n_filters=4 (models.py: CNNArgs, SmallCNNArgs, PreActResNet18Args,
+  # WideResNetArgs; a plugin model's record declares its own).
+  c.model_args = args_defaults(models)
   c.half_precision = False      # bfloat16 compute, float32 parameters
   # Input normalisation inside the model, (x - input_mean) / input_std per channel, e.g. CIFAR-10's
   # (0.4914, 0.4822, 0.4465) / (0.2471, 0.2435, 0.2616) as RobustBench's models with `mu` /
@@ -68,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   # defaults are the published values): method_args.<method>.<field>, e.g.
   # --config.method_args.nfgsm.noise=3 or --config.method_args.pgd.steps=2. Built from the live
   # registry, so a plugin method's (--config.plugins) are fields here too.
-  c.method_args = method_args()
+  c.method_args = args_defaults(methods)
 
   # Label smoothing (PyTorch's rule: 1 - s + s/C on the label, s/C elsewhere) of the training
   # cross-entropy; with label_smoothing_attack also of the loss the training attack ascends

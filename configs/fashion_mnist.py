@@ -22,7 +22,7 @@ def get_config(arg: str = "gradalign,eps=64"):
 
 def study_setting(c) -> None:
   """The study's model, schedule and diagnostics (shared by configs/fmnist_protocol.py)."""
-  c.n_filters = 16              # small_cnn width (width 8 trained unstably in a pilot)
+  c.model_args.small_cnn.n_filters = 16  # small_cnn width (width 8 trained unstably in a pilot)
   c.num_epochs = 1
   c.lr_max = 0.05
   c.eps = 64 / 255

@@ -16,7 +16,7 @@ import time
 
 from fastadv_jax import models
 from fastadv_jax.runtime import xla_cpu
-from fastadv_jax.training import saved_run
+from fastadv_jax.training import model_config, saved_run
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -34,7 +34,7 @@ def main() -> None:
   xla_cpu.apply(flags=models.xla_flags(config.model))
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from fastadv_jax import autoattack, models  # pylint: disable=import-outside-toplevel
+  from fastadv_jax import autoattack  # pylint: disable=import-outside-toplevel
   from fastadv_jax.data import datasets
 
   compile_s = collections.Counter()
@@ -46,7 +46,8 @@ def main() -> None:
   test = datasets.load_split(config.dataset, "test", config.data_dir, config.download)
   x = test.images[:args.n].astype(np.float32) / 255.0
   y = test.labels[:args.n]
-  model = models.create_model(config, datasets.NUM_CLASSES[config.dataset], half_precision=False)
+  model = model_config.create_model(config, datasets.NUM_CLASSES[config.dataset],
+                                    half_precision=False)
   apply_fn = lambda v, z, _key: model.apply(v, z, train=False)  # noqa: E731
   aa = autoattack.AutoAttack(apply_fn, autoattack.output_classes(apply_fn, variables, x.shape[1:]),
                              config.eps, args.attacks, progress=False,

@@ -40,10 +40,10 @@ xla_cpu.apply()
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fastadv_jax import autoattack, models, parallel
+from fastadv_jax import autoattack, parallel
 from fastadv_jax.data import datasets
 from fastadv_jax.interop import torch_interop
-from fastadv_jax.training import saved_run
+from fastadv_jax.training import model_config, saved_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
@@ -70,7 +70,8 @@ def run_jax(config, variables, x, y, seed: int, batch_size: int, norm: str = "Li
             eps: float | None = None) -> tuple:
   """The Evaluator's AutoAttack (same apply_fn, devices and batch size), with each phase call
   marked with its attack so compilation is attributed to it."""
-  model = models.create_model(config, datasets.NUM_CLASSES[config.dataset], half_precision=False)
+  model = model_config.create_model(config, datasets.NUM_CLASSES[config.dataset],
+                                    half_precision=False)
   apply_fn = lambda v, z, _key: model.apply(v, z, train=False)  # noqa: E731
   aa = autoattack.AutoAttack(
       apply_fn, autoattack.output_classes(apply_fn, variables, x.shape[1:]),

@@ -42,9 +42,10 @@ def conv_shapes(model_name: str, batch: int) -> list[dict]:
   import jax
   import jax.numpy as jnp
 
-  from fastadv_jax import benchmark, models
+  from fastadv_jax import benchmark
+  from fastadv_jax.training import model_config
   c = benchmark.row_config(model_name, "standard", batch, "float32")
-  model = models.create_model(c, 10)
+  model = model_config.create_model(c, 10)
   shape = (batch,) + benchmark.input_shape(model_name)
   variables = model.init(jax.random.key(0), jnp.zeros((1,) + shape[1:]), train=False)
   jaxpr = jax.make_jaxpr(lambda x: model.apply(variables, x, train=True,

@@ -30,8 +30,8 @@ xla_cpu.apply()
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fastadv_jax import models, parallel  # noqa: E402
-from fastadv_jax.training import engines, timing, train_step
+from fastadv_jax import parallel  # noqa: E402
+from fastadv_jax.training import engines, model_config, timing, train_step
 from fastadv_jax.training import train_state as ts  # noqa: E402
 from fastadv_jax.benchmark import input_shape, row_config  # noqa: E402
 
@@ -43,7 +43,7 @@ class EngineTimer:
                n_examples: int):
     c = row_config(model_name, method, batch, "float32")
     c.parallelism = engine_name
-    model = models.create_model(c, 10, bn_axis_name=parallel.AXIS)
+    model = model_config.create_model(c, 10, bn_axis_name=parallel.AXIS)
     state = ts.create_train_state(c, model, jax.random.key(0), input_shape(model_name), 1000,
                                   n_examples=n_examples)
     self.engine = engines.create(engine_name, jax.local_devices()[:n_dev])

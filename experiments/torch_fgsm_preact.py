@@ -7,7 +7,7 @@ this library's PyTorch PreActResNet18 (fastadv_jax/interop/torch_models.py, one 
 cheaper on CPU than the JAX trainer's run with its periodic diagnostics, and it goes through the
 importer users get. Run with the PyTorch environment:
 
-  .venv/bin/python -c "import numpy as np; from fastadv_jax import datasets; \
+  .venv/bin/python -c "import numpy as np; from fastadv_jax.data import datasets; \
       t = datasets.load_split('fashion_mnist', 'train', '', False); \
       np.savez('/tmp/fmnist10k.npz', x=t.images[:10000], y=t.labels[:10000])"
   .venv-torch/bin/python experiments/torch_fgsm_preact.py --data=/tmp/fmnist10k.npz \
@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fastadv_jax"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fastadv_jax",
+                                "interop"))
 import torch_models  # noqa: E402  (self-contained: torch, numpy and the standard library only)
 
 

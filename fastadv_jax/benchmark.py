@@ -39,7 +39,7 @@ import resource
 from fastadv_jax import cli, methods, models, parallel
 from fastadv_jax.configs import common, default
 from fastadv_jax.runtime import plugins, xla_cpu
-from fastadv_jax.training import evaluation, timing, train_step
+from fastadv_jax.training import evaluation, model_config, timing, train_step
 from fastadv_jax.training import train_state as ts
 
 # Every preset of the method registry, plus variants of GradAlign. gradalign_full: through g1
@@ -60,7 +60,10 @@ def row_config(model: str, method: str, batch: int, dtype: str, width: int = 16)
   """A default config set up for one benchmark row (eps 8/255, lambda 0.2 as CIFAR-10)."""
   c = default.get_config()
   c.model, c.batch_size, c.half_precision = model, batch, dtype == "bfloat16"
-  c.n_filters = width if model == "small_cnn" else 4
+  if model == "small_cnn":
+    c.model_args.small_cnn.n_filters = width
+  elif model == "cnn":
+    c.model_args.cnn.n_filters = 4
   c.eps = 8 / 255
   preset = "gradalign" if method.startswith("gradalign") else method
   common.apply_preset(c, preset)
@@ -89,7 +92,7 @@ def _compiled_costs(c, model_name: str) -> dict:
   buffers plus its arguments and outputs (train state and batch)."""
   out = {"flops_per_step": None}
   try:
-    model = models.create_model(c, 10)
+    model = model_config.create_model(c, 10)
     state = ts.create_train_state(c, model, jax.random.key(0), input_shape(model_name), 1000,
                                   n_examples=c.batch_size)
     fn = jax.jit(train_step.make_train_step(c, model, 1000, axis_name=None))
@@ -123,7 +126,7 @@ class StepTimer:
     c = row_config(model_name, method, batch, dtype, width)
     devices = jax.local_devices()
     n = len(devices)
-    model = models.create_model(c, 10, bn_axis_name=parallel.AXIS)
+    model = model_config.create_model(c, 10, bn_axis_name=parallel.AXIS)
     # Per-example state (FGSM-PGI's buffers) for as many examples as one batch holds.
     state = ts.create_train_state(c, model, jax.random.key(0), input_shape(model_name), 1000,
                                   n_examples=batch)
@@ -176,7 +179,7 @@ def bench_group(specs: list[dict], windows: int, steps: int, width: int = 16,
 
 def bench_eval(model_name: str, n_points: int, width: int = 16) -> dict:
   c = row_config(model_name, "standard", 128, "float32", width)
-  model = models.create_model(c, 10, half_precision=False)
+  model = model_config.create_model(c, 10, half_precision=False)
   variables = model.init(jax.random.key(0), jnp.zeros((1,) + input_shape(model_name)),
                          train=False)
   ev = evaluation.Evaluator(model, batch_size=min(500, n_points))

@@ -51,7 +51,7 @@ from fastadv_jax import autoattack, cli, models
 from fastadv_jax.cli import distributed_flags
 from fastadv_jax.data import datasets
 from fastadv_jax.runtime import cli_logging, compilation_cache, distributed, plugins, xla_cpu
-from fastadv_jax.training import checkpointing, evaluation, saved_run, workdir
+from fastadv_jax.training import checkpointing, evaluation, model_config, saved_run, workdir
 
 FLAGS = flags.FLAGS
 # AutoAttack's iteration and query budgets (the reference's); evaluate passes the flags' values.
@@ -197,7 +197,8 @@ def main(argv):
   n = len(test) if n_eval == -1 else min(n_eval, len(test))
   if n < jax.process_count():
     raise UsageError(f"--n_eval: {n} points cannot be split over {jax.process_count()} processes")
-  model = models.create_model(config, datasets.NUM_CLASSES[config.dataset], half_precision=False)
+  model = model_config.create_model(config, datasets.NUM_CLASSES[config.dataset],
+                                    half_precision=False)
   ev = evaluation.Evaluator(model, config.eval_batch_size, step_alpha=config.eval_step_alpha,
                            norm=FLAGS.norm)
   x, y = test.images[:n], test.labels[:n]

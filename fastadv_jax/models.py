@@ -1,13 +1,15 @@
 """The paper's models in Flax Linen, and the open registry that names them.
 
-Each model is one `ModelSpec` record: how to build it from a config, the XLA:CPU flags it runs
-with, what GradAlign's `grad_align_derivative="auto"` resolves to for it, and its PyTorch layout.
-Everything that depends on the model (create_model, config_validation, xla_cpu, gradalign,
-torch_interop) reads that record, so a model defined outside the package is one
-`models.register(ModelSpec(...))` in a plugin module (fastadv_jax/runtime/plugins.py).
+Each model is one `ModelSpec` record: its hyperparameters (`args`, a frozen dataclass with
+defaults; in a config `model_args.<model>.<field>`), how to build it from them, the XLA:CPU flags
+it runs with, what GradAlign's `grad_align_derivative="auto"` resolves to for it, and its
+PyTorch layout. Everything that depends on the model (create_model, config validation, the
+command lines' XLA flags, the step's GradAlign, torch_interop) reads that record, so a model
+defined outside the package, with fields of its own, is one `models.register(ModelSpec(...))` in
+a plugin module (fastadv_jax/runtime/plugins.py).
 
-All models take images in [0, 1] (NHWC: eps lives in pixel space); a config with `input_mean` /
-`input_std` makes create_model wrap the model in `InputNormalization`, which computes
+All models take images in [0, 1] (NHWC: eps lives in pixel space); `input_mean` / `input_std`
+make create_model wrap the model in `InputNormalization`, which computes
 (x - mean) / std first and leaves the parameters as they are (same names, same values). They compute
 in `dtype` (bfloat16 for mixed precision) with float32 parameters, and return float32 logits.
 `bn_axis_name` makes BatchNorm average its batch statistics over a pmapped axis, so that an
@@ -23,7 +25,6 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from fastadv_jax import registry
@@ -31,7 +32,7 @@ from fastadv_jax.runtime import xla_cpu
 
 __all__ = [
     "ModelSpec", "TorchEntry", "TorchLayout", "register", "unregister", "get", "names",
-    "create_model",
+    "create_model", "xla_flags", "CNNArgs", "SmallCNNArgs", "PreActResNet18Args", "WideResNetArgs",
     "PreActResNet18", "PreActBlock", "WideResNet", "PaperCNN", "SmallCNN", "max_pool_2x2",
     "ResNetConv", "InputNormalization", "DERIVATIVES", "TORCH_KINDS",
 ]
@@ -295,7 +296,7 @@ class SmallCNN(nn.Module):
 DERIVATIVES = ("jvp", "double_backprop")
 TORCH_KINDS = ("conv", "conv_bias", "dense", "dense_flat", "bn")
 
-BuildFn = Callable[[ml_collections.ConfigDict, int, Dtype, "str | None"], nn.Module]
+BuildFn = Callable[[Any, int, Dtype, "str | None"], nn.Module]  # (args, classes, dtype, axis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,7 +317,7 @@ class TorchEntry:
 class TorchLayout:
   """A model's PyTorch layout, which torch_interop exports to and imports from.
 
-  `entries(config, params, image_shape)` lists its layers in the state_dict; `kwargs(config,
+  `entries(args, params, image_shape)` lists its layers in the state_dict; `kwargs(args,
   num_classes, image_shape)` are the constructor arguments written to the export's spec.json
   (with `"architecture": <model name>`); `module_file` is the self-contained PyTorch file copied
   next to the export as model.py, whose `load(export_dir)` rebuilds the module (None: this
@@ -327,10 +328,10 @@ class TorchLayout:
   Import is strict: every key of a state_dict must be one the entries read, except
   `unused_prefixes` (keys of this architecture's checkpoints that its forward pass never reads,
   e.g. the `sub_block1.` of RobustBench's WideResNets). `fields(state_dict)`, when given, reads
-  the config fields that size the architecture off a state_dict, so that a refused import can
-  say which architecture the file holds (e.g. {"wrn_depth": 34, "wrn_widen": 10})."""
-  entries: Callable[[ml_collections.ConfigDict, Mapping, tuple], list[TorchEntry]]
-  kwargs: Callable[[ml_collections.ConfigDict, int, tuple], dict]
+  the args fields that size the architecture off a state_dict, so that a refused import can
+  say which architecture the file holds (e.g. {"depth": 34, "widen": 10})."""
+  entries: Callable[[Any, Mapping, tuple], list[TorchEntry]]
+  kwargs: Callable[[Any, int, tuple], dict]
   module_file: str | None = None
   unused_prefixes: tuple[str, ...] = ()
   fields: Callable[[Mapping], dict] | None = None
@@ -341,8 +342,11 @@ class ModelSpec:
   """Everything the library needs to know about one model, in one place.
 
   name: the value of `config.model`.
-  build: `build(config, num_classes, dtype, bn_axis_name) -> nn.Module`; reads the config
-    fields it needs itself (images in [0, 1], NHWC; float32 logits).
+  build: `build(args, num_classes, dtype, bn_axis_name) -> nn.Module`, where `args` is an
+    instance of `args` (images in [0, 1], NHWC; float32 logits).
+  args: its hyperparameters, a frozen dataclass type whose defaults are the usual values and
+    whose `__post_init__` refuses values it cannot build (registry.check); in a config they
+    are `model_args.<name>.<field>` (`--config.model_args.cnn.n_filters=8`).
   xla_flags: the XLA_FLAGS it runs with on CPU (xla_cpu.CNN_FLAGS or RESNET_FLAGS; measured in
     BENCHMARKS.md), applied by the command lines before JAX's backend starts.
   gradalign_derivative: what `grad_align_derivative="auto"` resolves to: "jvp" or
@@ -352,6 +356,7 @@ class ModelSpec:
   """
   name: str
   build: BuildFn
+  args: type = registry.NoArgs
   xla_flags: Mapping[str, str] = dataclasses.field(default_factory=lambda: xla_cpu.CNN_FLAGS)
   gradalign_derivative: str = "double_backprop"
   torch: TorchLayout | None = None
@@ -362,11 +367,22 @@ class ModelSpec:
       raise ValueError(f"ModelSpec.name must be a non-empty string, got {self.name!r}")
     if not callable(self.build):
       raise ValueError(f"ModelSpec {self.name!r}: build must be callable")
+    if not registry.is_args_type(self.args):
+      raise ValueError(f"ModelSpec {self.name!r}: args must be a dataclass type, got {self.args!r}")
     if self.gradalign_derivative not in DERIVATIVES:
       raise ValueError(f"ModelSpec {self.name!r}: gradalign_derivative must be one of "
                        f"{DERIVATIVES}, got {self.gradalign_derivative!r}")
     if self.torch is not None and not isinstance(self.torch, TorchLayout):
       raise ValueError(f"ModelSpec {self.name!r}: torch must be a TorchLayout or None")
+
+  @property
+  def arg_names(self) -> tuple[str, ...]:
+    return registry.arg_names(self.args)
+
+  def make_args(self, values: Mapping[str, Any] | None = None) -> Any:
+    """The args record from plain values (missing fields take their defaults); ArgError names
+    a bad or unknown field."""
+    return registry.make_args(self.args, values, self.name)
 
 
 _REGISTRY: registry.Registry[ModelSpec] = registry.Registry(
@@ -422,49 +438,86 @@ def penultimate_features(apply: Callable[[jax.Array], jax.Array], x: jax.Array
   return seen[-1].reshape((x.shape[0], -1)), logits
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int,
-                 bn_axis_name: str | None = None, half_precision: bool | None = None) -> nn.Module:
-  """Builds the model named by `config.model`, inside InputNormalization when the config sets
-  `input_mean` / `input_std`; `half_precision` overrides the config's."""
-  half = config.half_precision if half_precision is None else half_precision
-  dtype = jnp.bfloat16 if half else jnp.float32
-  try:
-    spec = get(config.model)
-  except ValueError as e:
-    raise ValueError(f"config.model: {e}") from None
-  model = spec.build(config, num_classes, dtype, bn_axis_name)
-  mean, std = tuple(config.get("input_mean", ())), tuple(config.get("input_std", ()))
+def create_model(name: str, num_classes: int, *, args: Any = None, half_precision: bool = False,
+                 input_mean: tuple = (), input_std: tuple = (),
+                 bn_axis_name: str | None = None) -> nn.Module:
+  """Builds model `name` with its args record (default: its defaults), computing in bfloat16
+  when `half_precision`; inside InputNormalization when `input_mean` / `input_std` are given."""
+  spec = get(name)
+  dtype = jnp.bfloat16 if half_precision else jnp.float32
+  model = spec.build(spec.make_args() if args is None else args, num_classes, dtype, bn_axis_name)
+  mean, std = tuple(input_mean), tuple(input_std)
   if not mean and not std:
-    return model  # the model itself: nothing changes for a config without normalisation
+    return model  # the model itself: nothing changes without normalisation
   return InputNormalization(model, tuple(map(float, mean)), tuple(map(float, std)))
 
 
 # ----------------------------------------------------------------------------------------------
 # The built-in models' records.
 
-def _build_preact_resnet18(config, num_classes, dtype, bn_axis_name) -> nn.Module:
+@dataclasses.dataclass(frozen=True)
+class PreActResNet18Args:
+  stage_widths: tuple[int, ...] = (64, 128, 256, 512)  # the paper's
+
+  def __post_init__(self):
+    registry.check(len(self.stage_widths) == 4 and min(self.stage_widths) >= 1, "stage_widths",
+                   f"must be 4 positive stage widths, got {tuple(self.stage_widths)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class WideResNetArgs:
+  depth: int = 28   # 28 or 34: RobustBench's WRN-28-10 / WRN-34-10
+  widen: int = 10   # the widening factor k
+
+  def __post_init__(self):
+    registry.check(self.depth >= 10 and (self.depth - 4) % 6 == 0, "depth",
+                   f"must be 6n + 4 with n >= 1 (e.g. 28, 34), got {self.depth}")
+    registry.check(self.widen >= 1, "widen", f"must be >= 1, got {self.widen}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CNNArgs:
+  n_filters: int = 16  # filters per conv layer
+  n_layers: int = 1
+
+  def __post_init__(self):
+    registry.check(self.n_filters >= 1, "n_filters", f"must be >= 1, got {self.n_filters}")
+    registry.check(self.n_layers >= 1, "n_layers", f"must be >= 1, got {self.n_layers}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SmallCNNArgs:
+  n_filters: int = 16  # the first conv's filters (the second has twice as many)
+  use_batch_norm: bool = True
+
+  def __post_init__(self):
+    registry.check(self.n_filters >= 1, "n_filters", f"must be >= 1, got {self.n_filters}")
+
+
+def _build_preact_resnet18(args: PreActResNet18Args, num_classes, dtype, bn_axis_name
+                           ) -> nn.Module:
   return PreActResNet18(num_classes=num_classes, dtype=dtype, bn_axis_name=bn_axis_name,
-                        stage_widths=tuple(config.resnet_widths))
+                        stage_widths=tuple(args.stage_widths))
 
 
-def _build_resnet18(config, num_classes, dtype, bn_axis_name) -> nn.Module:
-  del config
+def _build_resnet18(args: registry.NoArgs, num_classes, dtype, bn_axis_name) -> nn.Module:
+  del args
   return ResNet18(num_classes=num_classes, dtype=dtype, bn_axis_name=bn_axis_name)
 
 
-def _build_wide_resnet(config, num_classes, dtype, bn_axis_name) -> nn.Module:
-  return WideResNet(num_classes=num_classes, depth=config.wrn_depth, widen=config.wrn_widen,
+def _build_wide_resnet(args: WideResNetArgs, num_classes, dtype, bn_axis_name) -> nn.Module:
+  return WideResNet(num_classes=num_classes, depth=args.depth, widen=args.widen,
                     dtype=dtype, bn_axis_name=bn_axis_name)
 
 
-def _build_cnn(config, num_classes, dtype, bn_axis_name) -> nn.Module:
-  return PaperCNN(num_classes=num_classes, n_filters=config.n_filters, n_layers=config.n_layers,
+def _build_cnn(args: CNNArgs, num_classes, dtype, bn_axis_name) -> nn.Module:
+  return PaperCNN(num_classes=num_classes, n_filters=args.n_filters, n_layers=args.n_layers,
                   dtype=dtype, bn_axis_name=bn_axis_name)
 
 
-def _build_small_cnn(config, num_classes, dtype, bn_axis_name) -> nn.Module:
-  return SmallCNN(num_classes=num_classes, width=config.n_filters,
-                  use_batch_norm=config.use_batch_norm, dtype=dtype, bn_axis_name=bn_axis_name)
+def _build_small_cnn(args: SmallCNNArgs, num_classes, dtype, bn_axis_name) -> nn.Module:
+  return SmallCNN(num_classes=num_classes, width=args.n_filters,
+                  use_batch_norm=args.use_batch_norm, dtype=dtype, bn_axis_name=bn_axis_name)
 
 
 # PyTorch layouts of the original code (torch_models.py): Wong et al.'s PreActResNet18, the
@@ -484,8 +537,8 @@ def _preact_block_entries(torch_prefix: str, flax_name: str, params: Mapping, sh
   return out
 
 
-def _preact_resnet18_torch_entries(config, params, image_shape) -> list[TorchEntry]:
-  del config, image_shape
+def _preact_resnet18_torch_entries(args, params, image_shape) -> list[TorchEntry]:
+  del args, image_shape
   out = [TorchEntry("conv1", ("conv1",), "conv")]
   for stage in range(4):
     for block in range(2):
@@ -494,26 +547,26 @@ def _preact_resnet18_torch_entries(config, params, image_shape) -> list[TorchEnt
   return out + [TorchEntry("bn", ("bn",), "bn"), TorchEntry("linear", ("linear",), "dense")]
 
 
-def _wide_resnet_torch_entries(config, params, image_shape) -> list[TorchEntry]:
+def _wide_resnet_torch_entries(args, params, image_shape) -> list[TorchEntry]:
   # RobustBench's WideResNet (TRADES' code): block{1,2,3}.layer.<i>, `convShortcut` where the
   # block changes the width (our PreActBlock's `shortcut`: the same blocks), final `bn1`, `fc`.
   del image_shape
   out = [TorchEntry("conv1", ("conv1",), "conv")]
   for group in range(1, 4):
-    for block in range((config.wrn_depth - 4) // 6):
+    for block in range((args.depth - 4) // 6):
       out += _preact_block_entries(f"block{group}.layer.{block}", f"block{group}_{block}",
                                    params, "convShortcut")
   return out + [TorchEntry("bn1", ("bn",), "bn"), TorchEntry("fc", ("linear",), "dense")]
 
 
 def _wide_resnet_torch_fields(state_dict: Mapping) -> dict:
-  """wrn_depth and wrn_widen of a WideResNet state_dict: blocks per group from block1's layer
-  indices (depth = 6 n + 4), widen from its first conv's output channels (16 x widen)."""
+  """depth and widen of a WideResNet state_dict: blocks per group from block1's layer indices
+  (depth = 6 n + 4), widen from its first conv's output channels (16 x widen)."""
   blocks = {k.split(".")[2] for k in state_dict if k.startswith("block1.layer.")}
-  out = {"wrn_depth": 6 * len(blocks) + 4}
+  out = {"depth": 6 * len(blocks) + 4}
   first = state_dict.get("block1.layer.0.conv1.weight")
   if first is not None and np.ndim(first) == 4 and np.shape(first)[0] % 16 == 0:
-    out["wrn_widen"] = np.shape(first)[0] // 16
+    out["widen"] = np.shape(first)[0] // 16
   return out
 
 
@@ -528,63 +581,65 @@ def _cnn_torch_fields(state_dict: Mapping) -> dict:
   return out
 
 
-def _wide_resnet_torch_kwargs(config, num_classes, image_shape) -> dict:
-  return dict(depth=config.wrn_depth, num_classes=num_classes, widen_factor=config.wrn_widen,
+def _wide_resnet_torch_kwargs(args, num_classes, image_shape) -> dict:
+  return dict(depth=args.depth, num_classes=num_classes, widen_factor=args.widen,
               in_channels=image_shape[2])
 
 
-def _preact_resnet18_torch_kwargs(config, num_classes, image_shape) -> dict:
+def _preact_resnet18_torch_kwargs(args, num_classes, image_shape) -> dict:
   return dict(num_classes=num_classes, in_channels=image_shape[2],
-              stage_widths=list(config.resnet_widths))
+              stage_widths=list(args.stage_widths))
 
 
-def _cnn_torch_entries(config, params, image_shape) -> list[TorchEntry]:
+def _cnn_torch_entries(args, params, image_shape) -> list[TorchEntry]:
   del params
   h, w, _ = image_shape
   out = [TorchEntry(f"_model.{2 * i}", (f"conv{i}",), "conv_bias")
-         for i in range(config.n_layers)]
-  return out + [TorchEntry(f"_model.{2 * config.n_layers + 1}", ("linear",), "dense_flat",
-                           (h, w, config.n_filters))]
+         for i in range(args.n_layers)]
+  return out + [TorchEntry(f"_model.{2 * args.n_layers + 1}", ("linear",), "dense_flat",
+                           (h, w, args.n_filters))]
 
 
-def _cnn_torch_kwargs(config, num_classes, image_shape) -> dict:
+def _cnn_torch_kwargs(args, num_classes, image_shape) -> dict:
   h, w, c = image_shape
   return dict(num_classes=num_classes, in_channels=c, height=h, width=w,
-              n_filters=config.n_filters, n_layers=config.n_layers)
+              n_filters=args.n_filters, n_layers=args.n_layers)
 
 
-def _small_cnn_torch_entries(config, params, image_shape) -> list[TorchEntry]:
+def _small_cnn_torch_entries(args, params, image_shape) -> list[TorchEntry]:
   del params
   h, w, _ = image_shape
   out = []
-  kind = "conv" if config.use_batch_norm else "conv_bias"
+  kind = "conv" if args.use_batch_norm else "conv_bias"
   for i in range(2):
     out.append(TorchEntry(f"conv{i}", (f"conv{i}",), kind))
-    if config.use_batch_norm:
+    if args.use_batch_norm:
       out.append(TorchEntry(f"bn{i}", (f"bn{i}",), "bn"))
-  return out + [TorchEntry("fc", ("fc",), "dense_flat", (h // 4, w // 4, 2 * config.n_filters)),
+  return out + [TorchEntry("fc", ("fc",), "dense_flat", (h // 4, w // 4, 2 * args.n_filters)),
                 TorchEntry("linear", ("linear",), "dense")]
 
 
-def _small_cnn_torch_kwargs(config, num_classes, image_shape) -> dict:
+def _small_cnn_torch_kwargs(args, num_classes, image_shape) -> dict:
   h, w, c = image_shape
   return dict(num_classes=num_classes, in_channels=c, height=h, width=w,
-              n_filters=config.n_filters, use_batch_norm=config.use_batch_norm)
+              n_filters=args.n_filters, use_batch_norm=args.use_batch_norm)
 
 
 # The flags and derivative modes as measured (BENCHMARKS.md; xla_cpu's docstring, item 1): the
 # ResNets run with YNNPACK's convolutions off and GradAlign by jvp (1.6-1.7x faster there); the
 # CNNs with oneDNN and double backpropagation (as fast or faster).
-register(ModelSpec("preact_resnet18", _build_preact_resnet18, xla_cpu.RESNET_FLAGS, "jvp",
+register(ModelSpec("preact_resnet18", _build_preact_resnet18, PreActResNet18Args,
+                   xla_cpu.RESNET_FLAGS, "jvp",
                    TorchLayout(_preact_resnet18_torch_entries, _preact_resnet18_torch_kwargs)))
-register(ModelSpec("resnet18", _build_resnet18, xla_cpu.RESNET_FLAGS, "jvp"))
-register(ModelSpec("wide_resnet", _build_wide_resnet, xla_cpu.RESNET_FLAGS, "jvp",
+register(ModelSpec("resnet18", _build_resnet18, registry.NoArgs, xla_cpu.RESNET_FLAGS, "jvp"))
+register(ModelSpec("wide_resnet", _build_wide_resnet, WideResNetArgs, xla_cpu.RESNET_FLAGS, "jvp",
                    TorchLayout(_wide_resnet_torch_entries, _wide_resnet_torch_kwargs,
                                unused_prefixes=("sub_block1.",),
                                fields=_wide_resnet_torch_fields)))
-register(ModelSpec("cnn", _build_cnn, xla_cpu.CNN_FLAGS, "double_backprop",
+register(ModelSpec("cnn", _build_cnn, CNNArgs, xla_cpu.CNN_FLAGS, "double_backprop",
                    TorchLayout(_cnn_torch_entries, _cnn_torch_kwargs,
                                fields=_cnn_torch_fields)))
-register(ModelSpec("small_cnn", _build_small_cnn, xla_cpu.CNN_FLAGS, "double_backprop",
+register(ModelSpec("small_cnn", _build_small_cnn, SmallCNNArgs, xla_cpu.CNN_FLAGS,
+                   "double_backprop",
                    TorchLayout(_small_cnn_torch_entries, _small_cnn_torch_kwargs),
                    input_shape=(28, 28, 1)))

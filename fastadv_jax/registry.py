@@ -1,16 +1,22 @@
 """A name -> record table open to code outside the package: the one implementation behind the
 method, model and AutoAttack-component registries (methods/, models.py, autoattack/component.py).
 
-Records are immutable dataclasses named by a `name` field. Registering the same record again is a
+Records are immutable dataclasses named by a `name` field. A record chosen by name may own
+hyperparameters: a frozen dataclass type (`args`) whose defaults are the published values and
+whose `__post_init__` refuses values it cannot run with (`check`); `make_args` builds one from a
+config's plain values. Methods and models share this (`config.method_args.<method>.<field>`,
+`config.model_args.<model>.<field>`). Registering the same record again is a
 no-op (a plugin module imported twice), and a *different* record under a taken name is refused,
 so one name never means two things in a process. Reads go to the live table, so everything that
 validates or lists names sees what plugins registered after import time.
 """
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+import dataclasses
+import typing
+from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
-__all__ = ["Registry"]
+__all__ = ["ArgError", "NoArgs", "Registry", "arg_names", "check", "make_args"]
 
 R = TypeVar("R")
 
@@ -57,3 +63,56 @@ class Registry(Generic[R]):
 
   def __iter__(self) -> Iterator[R]:
     return iter(list(self._records.values()))
+
+
+class ArgError(ValueError):
+  """A hyperparameter out of range; `field` names it (for `config.<kind>_args.<name>.<field>`)."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(f"{field}: {message}")
+    self.field, self.message = field, message
+
+
+def check(cond: bool, field: str, message: str) -> None:
+  """For an args record's `__post_init__`: ArgError naming `field` unless `cond`."""
+  if not cond:
+    raise ArgError(field, message)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoArgs:
+  """The hyperparameters of a record that has none of its own."""
+
+
+def is_args_type(args: Any) -> bool:
+  return dataclasses.is_dataclass(args) and isinstance(args, type)
+
+
+def arg_names(args: type) -> tuple[str, ...]:
+  return tuple(f.name for f in dataclasses.fields(args))
+
+
+def make_args(args: type, values: Mapping[str, Any] | None, owner: str) -> Any:
+  """An `args` record from a mapping of field values (missing fields take their defaults),
+  each converted to the field's declared type (a list to a tuple for tuple fields); ArgError
+  names a bad or unknown field. `owner` names the record for the message (e.g. "nfgsm")."""
+  values = dict(values or {})
+  names = arg_names(args)
+  unknown = sorted(set(values) - set(names))
+  if unknown:
+    raise ArgError(unknown[0], f"not a hyperparameter of {owner} (it has "
+                   f"{', '.join(names) or 'none'})")
+  hints = typing.get_type_hints(args)
+  converted = {}
+  for k, v in values.items():
+    t = hints.get(k)
+    if t in (int, float) and isinstance(v, (int, float)) and not isinstance(v, bool):
+      if t is int and float(v) != int(v):
+        raise ArgError(k, f"must be an integer, got {v}")
+      v = t(v)
+    elif t in (int, float, bool, str) and not isinstance(v, t):
+      raise ArgError(k, f"must be {t.__name__}, got {v!r}")
+    elif typing.get_origin(t) is tuple and isinstance(v, (list, tuple)):
+      v = tuple(v)
+    converted[k] = v
+  return args(**converted)

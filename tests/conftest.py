@@ -56,7 +56,8 @@ with tfds.testing.mock_data(num_examples=48):
 
 # The default config shrunk for a command-line run on MOCK_DATA_CLI's data: 3 iterations of 16,
 # diagnostics and the final PGD on 16 points. A later --config.<field> overrides one of these.
-TINY_CLI = ["--config.n_filters=4", "--config.batch_size=16", "--config.num_epochs=1",
+TINY_CLI = ["--config.model_args.small_cnn.n_filters=4", "--config.model_args.cnn.n_filters=4",
+            "--config.batch_size=16", "--config.num_epochs=1",
             "--config.n_eval_points=16", "--config.eval_pgd_steps=2", "--config.n_final_eval=16",
             "--config.final_pgd_steps=2", "--config.final_pgd_restarts=1",
             "--config.eval_batch_size=16", "--config.progress_bar=False",
@@ -149,9 +150,12 @@ def load_config(name: str = "default", arg: str | None = None):
 
 
 def tiny_config(**overrides):
-  """The default config shrunk to run in seconds on mock data."""
+  """The default config shrunk to run in seconds on mock data (4-filter CNNs). An override that
+  is not a config field but a hyperparameter of the config's model (after a `model` override)
+  sets `model_args.<model>.<field>`: tiny_config(model="cnn", n_layers=2)."""
   c = load_config()
-  c.n_filters = 4
+  c.model_args.small_cnn.n_filters = 4
+  c.model_args.cnn.n_filters = 4
   c.batch_size = 16
   c.num_epochs = 2
   c.log_every = 2
@@ -165,12 +169,18 @@ def tiny_config(**overrides):
   c.eval_batch_size = 16
   c.progress_bar = False
   c.data_dir = "/nonexistent-use-mock"
+  own = {}
   for k, v in overrides.items():
-    if k == "method_args":  # {method: {field: value}}: a method's own hyperparameters
-      for method, values in v.items():
-        c.method_args[method].update(values)
-    else:
+    if k in ("method_args", "model_args"):  # {name: {field: value}}: a record's own fields
+      for name, values in v.items():
+        c[k][name].update(values)
+    elif k in c:
       c[k] = v
+    else:
+      own[k] = v
+  for k, v in own.items():
+    assert k in c.model_args.get(c.model, {}), f"{k}: not a config field nor an arg of {c.model}"
+    c.model_args[c.model][k] = v
   return c
 
 

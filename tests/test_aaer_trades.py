@@ -11,7 +11,7 @@ from conftest import tiny_config
 from fastadv_jax import attacks, losses, methods, models, parallel, randomness
 from fastadv_jax.methods import aaer, trades
 from fastadv_jax.methods.base import AttackInputs, RegularizerInputs
-from fastadv_jax.training import train_step
+from fastadv_jax.training import model_config, train_step
 from fastadv_jax.training import train_state as ts
 from test_train_step import N_DEV, N_EXAMPLES, _batch, DEVICE_SPLIT_RTOL, _max_rel_err
 
@@ -297,7 +297,7 @@ def _steps_from_common_states(config, steps=2):
   """`steps` steps on 1 and on N_DEV devices, each step starting both from the 1-device state
   (test_train_step's batches and key), so that a sign step does not amplify the float-rounding
   differences of an earlier step's two updates (~1e-6 relative) from one step to the next."""
-  model = models.create_model(config, 10, bn_axis_name=parallel.AXIS)
+  model = model_config.create_model(config, 10, bn_axis_name=parallel.AXIS)
   start = ts.create_train_state(config, model, jax.random.key(0), (28, 28, 1), 10,
                                 n_examples=N_EXAMPLES)
   fns = {n: parallel.pmap_train_step(train_step.make_train_step(config, model, 10),
@@ -327,7 +327,7 @@ def _steps_from_common_states(config, steps=2):
 def test_pmapped_step_equals_single_device_step(method, extra):
   assert jax.local_device_count() >= N_DEV, "conftest sets JAX_NUM_CPU_DEVICES=8"
   c = tiny_config(method=method, crop_padding=2, flip=True, batch_size=16, **extra)
-  init = ts.create_train_state(c, models.create_model(c, 10, bn_axis_name=parallel.AXIS),
+  init = ts.create_train_state(c, model_config.create_model(c, 10, bn_axis_name=parallel.AXIS),
                                jax.random.key(0), (28, 28, 1), 10, n_examples=N_EXAMPLES)
   regs = []
   for now in _steps_from_common_states(c):

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from conftest import ROOT, load_config
-from fastadv_jax.training import schedules
+from fastadv_jax.training import config_validation, schedules, workdir
 from fastadv_jax.training.config_validation import ConfigError, validate_config
 
 
@@ -126,14 +126,49 @@ def test_cli_sets_method_args_and_names_moved_fields(tmp_path):
 
 
 def test_old_config_json_is_migrated():
-  from fastadv_jax.training.config_validation import (migrate_stored_config)  # pylint: disable=import-outside-toplevel
   old = {"method": "gat", "eps": 0.1, "fgsm_alpha": 1.0, "gat_lambda": 3.0, "guided_init": 0.5,
          "pgd_steps": 10, "nfgsm_noise": 2.0}
-  assert migrate_stored_config(old) == {
+  assert config_validation.migrate_stored_config(old) == {
       "method": "gat", "eps": 0.1, "method_args": {"gat": {"alpha": 1.0, "lam": 3.0,
-                                                             "init": 0.5}}}
-  new = {"method": "gat", "method_args": {"gat": {"lam": 2.0}}}
-  assert migrate_stored_config(new) is new
+                                                             "init": 0.5}}, "model_args": {}}
+  # The model's sizes move to model_args.<model>; another model's are dropped.
+  old = {"method": "fgsm", "method_args": {}, "model": "wide_resnet", "wrn_depth": 34,
+         "wrn_widen": 10, "n_filters": 16, "resnet_widths": [64, 128, 256, 512]}
+  assert config_validation.migrate_stored_config(old) == {
+      "method": "fgsm", "method_args": {}, "model": "wide_resnet",
+      "model_args": {"wide_resnet": {"depth": 34, "widen": 10}}}
+  new = {"method": "gat", "method_args": {"gat": {"lam": 2.0}}, "model": "cnn",
+         "model_args": {"cnn": {"n_filters": 4}}}
+  assert config_validation.migrate_stored_config(new) is new
+  # An old workdir's config reads back with the run's own sizes.
+  c = workdir.config_from_stored({"model": "cnn", "n_filters": 4, "n_layers": 2,
+                                  "method": "fgsm"})
+  assert (c.model_args.cnn.n_filters, c.model_args.cnn.n_layers) == (4, 2)
+  assert "n_filters" not in c and c.model_args.small_cnn.n_filters == 16  # others: defaults
+
+
+def test_an_old_model_field_says_where_it_went():
+  assert config_validation.moved_field_hint("n_filters") == (
+      "; model hyperparameters are config.model_args.<model>.<field> now: "
+      "model_args.cnn.n_filters, model_args.small_cnn.n_filters")
+  assert "model_args.wide_resnet.depth" in config_validation.moved_field_hint("wrn_depth")
+  assert config_validation.moved_field_hint("not_a_field") == ""
+
+
+def test_model_args_are_checked_by_the_models_record():
+  for field, value, message in (("n_filters", 0, "must be >= 1, got 0"),
+                                ("n_layers", 0, "must be >= 1, got 0")):
+    c = load_config()
+    c.model = "cnn"
+    c.model_args.cnn[field] = value
+    with pytest.raises(ConfigError, match=rf"config.model_args.cnn.{field}: {message}"):
+      validate_config(c, num_devices=1)
+  c = load_config()
+  c.model, c.model_args.wide_resnet.depth = "wide_resnet", 27
+  with pytest.raises(ConfigError, match=r"model_args.wide_resnet.depth: must be 6n \+ 4"):
+    validate_config(c, num_devices=1)
+  c.model = "cnn"  # another model's args are not read, so not checked
+  validate_config(c, num_devices=1)
 
 
 def test_batch_must_divide_over_devices():

@@ -13,8 +13,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, tiny_config
-from fastadv_jax import methods, models, parallel
-from fastadv_jax.training import checkpointing, engines, metric_writers, train, train_step
+from fastadv_jax import methods, parallel
+from fastadv_jax.training import (checkpointing, engines, metric_writers, model_config, train,
+                                  train_step)
 from fastadv_jax.training import train_state as ts
 from test_reliability import _Killed, _raise_in
 from test_train_step import N_EXAMPLES, _batch, DEVICE_SPLIT_RTOL, _max_rel_err
@@ -36,7 +37,7 @@ def _config(method, **extra):
 def _run(config, engine, steps=2, n_examples=N_EXAMPLES):
   """`steps` steps of the engine's compiled step on fixed batches; the host state after them
   and each step's logged metrics."""
-  model = models.create_model(config, 10, bn_axis_name=parallel.AXIS)
+  model = model_config.create_model(config, 10, bn_axis_name=parallel.AXIS)
   state = ts.create_train_state(config, model, jax.random.key(0), (28, 28, 1), 10,
                                 n_examples=n_examples)
   fn = engine.compile_step(train_step.make_train_step(config, model, 10))
@@ -101,7 +102,7 @@ def test_state_bytes_count_each_devices_copy():
   copy per device); sharded rows are counted once."""
   devices = jax.local_devices()[:N_DEV]
   c = _config("fgsm_pgi")
-  model = models.create_model(c, 10, bn_axis_name=parallel.AXIS)
+  model = model_config.create_model(c, 10, bn_axis_name=parallel.AXIS)
   state = ts.create_train_state(c, model, jax.random.key(0), (28, 28, 1), 10,
                                 n_examples=N_EXAMPLES)
   rows = sum(np.asarray(t).nbytes for t in state.example_state.values())
@@ -113,7 +114,7 @@ def test_state_bytes_count_each_devices_copy():
 def test_metrics_have_one_row_per_device_as_under_pmap():
   devices = jax.local_devices()[:N_DEV]
   c = _config("fgsm")
-  model = models.create_model(c, 10, bn_axis_name=parallel.AXIS)
+  model = model_config.create_model(c, 10, bn_axis_name=parallel.AXIS)
   state = ts.create_train_state(c, model, jax.random.key(0), (28, 28, 1), 10)
   engine = engines.ShardMapEngine(devices)
   fn = engine.compile_step(train_step.make_train_step(c, model, 10))
@@ -166,7 +167,8 @@ def test_a_shard_map_run_writes_what_a_pmap_run_writes(tmp_path, mock_fashion_mn
   from fastadv_jax.training import saved_run
   _, want, step = saved_run.load_run(str(tmp_path / "cli"), "averaged")
   read = subprocess.run(
-      [sys.executable, "-c", "import sys, numpy as np, jax; from fastadv_jax import saved_run; "
+      [sys.executable, "-c", "import sys, numpy as np, jax; "
+       "from fastadv_jax.training import saved_run; "
        "_, v, s = saved_run.load_run(sys.argv[1], 'averaged'); "
        "np.savez(sys.argv[2], step=s, *jax.tree.leaves(v))",
        str(tmp_path / "cli"), str(tmp_path / "one_device.npz")],

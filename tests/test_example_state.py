@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fastadv_jax import methods, models, parallel
+from fastadv_jax import methods, parallel
 from fastadv_jax.methods.base import AttackInputs, Method, Perturbation
-from fastadv_jax.training import train_step
+from fastadv_jax.training import model_config, train_step
 from fastadv_jax.training import train_state as ts
 
 
@@ -54,7 +54,7 @@ def _batches(steps, n=16):
 
 def _train(n_dev, steps=4):
   c = tiny_config(method="visit_counter", grad_align_lambda=0.0)
-  model = models.create_model(c, 10, bn_axis_name=parallel.AXIS)
+  model = model_config.create_model(c, 10, bn_axis_name=parallel.AXIS)
   state = ts.create_train_state(c, model, jax.random.key(0), (28, 28, 1), 10, n_examples=N)
   fn = parallel.pmap_train_step(train_step.make_train_step(c, model, 10),
                                 devices=jax.local_devices()[:n_dev])

@@ -1,6 +1,7 @@
 """The runnable examples of experiments/examples/ keep working: each runs in a subprocess on tiny
 settings (random data or TFDS mock data) and its printed or written results are checked, so that
 a change in the library API that breaks an example fails here, not in a researcher's copy."""
+import importlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import pytest
 
 from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI
 from fastadv_jax import methods
+from fastadv_jax.training import model_config
 
 EXAMPLES = ROOT / "experiments" / "examples"
 PLUGIN_DIR = EXAMPLES / "plugin_method"
@@ -149,7 +151,8 @@ def test_the_plugin_package_declares_its_entry_point(tmp_path):
   site = tmp_path / "site"
   with zipfile.ZipFile(next(tmp_path.glob("fastat_example-*.whl"))) as whl:
     whl.extractall(site)
-  out = _run([sys.executable, "-c", "from fastadv_jax import methods, plugins; "
+  out = _run([sys.executable, "-c", "from fastadv_jax import methods; "
+              "from fastadv_jax.runtime import plugins; "
               "print(plugins.load_entry_points()); print(methods.get('rfgsm').summary)"],
              _env(site))
   assert RFGSM in out and "R-FGSM" in out
@@ -163,8 +166,12 @@ def test_plugin_model_trains_and_evaluates(tmp_path, monkeypatch, mock_fashion_m
   from fastadv_jax import models  # pylint: disable=import-outside-toplevel
   from fastadv_jax.training import evaluation, saved_run, train
   monkeypatch.syspath_prepend(str(EXAMPLES))
-  config = tiny_config(plugins="plugin_model", model="lenet5", n_filters=6, num_epochs=1)
+  importlib.import_module("plugin_model")  # before the config is built, as the command lines do
+  config = tiny_config(plugins="plugin_model", model="lenet5", width=5, num_epochs=1)
+  assert config.model_args.lenet5.width == 5  # the plugin's own field
   results = train.train_and_evaluate(config, str(tmp_path / "lenet"))
+  models.unregister("lenet5")  # so that reading the run back must import the plugin again
+  monkeypatch.delitem(sys.modules, "plugin_model")
   assert 0.0 <= results["pgd_acc"] <= results["clean_acc"] <= 1.0
   stored = json.loads((tmp_path / "lenet" / "config.json").read_text())
   assert stored["plugin_sources"] == {"plugin_model": {"package": None,
@@ -172,8 +179,10 @@ def test_plugin_model_trains_and_evaluates(tmp_path, monkeypatch, mock_fashion_m
   recorded, variables, _ = saved_run.load_run(str(tmp_path / "lenet"))
   assert recorded.model == "lenet5" and recorded.plugins == "plugin_model"
   assert "lenet5" in models.names()  # the run's plugin, imported again from its config.json
-  assert set(variables["params"]) == set(models.create_model(recorded, 10).init(
+  assert recorded.model_args.lenet5.width == 5
+  assert variables["params"]["conv0"]["kernel"].shape[-1] == 5
+  assert set(variables["params"]) == set(model_config.create_model(recorded, 10).init(
       jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"])
-  ev = evaluation.Evaluator(models.create_model(recorded, 10), 16)
+  ev = evaluation.Evaluator(model_config.create_model(recorded, 10), 16)
   x = np.random.default_rng(0).integers(0, 256, size=(8, 28, 28, 1), dtype=np.uint8)
   assert 0.0 <= ev.clean_accuracy(variables, x, np.arange(8) % 10) <= 1.0

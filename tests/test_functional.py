@@ -16,9 +16,9 @@ import pytest
 from flax import nnx
 
 from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, tiny_config
-from fastadv_jax import attacks, gradalign, losses, methods, models, randomness
+from fastadv_jax import attacks, gradalign, losses, methods, randomness
 from fastadv_jax.methods.base import Method, Perturbation
-from fastadv_jax.training import config_validation, train_step
+from fastadv_jax.training import config_validation, model_config, train_step
 from fastadv_jax.training import train_state as ts
 
 PLUGINS = ROOT / "tests" / "plugins"
@@ -55,7 +55,7 @@ def test_functional_gradalign_on_an_nnx_model_equals_the_trainers_term():
   """Same weights, batch and noise: the trainer's logged GradAlign value equals
   `gradalign.term` on an NNX model, and so do the term's parameter gradients."""
   c = tiny_config(model="cnn", n_filters=4, method="fgsm", grad_align_lambda=0.5, eps=0.1)
-  model = models.create_model(c, 10)
+  model = model_config.create_model(c, 10)
   state = ts.create_train_state(c, model, jax.random.key(0), (28, 28, 1), 10)
   batch, rng = _batch(), jax.random.key(42)
   _, metrics = jax.jit(train_step.make_train_step(c, model, 10, axis_name=None))(
@@ -161,7 +161,7 @@ def test_a_method_registered_at_run_time_is_validated_and_trained_from_the_live_
   assert toy.make_args({"scale": 1}).scale == 1.0 and isinstance(toy.make_args(
       {"scale": 1}).scale, float)
   # One step of the trainer runs it: the perturbation is the constant the record says.
-  model = models.create_model(c, 10)
+  model = model_config.create_model(c, 10)
   state = ts.create_train_state(c, model, jax.random.key(0), (28, 28, 1), 10)
   _, m = jax.jit(train_step.make_train_step(c, model, 10, axis_name=None))(
       state, _batch(), jax.random.key(1))

@@ -219,8 +219,10 @@ def test_a_checkpoint_that_does_not_fit_is_explained_by_what_it_was_written_with
   written = workdir.written_with(config)
   assert written["devices"] == jax.device_count() and written["processes"] == 1
   other = workdir.mismatch_cause(written, tiny_config(n_filters=8, method="pgd"))
-  assert other.startswith('it was written with n_filters=4 (now 8), method="fgsm" (now "pgd"); ')
-  assert 'resume with --config.n_filters=4 --config.method=fgsm,' in other
+  assert other.startswith('it was written with method="fgsm" (now "pgd"), '
+                          'model_args.small_cnn.n_filters=4 (now 8); ')
+  assert ('resume with --config.method=fgsm --config.model_args.small_cnn.n_filters=4,'
+          in other)
   devices = workdir.mismatch_cause(dict(written, devices=2), config)
   assert devices.startswith(f"it was written on 2 device(s) in 1 process(es), this run has "
                             f"{jax.device_count()} in 1: resume it with 2 device(s)")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fastadv_jax import attacks, models, parallel
-from fastadv_jax.training import engines, evaluation, train_step
+from fastadv_jax import attacks, parallel
+from fastadv_jax.training import engines, evaluation, model_config, train_step
 from fastadv_jax.training import train_state as ts
 
 SHAPE = (16, 28, 28, 1)
@@ -21,7 +21,7 @@ SHAPE = (16, 28, 28, 1)
 def _step_program(platform, derivative="double_backprop"):
   c = tiny_config(method="fgsm", grad_align_lambda=0.5, half_precision=True,
                   grad_align_derivative=derivative)
-  model = models.create_model(c, 10)
+  model = model_config.create_model(c, 10)
   state = ts.create_train_state(c, model, jax.random.key(0), SHAPE[1:], 10)
   step = jax.jit(train_step.make_train_step(c, model, 10, axis_name=None))
   batch = {"image": jnp.zeros(SHAPE, jnp.uint8), "label": jnp.zeros(SHAPE[:1], jnp.int32)}
@@ -66,7 +66,7 @@ def test_the_cpu_program_differs_only_where_it_should():
 @pytest.mark.parametrize("platform,rolled", [("cuda", True), ("tpu", True), ("cpu", False)])
 def test_pgd_evaluation_keeps_its_loop_rolled_on_accelerators(platform, rolled):
   c = tiny_config()
-  model = models.create_model(c, 10, half_precision=False)
+  model = model_config.create_model(c, 10, half_precision=False)
   variables = model.init(jax.random.key(0), jnp.zeros((1,) + SHAPE[1:]), train=False)
   ev = evaluation.Evaluator(model, 16, devices=jax.local_devices()[:1])
   carry = attacks.restarts_init(jnp.zeros(SHAPE), jnp.zeros(SHAPE[:1], jnp.int32), True)
@@ -88,7 +88,7 @@ def _engine_step_program(engine_name, platform):
   """The bf16 GradAlign step as each engine runs it on 2 devices, exported for `platform`:
   pmap's (inside a jit, which is how jax.export takes it) and jit + shard_map's."""
   c = tiny_config(method="fgsm", grad_align_lambda=0.5, half_precision=True)
-  model = models.create_model(c, 10, bn_axis_name=parallel.AXIS)
+  model = model_config.create_model(c, 10, bn_axis_name=parallel.AXIS)
   state = ts.create_train_state(c, model, jax.random.key(0), SHAPE[1:], 10)
   step = train_step.make_train_step(c, model, 10)
   engine = engines.create(engine_name, jax.local_devices()[:2])

@@ -11,10 +11,10 @@ import sys
 import pytest
 
 from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, tiny_config
-from fastadv_jax import gradalign, models
+from fastadv_jax import models
 from fastadv_jax.interop import torch_interop
 from fastadv_jax.runtime import xla_cpu
-from fastadv_jax.training import config_validation, saved_run, train_step
+from fastadv_jax.training import config_validation, model_config, saved_run, train_step
 
 PLUGINS = ROOT / "tests" / "plugins"
 NO_YNN_CONV = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
@@ -69,7 +69,7 @@ def test_the_plugin_record_is_what_the_library_reads():
   config = tiny_config(model="my_model", plugins="my_model")
   config_validation.validate_config(config)  # imports config.plugins, then finds the model
   assert models.get("my_model") is plugin.RECORD
-  assert isinstance(models.create_model(config, 10), plugin.MyMLP)
+  assert isinstance(model_config.create_model(config, 10), plugin.MyMLP)
   assert models.xla_flags("my_model") == xla_cpu.RESNET_FLAGS
   assert train_step.derivative_mode(config) == "jvp"
   with pytest.raises(torch_interop.InteropError, match="supports .*not 'my_model'"):
@@ -83,7 +83,8 @@ def test_a_plugin_model_trains_and_evaluates_through_the_command_lines(tmp_path)
              PYTHONPATH=os.pathsep.join(filter(None, [str(PLUGINS), env.get("PYTHONPATH")])))
   argv = [sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.main",
           f"--config={ROOT}/configs/default.py", f"--workdir={wd}"] + TINY_CLI + [
-              "--config.plugins=my_model", "--config.model=my_model", "--config.n_filters=6"]
+              "--config.plugins=my_model", "--config.model=my_model",
+              "--config.model_args.my_model.hidden=6"]
   proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert json.loads((wd / "config.json").read_text())["plugins"] == "my_model"

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import load_config
 from fastadv_jax import models
+from fastadv_jax.training import model_config
 
 
 def _params(model, shape):
@@ -38,7 +39,7 @@ def test_resnet18_parameter_count_matches_the_benchmark_model():
   parameters, and BatchNorm after every convolution (20: stem, 16 in blocks, 3 shortcuts)."""
   c = load_config()
   c.model = "resnet18"
-  variables = _params(models.create_model(c, 10), (1, 32, 32, 3))
+  variables = _params(model_config.create_model(c, 10), (1, 32, 32, 3))
   assert _count(variables["params"]) == 11_173_962
   assert len(jax.tree.leaves(variables["batch_stats"])) == 2 * 20
 
@@ -47,8 +48,8 @@ def test_resnet18_parameter_count_matches_the_benchmark_model():
 def test_wide_resnet_parameter_counts_match_robustbench(depth, params):
   """RobustBench's WRN-28-10 and WRN-34-10 (the published 36.5M and 46.2M)."""
   c = load_config()
-  c.model, c.wrn_depth, c.wrn_widen = "wide_resnet", depth, 10
-  assert _count(_params(models.create_model(c, 10), (1, 32, 32, 3))["params"]) == params
+  c.model, c.model_args.wide_resnet.depth = "wide_resnet", depth
+  assert _count(_params(model_config.create_model(c, 10), (1, 32, 32, 3))["params"]) == params
 
 
 @pytest.mark.parametrize("depth", [28, 34, 70])
@@ -57,7 +58,8 @@ def test_wide_resnet_parameter_counts_by_hand(depth, widen):
   """Counted by hand (jax.eval_shape: WRN-70-16 allocates nothing): stem conv of 16, per block
   BN (2 x in), conv3x3, BN, conv3x3 and a 1x1 shortcut where the width changes; BN, linear."""
   c = load_config()
-  c.model, c.wrn_depth, c.wrn_widen = "wide_resnet", depth, widen
+  c.model = "wide_resnet"
+  c.model_args.wide_resnet.depth, c.model_args.wide_resnet.widen = depth, widen
   expected, c_in = 9 * 3 * 16, 16
   for width in (16 * widen, 32 * widen, 64 * widen):
     for _ in range((depth - 4) // 6):
@@ -65,7 +67,7 @@ def test_wide_resnet_parameter_counts_by_hand(depth, widen):
       expected += c_in * width if c_in != width else 0
       c_in = width
   expected += 2 * c_in + c_in * 10 + 10
-  assert _count(_params(models.create_model(c, 10), (1, 32, 32, 3))["params"]) == expected
+  assert _count(_params(model_config.create_model(c, 10), (1, 32, 32, 3))["params"]) == expected
   if (depth, widen) == (70, 16):
     assert abs(expected - 266.8e6) < 0.05e6  # Gowal et al. (2020)'s "266.8M" WRN-70-16
 
@@ -76,11 +78,12 @@ def test_input_normalization_keeps_the_parameters_and_normalises_the_input(name)
   initial values, and it computes the bare model on (x - mean) / std (also in training, with
   its BatchNorm updates); without, it is the bare model itself."""
   c = load_config()
-  c.model, c.dataset, c.n_filters, c.wrn_depth, c.wrn_widen = name, "cifar10", 4, 10, 1
-  bare = models.create_model(c, 10)
+  c.model, c.dataset, c.model_args.small_cnn.n_filters = name, "cifar10", 4
+  c.model_args.wide_resnet.depth, c.model_args.wide_resnet.widen = 10, 1
+  bare = model_config.create_model(c, 10)
   assert not isinstance(bare, models.InputNormalization)
   c.input_mean, c.input_std = (0.5, 0.25, 0.125), (0.2, 0.3, 0.4)
-  wrapped = models.create_model(c, 10)
+  wrapped = model_config.create_model(c, 10)
   assert isinstance(wrapped, models.InputNormalization) and wrapped.dtype == jnp.float32
   x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
   v = bare.init(jax.random.key(0), x, train=False)
@@ -98,11 +101,11 @@ def test_input_normalization_keeps_the_parameters_and_normalises_the_input(name)
 def test_output_shapes_and_dtypes(name, shape):
   c = load_config()
   c.model = name
-  c.n_filters = 4
-  c.resnet_widths = (8, 8, 8, 8)  # shrunk: same topology, fast on CPU
-  c.wrn_depth, c.wrn_widen = 10, 1
+  c.model_args.cnn.n_filters = c.model_args.small_cnn.n_filters = 4
+  c.model_args.preact_resnet18.stage_widths = (8, 8, 8, 8)  # shrunk: same topology, fast on CPU
+  c.model_args.wide_resnet.depth, c.model_args.wide_resnet.widen = 10, 1
   for half in (False, True):
-    model = models.create_model(c, 10, half_precision=half)
+    model = model_config.create_model(c, 10, half_precision=half)
     variables = model.init(jax.random.key(0), jnp.zeros(shape), train=False)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables["params"]))
     logits = model.apply(variables, jax.random.uniform(jax.random.key(1), shape), train=False)
@@ -111,8 +114,8 @@ def test_output_shapes_and_dtypes(name, shape):
 
 def test_paper_cnn_parameter_count():
   c = load_config()
-  c.model, c.n_filters, c.n_layers = "cnn", 4, 1
-  variables = _params(models.create_model(c, 10), (1, 32, 32, 3))
+  c.model, c.model_args.cnn.n_filters, c.model_args.cnn.n_layers = "cnn", 4, 1
+  variables = _params(model_config.create_model(c, 10), (1, 32, 32, 3))
   assert _count(variables["params"]) == (27 * 4 + 4) + (32 * 32 * 4 * 10 + 10)
 
 
@@ -130,7 +133,7 @@ def test_unknown_model():
   c = load_config()
   c.model = "vgg"
   with pytest.raises(ValueError, match="config.model"):
-    models.create_model(c, 10)
+    model_config.create_model(c, 10)
 
 
 def test_max_pool_matches_flax():

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, load_config
@@ -217,10 +218,10 @@ def test_importing_a_wide_resnet_of_another_depth_is_one_line(tmp_path):
   wd = tmp_path / "wd"
   _assert_one_line(_run("torch_import", f"--state_dict={tmp_path / 'wrn16.npz'}",
                         f"--config={DEFAULT_CONFIG}", "--config.model=wide_resnet",
-                        "--config.dataset=cifar10", "--config.wrn_depth=10",
-                        "--config.wrn_widen=1", f"--workdir={wd}"),
-                   "the state_dict is a wide_resnet with wrn_depth=16, wrn_widen=1, this config "
-                   "has wrn_depth=10, wrn_widen=1: set --config.wrn_depth=16")
+                        "--config.dataset=cifar10", "--config.model_args.wide_resnet.depth=10",
+                        "--config.model_args.wide_resnet.widen=1", f"--workdir={wd}"),
+                   "the state_dict is a wide_resnet with depth=16, widen=1, this config "
+                   "has depth=10, widen=1: set --config.model_args.wide_resnet.depth=16")
   assert not wd.exists()
 
 
@@ -439,20 +440,22 @@ def _unfinished_copy(tiny_run: pathlib.Path, dest: pathlib.Path) -> pathlib.Path
 
 
 def test_a_checkpoint_that_does_not_fit_says_why_and_how_to_resume(tiny_run, tmp_path):
-  """config.json edited by hand (n_filters 4 -> 8) and the command changed to match: the
-  checkpoint no longer fits. The line names the field and the value it was written with, and
-  the flag that resumes it; it never advises deleting the checkpoint, which is kept."""
+  """config.json edited by hand (the small CNN's n_filters 4 -> 8) and the command changed to
+  match: the checkpoint no longer fits. The line names the field and the value it was written
+  with, and the flag that resumes it; it never advises deleting the checkpoint, which is
+  kept."""
   wd = _unfinished_copy(tiny_run, tmp_path / "run")
   recorded = json.loads((wd / "config.json").read_text())
-  assert recorded["n_filters"] == 4
-  (wd / "config.json").write_text(json.dumps(dict(recorded, n_filters=8)))
+  assert recorded["model_args"]["small_cnn"]["n_filters"] == 4
+  recorded["model_args"]["small_cnn"]["n_filters"] = 8
+  (wd / "config.json").write_text(json.dumps(recorded))
   before = _snapshot(wd / "checkpoints")
-  tiny_8 = [a for a in TINY_CLI if not a.startswith("--config.n_filters")]
   line = _assert_ends_in_one_error(
-      _mock("main", f"--config={DEFAULT_CONFIG}", f"--workdir={wd}", *tiny_8,
-            "--config.n_filters=8"),
+      _mock("main", f"--config={DEFAULT_CONFIG}", f"--workdir={wd}", *TINY_CLI,
+            "--config.model_args.small_cnn.n_filters=8"),
       "does not fit this config", "the checkpoint is kept",
-      "it was written with n_filters=4 (now 8)", "resume with --config.n_filters=4")
+      "it was written with model_args.small_cnn.n_filters=4 (now 8)",
+      "resume with --config.model_args.small_cnn.n_filters=4")
   assert "delete" not in line
   assert _snapshot(wd / "checkpoints") == before
 
@@ -529,3 +532,54 @@ def test_a_data_folder_without_the_prepared_data_set_is_one_line(tmp_path):
                         "--config.download=False"),
                    "dataset 'cifar10' (split 'train') is not prepared in")
   assert not wd.exists()
+
+
+def _written_before_model_args(config: dict) -> dict:
+  """`config` as the versions before model_args wrote it: the models' sizes as top-level
+  fields (the run's model's n_filters, the CNN's n_layers, ...), no model_args."""
+  args = config["model_args"]
+  old = {k: v for k, v in config.items() if k != "model_args"}
+  old.update(n_filters=args[config["model"]]["n_filters"], n_layers=args["cnn"]["n_layers"],
+             use_batch_norm=args["small_cnn"]["use_batch_norm"],
+             resnet_widths=args["preact_resnet18"]["stage_widths"],
+             wrn_depth=args["wide_resnet"]["depth"], wrn_widen=args["wide_resnet"]["widen"])
+  return old
+
+
+def _without_times(d):
+  if isinstance(d, dict):
+    return {k: _without_times(v) for k, v in d.items() if "time" not in k and "seconds" not in k}
+  return d
+
+
+def test_a_workdir_written_before_model_args_evaluates_exports_and_resumes(tiny_run, tmp_path):
+  """A run whose config.json (and results.json) hold the models' sizes as top-level fields, as
+  every version before model_args wrote them: `evaluate` gives the numbers it gives on the run
+  as written now, `torch_export` writes the same arrays, and the unfinished run resumes with
+  today's flags to the results of the run trained without a stop."""
+  now, old = tmp_path / "now", tmp_path / "old"
+  for wd in (now, old):
+    shutil.copytree(tiny_run, wd, ignore=shutil.ignore_patterns("eval_*"))
+  config = json.loads((old / "config.json").read_text())
+  (old / "config.json").write_text(json.dumps(_written_before_model_args(config)))
+  results = json.loads((old / "results.json").read_text())
+  (old / "results.json").write_text(json.dumps(dict(
+      results, config=_written_before_model_args(results["config"]))))
+  evaluated = {}
+  for name, wd in (("now", now), ("old", old)):
+    proc = _mock("evaluate", f"--workdir={wd}", "--pgd_steps=2", "--pgd_restarts=1")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    [out] = wd.glob("eval_last_*.json")
+    evaluated[name] = _without_times(json.loads(out.read_text()))
+    proc = _mock("torch_export", f"--workdir={wd}", f"--out={tmp_path / ('export_' + name)}")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+  assert evaluated["old"] == evaluated["now"]
+  with np.load(tmp_path / "export_now" / "state_dict.npz") as a, \
+       np.load(tmp_path / "export_old" / "state_dict.npz") as b:
+    assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+  (old / "results.json").unlink()  # unfinished: its last checkpoint, then the final evaluation
+  proc = _mock("main", f"--config={DEFAULT_CONFIG}", f"--workdir={old}", *TINY_CLI)
+  assert proc.returncode == 0, proc.stdout[-3000:]
+  assert "config.json was written before model_args" in proc.stdout
+  resumed = json.loads((old / "results.json").read_text())
+  assert _without_times(dict(resumed, config=None)) == _without_times(dict(results, config=None))

@@ -7,9 +7,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import ROOT, load_config
-from fastadv_jax import methods, models, parallel
+from fastadv_jax import methods, parallel
 from fastadv_jax.data import datasets
-from fastadv_jax.training import config_validation, train_step
+from fastadv_jax.training import config_validation, model_config, train_step
 from fastadv_jax.training import train_state as ts
 
 CONFIGS = ["cifar10", "svhn", "cifar10_cnn", "fashion_mnist", "fastat_benchmark",
@@ -47,8 +47,9 @@ def test_paper_settings():
   assert (svhn.flip, svhn.crop_padding, svhn.eps_warmup_epochs, svhn.lr_max) == (False, 4, 5.0,
                                                                                  0.05)
   cnn = load_config("cifar10_cnn", "fgsm,eps=10")
-  assert (cnn.model, cnn.n_filters, cnn.n_layers, cnn.optimizer, cnn.lr_max) == (
-      "cnn", 4, 1, "adam", 0.003)
+  assert (cnn.model, cnn.model_args.cnn.n_filters, cnn.model_args.cnn.n_layers, cnn.optimizer,
+          cnn.lr_max) == ("cnn", 4, 1, "adam", 0.003)
+  assert load_config("cifar10_cnn", "fgsm,eps=10,n_filters=1").model_args.cnn.n_filters == 1
   with pytest.raises(ValueError, match="unknown method"):
     load_config("cifar10", "no_such_method,eps=8")
   with pytest.raises(ValueError, match="unknown field"):
@@ -86,7 +87,8 @@ def test_benchmark_config_trains_selects_and_evaluates_on_mock_data(tmp_path):
   selection, the final evaluation of last, averaged and selected weights."""
   from fastadv_jax.training import metric_writers, train
   c = load_config("fastat_benchmark", "fgsm_pgi")
-  c.model, c.n_filters, c.n_layers, c.half_precision = "cnn", 4, 1, False
+  c.model, c.half_precision = "cnn", False
+  c.model_args.cnn.n_filters, c.model_args.cnn.n_layers = 4, 1
   c.batch_size, c.num_epochs, c.validation_size = 8, 10, 8
   c.eval_every = c.checkpoint_every = 8  # 24 - 8 = 16 training images: 2 iterations per epoch
   c.log_every, c.n_eval_points, c.n_final_eval, c.eval_batch_size = 1, 8, 8, 8
@@ -111,17 +113,17 @@ def test_benchmark_config_trains_selects_and_evaluates_on_mock_data(tmp_path):
 
 @pytest.mark.parametrize("name,method", [("cifar10_cnn", m) for m in METHODS]  # every method
                          + [("cifar10", "gradalign"), ("cifar10", "free"), ("cifar10", "pgd2"),
-                            ("cifar10", "pgd2,model=wide_resnet,wrn_depth=10,wrn_widen=1"),
+                            ("cifar10", "pgd2,model=wide_resnet,depth=10,widen=1"),
                             ("svhn", "gradalign"), ("fashion_mnist", "gradalign")])
 def test_one_step_on_mock_data(name, method):
   preset, *extra = method.split(",")
   c = load_config(name, ",".join([preset, "eps=8"] + extra))
   c.batch_size = 8
-  c.resnet_widths = (4, 4, 4, 4)  # shrunken PreAct ResNet-18 (same topology)
+  c.model_args.preact_resnet18.stage_widths = (4, 4, 4, 4)  # shrunken (same topology)
   config_validation.validate_config(c, num_devices=1)
   with tfds.testing.mock_data(num_examples=8):
     split = datasets.load_split(c.dataset, "train", "/nonexistent-use-mock")
-  model = models.create_model(c, datasets.NUM_CLASSES[c.dataset], bn_axis_name=parallel.AXIS)
+  model = model_config.create_model(c, datasets.NUM_CLASSES[c.dataset], bn_axis_name=parallel.AXIS)
   # 100 iterations per epoch: the cyclic schedule's first learning rate is then non-zero.
   # (n_examples and the batch's positions: for methods with per-example state, FGSM-PGI/-PCO)
   n = len(split.labels)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fastadv_jax import losses, methods, models, parallel, randomness
+from fastadv_jax import losses, methods, parallel, randomness
 from fastadv_jax.methods import pco, pgi
 from fastadv_jax.methods.base import AttackInputs, CELossInputs, RegularizerInputs
-from fastadv_jax.training import train_step
+from fastadv_jax.training import model_config, train_step
 from fastadv_jax.training import train_state as ts
 from test_train_step import N_DEV, N_EXAMPLES, _batch, DEVICE_SPLIT_RTOL, _max_rel_err
 
@@ -306,7 +306,7 @@ def test_pco_loss_matches_numpy_with_gradients_through_c(x64, s):
 # ----------------------------------------------------------------- the pmapped step: 8 == 1
 
 def _step_fns(config):
-  model = models.create_model(config, 10, bn_axis_name=parallel.AXIS)
+  model = model_config.create_model(config, 10, bn_axis_name=parallel.AXIS)
   state = ts.create_train_state(config, model, jax.random.key(0), (28, 28, 1), 10,
                                 n_examples=N_EXAMPLES)
   step = train_step.make_train_step(config, model, 1)  # one step per epoch: resets can fire

@@ -151,11 +151,11 @@ def test_a_refused_rerun_leaves_the_finished_run_intact(tmp_path, mock_fashion_m
   from fastadv_jax import evaluate
   train.train_and_evaluate(tiny_config(**CONFIG), str(tmp_path))
   before = (tmp_path / "config.json").read_text()
-  with pytest.raises(workdir.RunChangedError, match="n_filters 4 -> 8"):
+  with pytest.raises(workdir.RunChangedError, match="model_args.small_cnn.n_filters 4 -> 8"):
     train.train_and_evaluate(tiny_config(n_filters=8, **CONFIG), str(tmp_path))
   assert (tmp_path / "config.json").read_text() == before
   config, _, step = evaluate.load_run(str(tmp_path))
-  assert step == 6 and config.n_filters == 4
+  assert step == 6 and config.model_args.small_cnn.n_filters == 4
 
 
 def test_a_nan_stop_closes_everything(tmp_path):

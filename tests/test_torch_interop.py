@@ -12,16 +12,15 @@ import numpy as np
 import pytest
 
 from conftest import MOCK_DATA_CLI, ROOT, TORCH_PY, needs_torch, tiny_config
-from fastadv_jax import models
 from fastadv_jax.interop import torch_interop
-from fastadv_jax.training import config_validation, saved_run, train
+from fastadv_jax.training import config_validation, model_config, saved_run, train
 
 SHAPE = (28, 28, 1)
 
 
 def _variables(config, seed):
   """Random variables with non-trivial BatchNorm statistics (so their mapping is tested)."""
-  model = models.create_model(config, 10, half_precision=False)
+  model = model_config.create_model(config, 10, half_precision=False)
   v = model.init(jax.random.key(seed), np.zeros((1,) + SHAPE, np.float32), train=False)
   v = jax.tree.map(np.asarray, v)
   rng = np.random.default_rng(seed)
@@ -34,7 +33,7 @@ def _variables(config, seed):
 
 
 CONFIGS = {
-    "preact_resnet18": dict(model="preact_resnet18", resnet_widths=(4, 8, 8, 16)),
+    "preact_resnet18": dict(model="preact_resnet18", stage_widths=(4, 8, 8, 16)),
     "cnn": dict(model="cnn", n_filters=3, n_layers=2),
     "small_cnn": dict(model="small_cnn", n_filters=4),
     "small_cnn_no_bn": dict(model="small_cnn", n_filters=4, use_batch_norm=False),
@@ -178,13 +177,13 @@ NORM = dict(input_mean=(0.4914, 0.4822, 0.4465), input_std=(0.2471, 0.2435, 0.26
 
 
 def _wrn_config(depth, widen, norm=False, **overrides):
-  return tiny_config(**{"model": "wide_resnet", "dataset": "cifar10", "wrn_depth": depth,
-                        "wrn_widen": widen, **(NORM if norm else {}), **overrides})
+  return tiny_config(**{"model": "wide_resnet", "dataset": "cifar10", "depth": depth,
+                        "widen": widen, **(NORM if norm else {}), **overrides})
 
 
 def _shapes(config):
   """The variables' shapes (jax.eval_shape: nothing allocated, WRN-70-16 is 267M parameters)."""
-  model = models.create_model(config, 10, half_precision=False)
+  model = model_config.create_model(config, 10, half_precision=False)
   return jax.eval_shape(model.init, jax.random.key(0), np.zeros((1,) + CIFAR, np.float32))
 
 
@@ -250,10 +249,12 @@ def test_a_wide_resnet_of_another_size_is_refused_with_both_architectures(
     torch_interop.from_torch_state_dict(config, sd, _shapes(config), CIFAR)
   line = str(e.value)
   assert "\n" not in line
-  assert (f"the state_dict is a wide_resnet with wrn_depth={file_depth}, wrn_widen={file_widen}, "
-          f"this config has wrn_depth={depth}, wrn_widen={widen}: set ") in line, line
-  assert (f"--config.wrn_depth={file_depth}" in line) == (depth != file_depth), line
-  assert (f"--config.wrn_widen={file_widen}" in line) == (widen != file_widen), line
+  assert (f"the state_dict is a wide_resnet with depth={file_depth}, widen={file_widen}, "
+          f"this config has depth={depth}, widen={widen}: set ") in line, line
+  assert (f"--config.model_args.wide_resnet.depth={file_depth}" in line) == (
+      depth != file_depth), line
+  assert (f"--config.model_args.wide_resnet.widen={file_widen}" in line) == (
+      widen != file_widen), line
   # The same file with the named settings imports.
   torch_interop.from_torch_state_dict(file_config, sd, _shapes(file_config), CIFAR)
 
@@ -276,7 +277,7 @@ def test_a_cnn_of_other_layers_says_which():
   config, other = tiny_config(**CONFIGS["cnn"]), tiny_config(**dict(CONFIGS["cnn"], n_layers=3))
   sd = torch_interop.to_torch_state_dict(other, _variables(other, 0)[1], SHAPE)
   with pytest.raises(torch_interop.InteropError, match=r"n_layers=3, n_filters=3, this config "
-                     r"has n_layers=2, n_filters=3: set --config\.n_layers=3$"):
+                     r"has n_layers=2, n_filters=3: set --config\.model_args\.cnn\.n_layers=3$"):
     torch_interop.from_torch_state_dict(config, sd, _variables(config, 0)[1], SHAPE)
 
 
@@ -363,7 +364,8 @@ def test_a_robustbench_checkpoint_imports_through_the_command_line_and_evaluates
   wd = tmp_path / "imported"
   cli("fastadv_jax.torch_import", f"--state_dict={tmp_path / 'rb.npz'}",
       f"--config={ROOT}/configs/cifar10.py", f"--workdir={wd}", "--config.model=wide_resnet",
-      "--config.wrn_depth=10", "--config.wrn_widen=1", "--config.data_dir=/nonexistent-use-mock",
+      "--config.model_args.wide_resnet.depth=10", "--config.model_args.wide_resnet.widen=1",
+      "--config.data_dir=/nonexistent-use-mock",
       f"--config.input_mean={NORM['input_mean']}", f"--config.input_std={NORM['input_std']}")
   recorded, back, step = saved_run.load_run(str(wd))
   assert step == 0 and tuple(recorded.input_std) == NORM["input_std"]
@@ -401,7 +403,7 @@ def test_the_pytorch_wide_resnet_has_the_exports_keys_and_shapes(tmp_path):
       specs[name] = torch_interop.torch_spec(config, 10, CIFAR)
       del zeros, sd
   (tmp_path / "specs.json").write_text(json.dumps(specs))
-  module_dir = os.path.join(ROOT, "fastadv_jax")
+  module_dir = os.path.join(ROOT, "fastadv_jax", "interop")
   subprocess.run([str(TORCH_PY), "-c", _TORCH_SHAPES, module_dir, str(tmp_path / "specs.json"),
                   str(tmp_path / "out.json")], check=True, timeout=300)
   got = json.loads((tmp_path / "out.json").read_text())
@@ -421,7 +423,7 @@ def test_pytorch_runs_exported_wide_resnets_and_normalising_models_with_the_same
                                          input_std=(0.4,)), SHAPE)
   expected = {}
   for i, (name, (config, shape)) in enumerate(cases.items()):
-    model = models.create_model(config, 10, half_precision=False)
+    model = model_config.create_model(config, 10, half_precision=False)
     v = _random_like(jax.eval_shape(model.init, jax.random.key(0),
                                     np.zeros((1,) + shape, np.float32)), i)
     v["params"] = jax.tree.map(lambda a: (a - 0.5) * 0.6, v["params"])

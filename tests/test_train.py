@@ -112,8 +112,9 @@ def test_incompatible_config_gives_a_clear_error(tmp_path, mock_fashion_mnist):
   with pytest.raises(checkpointing.CheckpointError, match="does not fit this config") as err:
     train.train_and_evaluate(tiny_config(num_epochs=1, n_filters=8), str(tmp_path))
   # the checkpoint says what it was written with, and what resumes it; nothing advises deleting
-  assert "it was written with n_filters=4 (now 8)" in str(err.value)
-  assert "--config.n_filters=4" in str(err.value) and "delete" not in str(err.value)
+  assert "it was written with model_args.small_cnn.n_filters=4 (now 8)" in str(err.value)
+  assert "--config.model_args.small_cnn.n_filters=4" in str(err.value)
+  assert "delete" not in str(err.value)
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mock_fashion_mnist):

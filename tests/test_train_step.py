@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fastadv_jax import models, parallel
-from fastadv_jax.training import train_step
+from fastadv_jax import parallel
+from fastadv_jax.training import model_config, train_step
 from fastadv_jax.training import train_state as ts
 
 N_DEV = 8
@@ -25,7 +25,7 @@ def _batch(n=16, seed=0):
 
 def _run(config, n_dev, steps=2, half=None):
   """`steps` steps on fixed random batches (a new batch each step)."""
-  model = models.create_model(config, 10, bn_axis_name=parallel.AXIS, half_precision=half)
+  model = model_config.create_model(config, 10, bn_axis_name=parallel.AXIS, half_precision=half)
   state = ts.create_train_state(config, model, jax.random.key(0), (28, 28, 1), 10,
                                 n_examples=N_EXAMPLES)
   fn = parallel.pmap_train_step(train_step.make_train_step(config, model, 10),
@@ -133,7 +133,7 @@ def test_pmapped_step_compiles_once():
   """The replicated state sits where the step puts its outputs, so call 2 reuses call 1's
   program (with a host-placed state, pmap traced and compiled the step a second time)."""
   c = tiny_config()
-  model = models.create_model(c, 10, bn_axis_name=parallel.AXIS)
+  model = model_config.create_model(c, 10, bn_axis_name=parallel.AXIS)
   state = ts.create_train_state(c, model, jax.random.key(0), (28, 28, 1), 10)
   fn = parallel.pmap_train_step(train_step.make_train_step(c, model, 10),
                                   devices=jax.local_devices()[:2])

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fastadv_jax import models
 from fastadv_jax.data import datasets
 from fastadv_jax.interop import torch_interop
-from fastadv_jax.training import (checkpointing, config_validation, metric_writers, monitoring,
-                                  saved_run, train, weight_averaging, workdir)
+from fastadv_jax.training import (checkpointing, config_validation, metric_writers, model_config,
+                                  monitoring, saved_run, train, weight_averaging, workdir)
 from fastadv_jax.training import train_state as ts
 from test_reliability import _Killed, _cli, _raise_in, _results
 from test_train_step import N_DEV, _max_rel_err, _run
@@ -133,7 +132,7 @@ def test_diagnostics_results_and_selection_of_a_run(reference):
   # selected ones are the checkpoint's kept weights, at the selected iteration.
   config = workdir.read_config(str(wd))
   _, averaged, step = saved_run.load_run(str(wd), "averaged")
-  model = models.create_model(config, 10, half_precision=False)
+  model = model_config.create_model(config, 10, half_precision=False)
   template = ts.create_train_state(config, model, jax.random.key(1), (28, 28, 1), 2,
                                    n_examples=32)
   ckpt = checkpointing.Checkpointer(str(wd), read_only=True)

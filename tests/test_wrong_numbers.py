@@ -208,7 +208,7 @@ def test_command_lines_refuse_wrong_numbers(tmp_path):
   np.savez(tmp_path / "negative_var.npz", **sd)
   proc = _cli("fastadv_jax.torch_import", f"--state_dict={tmp_path / 'negative_var.npz'}",
               f"--config={ROOT}/configs/default.py", f"--workdir={tmp_path / 'refused'}",
-              "--config.model=small_cnn", "--config.n_filters=4")
+              "--config.model=small_cnn", "--config.model_args.small_cnn.n_filters=4")
   _assert_error_line(proc, "bn1.running_var", "below zero")
   assert not (tmp_path / "refused" / "checkpoints").exists()
 

@@ -12,6 +12,7 @@ import pytest
 
 from fastadv_jax import benchmark, models
 from fastadv_jax.runtime import xla_cpu
+from fastadv_jax.training import model_config
 
 ONEDNN = "--xla_cpu_experimental_onednn_custom_call=true"
 NO_YNN_CONV = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
@@ -85,13 +86,12 @@ import json, sys
 import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, "tests")
 from conftest import tiny_config
-from fastadv_jax import models
-from fastadv_jax.training import train_step
+from fastadv_jax.training import model_config, train_step
 from fastadv_jax.training import train_state as ts
 out = {}
 for name, shape in (("cnn", (32, 32, 3)), ("small_cnn", (28, 28, 1))):
   c = tiny_config(model=name, method="fgsm", grad_align_lambda=0.5)
-  model = models.create_model(c, 10)
+  model = model_config.create_model(c, 10)
   state = ts.create_train_state(c, model, jax.random.key(0), shape, 10)
   step = jax.jit(train_step.make_train_step(c, model, 10, axis_name=None))
   rng = np.random.default_rng(0)
@@ -127,8 +127,7 @@ def test_onednn_convolutions_give_the_same_step():
                                                      ("small_cnn", False)])
 def test_resnet_convolutions_materialize_their_input(model_name, materialized):
   from conftest import tiny_config
-  from fastadv_jax import models
-  model = models.create_model(tiny_config(model=model_name), 10)
+  model = model_config.create_model(tiny_config(model=model_name), 10)
   x = jnp.zeros((2, 32, 32, 3))
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
   text = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).as_text()
@@ -144,7 +143,8 @@ def test_main_runs_a_resnet_under_the_resnet_flags(tmp_path):
   env["JAX_NUM_CPU_DEVICES"] = "1"
   argv = [sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.main",
           f"--config={ROOT}/configs/default.py", f"--workdir={tmp_path / 'wd'}"] + TINY_CLI + [
-              "--config.model=preact_resnet18", "--config.resnet_widths=(4,4,4,4)"]
+              "--config.model=preact_resnet18",
+              "--config.model_args.preact_resnet18.stage_widths=(4,4,4,4)"]
   proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((tmp_path / "wd" / "results.json").read_text())

@@ -34,9 +34,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from fastadv_jax import autoattack, models  # noqa: E402
+from fastadv_jax import autoattack  # noqa: E402
 from fastadv_jax.interop import torch_interop  # noqa: E402
-from fastadv_jax.training import saved_run  # noqa: E402
+from fastadv_jax.training import model_config, saved_run  # noqa: E402
 from fastadv_jax.configs import fashion_mnist  # noqa: E402
 
 import examples_common as common  # noqa: E402
@@ -147,8 +147,8 @@ def attack_state_dict(data: Data, args: argparse.Namespace, fit: dict[str, Any])
   """A PyTorch state_dict (.npz, the library's export layout) -> Flax variables."""
   x_train, y_train, x_test, y_test = data
   config = fashion_mnist.get_config("standard")
-  config.model, config.n_filters = "small_cnn", args.n_filters
-  library_model = models.create_model(config, 10, half_precision=False)
+  config.model, config.model_args.small_cnn.n_filters = "small_cnn", args.n_filters
+  library_model = model_config.create_model(config, 10, half_precision=False)
   template = saved_run.variables_template(config)
   path = args.state_dict
   with tempfile.TemporaryDirectory(prefix="fastadv_export_") as tmp:

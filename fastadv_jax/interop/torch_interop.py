@@ -45,7 +45,8 @@ import numpy as np
 
 from fastadv_jax import models
 from fastadv_jax.data import datasets
-from fastadv_jax.training import checkpointing, config_validation, monitoring, saved_run, workdir
+from fastadv_jax.training import (checkpointing, config_validation, model_config, monitoring,
+                                  saved_run, workdir)
 
 # The state_dict buffers of the input normalisation: (key, config field, value meaning "none").
 NORMALIZATION_KEYS = (("mu", "input_mean", 0.0), ("sigma", "input_std", 1.0))
@@ -79,7 +80,8 @@ def check_supported(config: ml_collections.ConfigDict) -> None:
 
 def _layout(config: ml_collections.ConfigDict, params: Mapping, image_shape: tuple
             ) -> list[models.TorchEntry]:
-  return list(torch_layout(config).entries(config, params, tuple(image_shape)))
+  return list(torch_layout(config).entries(model_config.model_args(config), params,
+                                            tuple(image_shape)))
 
 
 def normalization(config: ml_collections.ConfigDict) -> dict[str, tuple[float, ...]]:
@@ -247,12 +249,13 @@ def _architecture_hint(config: ml_collections.ConfigDict, layout: models.TorchLa
     found = layout.fields(sd)
   except Exception:  # pylint: disable=broad-except  (a hint only: the error says the rest)
     return ""
-  differ = {k: v for k, v in found.items() if config.get(k) != v}
+  args = model_config.model_args(config)
+  differ = {k: v for k, v in found.items() if getattr(args, k, None) != v}
   if not differ:
     return ""
   has = ", ".join(f"{k}={v}" for k, v in found.items())
-  want = ", ".join(f"{k}={config.get(k)}" for k in found)
-  flags = " ".join(f"--config.{k}={v}" for k, v in differ.items())
+  want = ", ".join(f"{k}={getattr(args, k, None)}" for k in found)
+  flags = " ".join(f"--config.model_args.{config.model}.{k}={v}" for k, v in differ.items())
   return f"; the state_dict is a {config.model} with {has}, this config has {want}: set {flags}"
 
 
@@ -266,7 +269,8 @@ def _copy_tree(tree: Mapping) -> dict:
 def torch_spec(config: ml_collections.ConfigDict, num_classes: int, image_shape: tuple) -> dict:
   """The architecture (the model's name) and constructor arguments of this config, as the
   export's model.py (torch_models.build for the built-in models) reads them from spec.json."""
-  kwargs = torch_layout(config).kwargs(config, num_classes, tuple(image_shape))
+  kwargs = torch_layout(config).kwargs(model_config.model_args(config), num_classes,
+                                       tuple(image_shape))
   norm = normalization(config)
   if norm["input_mean"] or norm["input_std"]:  # only then: other exports' spec.json unchanged
     kwargs = {**kwargs, "mean": list(norm["input_mean"]), "std": list(norm["input_std"])}

@@ -23,33 +23,14 @@ called from any training loop (`methods.perturb`).
 from __future__ import annotations
 
 import dataclasses
-import typing
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 
-from fastadv_jax import attacks
+from fastadv_jax import attacks, registry
+from fastadv_jax.registry import ArgError, NoArgs, check  # noqa: F401  (the methods' API)
 
 Forward = Callable[[Any, jax.Array], tuple[jax.Array, Any]]  # (params, x) -> (logits, stats)
-
-
-class ArgError(ValueError):
-  """A method hyperparameter out of range; `field` names it (for `config.method_args.<m>.<f>`)."""
-
-  def __init__(self, field: str, message: str):
-    super().__init__(f"{field}: {message}")
-    self.field, self.message = field, message
-
-
-def check(cond: bool, field: str, message: str) -> None:
-  """For an args record's `__post_init__`: ArgError naming `field` unless `cond`."""
-  if not cond:
-    raise ArgError(field, message)
-
-
-@dataclasses.dataclass(frozen=True)
-class NoArgs:
-  """The hyperparameters of a method that has none of its own."""
 
 
 class AttackInputs(NamedTuple):
@@ -193,7 +174,7 @@ class Method:
   presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
-    if not (dataclasses.is_dataclass(self.args) and isinstance(self.args, type)):
+    if not registry.is_args_type(self.args):
       raise TypeError(f"method {self.name!r}: `args` must be a dataclass type, got {self.args!r}")
     fields = set(self.arg_names)
     for preset, values in self.presets.items():
@@ -218,7 +199,7 @@ class Method:
 
   @property
   def arg_names(self) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(self.args))
+    return registry.arg_names(self.args)
 
   def init_kind(self, config: Any) -> str:
     """The start of the perturbation: config.attack_init, or this method's default if ""."""
@@ -230,23 +211,7 @@ class Method:
   def make_args(self, values: Mapping[str, Any] | None = None) -> Any:
     """The args record from a mapping of field values (missing fields take their defaults),
     each converted to the field's declared type; ArgError names a bad or unknown field."""
-    values = dict(values or {})
-    unknown = sorted(set(values) - set(self.arg_names))
-    if unknown:
-      raise ArgError(unknown[0], f"not a hyperparameter of {self.name} (it has "
-                     f"{', '.join(self.arg_names) or 'none'})")
-    hints = typing.get_type_hints(self.args)
-    converted = {}
-    for k, v in values.items():
-      t = hints.get(k)
-      if t in (int, float) and isinstance(v, (int, float)) and not isinstance(v, bool):
-        if t is int and float(v) != int(v):
-          raise ArgError(k, f"must be an integer, got {v}")
-        v = t(v)
-      elif t in (int, float, bool, str) and not isinstance(v, t):
-        raise ArgError(k, f"must be {t.__name__}, got {v!r}")
-      converted[k] = v
-    return self.args(**converted)
+    return registry.make_args(self.args, values, self.name)
 
   def args_from(self, config: Any) -> Any:
     """This method's args record from `config.method_args.<name>` (defaults where absent)."""

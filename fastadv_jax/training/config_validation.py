@@ -6,10 +6,10 @@ import math
 
 import ml_collections
 from absl import logging
-from fastadv_jax import autoattack, methods, models
+from fastadv_jax import autoattack, methods, models, registry
 from fastadv_jax.data import datasets
 from fastadv_jax.runtime import plugins
-from fastadv_jax.training import evaluation
+from fastadv_jax.training import evaluation, model_config
 
 DATASETS = ("cifar10", "svhn_cropped", "mnist", "fashion_mnist")
 INITS = ("", "zero", "uniform", "corner")
@@ -43,23 +43,50 @@ _MOVED_FIELDS = {
     "nuat": {**_GUIDED, "nuat_lambda_max": "lam_max", "nuat_ramp": "ramp"},
 }
 MOVED_FIELDS = {old: new for table in _MOVED_FIELDS.values() for old, new in table.items()}
+# Model sizes that were top-level config fields before models owned their hyperparameters
+# (config.model_args.<model>.<field>): for each built-in model, old name -> its field now.
+_MOVED_MODEL_FIELDS = {
+    "cnn": {"n_filters": "n_filters", "n_layers": "n_layers"},
+    "small_cnn": {"n_filters": "n_filters", "use_batch_norm": "use_batch_norm"},
+    "preact_resnet18": {"resnet_widths": "stage_widths"},
+    "wide_resnet": {"wrn_depth": "depth", "wrn_widen": "widen"},
+}
+MOVED_MODEL_FIELDS = {old: (model, new) for model, table in _MOVED_MODEL_FIELDS.items()
+                      for old, new in table.items()}
 
 
 def moved_field_hint(name: str) -> str:
-  """'' or where a former top-level method field lives now."""
-  new = MOVED_FIELDS.get(name)
-  return f"; method hyperparameters are config.method_args.<method>.{new} now" if new else ""
+  """'' or where a former top-level method or model field lives now."""
+  if name in MOVED_FIELDS:
+    return f"; method hyperparameters are config.method_args.<method>.{MOVED_FIELDS[name]} now"
+  if name in MOVED_MODEL_FIELDS:
+    models_using = [m for m, table in _MOVED_MODEL_FIELDS.items() if name in table]
+    return ("; model hyperparameters are config.model_args.<model>.<field> now: "
+            + ", ".join(f"model_args.{m}.{_MOVED_MODEL_FIELDS[m][name]}" for m in models_using))
+  return ""
 
 
 def migrate_stored_config(stored: dict) -> dict:
-  """A config.json written before method hyperparameters moved: the fields its method read
-  become `method_args.<method>.<field>`; the others are dropped."""
-  if "method_args" in stored:
+  """A config.json written before method or model hyperparameters moved: the fields its method
+  and model read become `method_args.<method>.<field>` and `model_args.<model>.<field>`; the
+  other former fields are dropped. One INFO line says what was read where."""
+  if "method_args" in stored and "model_args" in stored:
     return stored
-  table = _MOVED_FIELDS.get(stored.get("method"), {})
-  own = {new: stored[old] for old, new in table.items() if old in stored}
-  migrated = {k: v for k, v in stored.items() if k not in MOVED_FIELDS}
-  migrated["method_args"] = {stored["method"]: own} if table else {}
+  migrated = dict(stored)
+  if "method_args" not in stored:
+    table = _MOVED_FIELDS.get(stored.get("method"), {})
+    own = {new: stored[old] for old, new in table.items() if old in stored}
+    migrated = {k: v for k, v in migrated.items() if k not in MOVED_FIELDS}
+    migrated["method_args"] = {stored["method"]: own} if table else {}
+  if "model_args" not in stored:
+    table = _MOVED_MODEL_FIELDS.get(stored.get("model"), {})
+    own = {new: stored[old] for old, new in table.items() if old in stored}
+    migrated = {k: v for k, v in migrated.items() if k not in MOVED_MODEL_FIELDS}
+    migrated["model_args"] = {stored["model"]: own} if own else {}
+    if own:
+      logging.info("config.json was written before model_args: read %s", ", ".join(
+          f"{old} as model_args.{stored['model']}.{new}" for old, new in table.items()
+          if old in stored))
   return migrated
 
 
@@ -132,6 +159,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   except methods.ArgError as e:
     raise ConfigError(f"config.method_args.{c.method}.{e.field}: {e.message}") from None
   _check_other_method_args(c, methods)
+  try:
+    model_config.model_args(c)
+  except registry.ArgError as e:
+    raise ConfigError(f"config.model_args.{c.model}.{e.field}: {e.message}") from None
   _check_finite(c)
   _check(c.attack_init in INITS, "attack_init", f"unknown init {c.attack_init!r}; choose from {INITS}")
   _check(c.optimizer in OPTIMIZERS, "optimizer", f"unknown optimizer {c.optimizer!r}; choose from {OPTIMIZERS}")
@@ -156,14 +187,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   _check(0.0 <= c.momentum < 1.0, "momentum",
          f"must be in [0, 1) (SGD diverges at >= 1; the paper's 0.9), got {c.momentum}")
   _check(c.grad_align_lambda >= 0, "grad_align_lambda", f"must be >= 0, got {c.grad_align_lambda}")
-  _check(c.n_filters >= 1, "n_filters", f"must be >= 1, got {c.n_filters}")
-  _check(c.n_layers >= 1, "n_layers", f"must be >= 1, got {c.n_layers}")
-  _check(c.wrn_depth >= 10 and (c.wrn_depth - 4) % 6 == 0, "wrn_depth",
-         f"must be 6n + 4 with n >= 1 (e.g. 28, 34), got {c.wrn_depth}")
-  _check(c.wrn_widen >= 1, "wrn_widen", f"must be >= 1, got {c.wrn_widen}")
   _check_normalization(c)
-  _check(len(c.resnet_widths) == 4 and min(c.resnet_widths) >= 1, "resnet_widths",
-         f"must be 4 positive stage widths, got {tuple(c.resnet_widths)}")
   _check(c.grad_align_derivative in ("auto", "double_backprop", "jvp"), "grad_align_derivative",
          f"must be auto, double_backprop or jvp, got {c.grad_align_derivative!r}")
   _check(not (c.grad_align_derivative == "jvp" and c.grad_align_backprop_g1),

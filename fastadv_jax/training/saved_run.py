@@ -7,10 +7,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from fastadv_jax import models
 from fastadv_jax.data import datasets
 from fastadv_jax.runtime import plugins
-from fastadv_jax.training import checkpointing, workdir
+from fastadv_jax.training import checkpointing, model_config, workdir
 
 
 def run_config(workdir_: str) -> ml_collections.ConfigDict:
@@ -121,7 +120,8 @@ def variables_template(config: ml_collections.ConfigDict) -> dict:
   """Freshly initialised float32 variables of config.model, {'params', 'batch_stats'} as a
   train state holds them (batch_stats empty without BatchNorm): the structure and shapes a
   checkpoint's weights must have to fit the config."""
-  model = models.create_model(config, datasets.NUM_CLASSES[config.dataset], half_precision=False)
+  model = model_config.create_model(config, datasets.NUM_CLASSES[config.dataset],
+                                    half_precision=False)
   shape = (1,) + tuple(datasets.IMAGE_SHAPES[config.dataset])
   v = model.init(jax.random.key(0), np.zeros(shape, np.float32), train=False)
   return {"params": v["params"], "batch_stats": v.get("batch_stats", {})}

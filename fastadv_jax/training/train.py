@@ -28,8 +28,8 @@ from fastadv_jax import methods, models, parallel
 from fastadv_jax.data import datasets
 from fastadv_jax.runtime import cli_logging, distributed
 from fastadv_jax.training import (checkpointing, config_validation, engines, evaluation,
-                                  metric_writers, monitoring, preemption, schedules, timing,
-                                  train_step, weight_averaging, workdir)
+                                  metric_writers, model_config, monitoring, preemption, schedules,
+                                  timing, train_step, weight_averaging, workdir)
 from fastadv_jax.training import train_state as ts
 
 class StartError(RuntimeError):
@@ -139,8 +139,8 @@ class _Run:
     one that evaluates."""
     c = self.config
     num_classes = datasets.NUM_CLASSES[c.dataset]
-    return (models.create_model(c, num_classes, bn_axis_name=parallel.AXIS),
-            models.create_model(c, num_classes, half_precision=False))
+    return (model_config.create_model(c, num_classes, bn_axis_name=parallel.AXIS),
+            model_config.create_model(c, num_classes, half_precision=False))
 
   def _initial_state(self, model: Any) -> tuple[ts.TrainState, dict, monitoring.RunRecord]:
     """A fresh run's state, early-stopped (or selected) weights and record; also the run's step and

@@ -137,15 +137,17 @@ def config_changes(config: ml_collections.ConfigDict, recorded: ml_collections.C
                    ) -> dict[str, tuple[Any, Any]]:
   """{field path: (recorded value, new value)} of the fields that differ, compared as written
   to JSON. Only what the library reads is compared: the top-level fields it declares, and the
-  `method_args.<method>.<field>` of the two configs' methods (other methods' hyperparameters
-  are never read). A field added to the library since the run was recorded holds its default
-  in `recorded` (read_config), which is what the run trained with."""
+  `method_args.<method>.<field>` and `model_args.<model>.<field>` of the two configs' method
+  and model (other methods' and models' hyperparameters are never read). A field added to the
+  library since the run was recorded holds its default in `recorded` (read_config), which is
+  what the run trained with."""
   now, before = config_dict(config), config_dict(recorded)
-  paths = [k for k in now if k != "method_args"]
-  for method in dict.fromkeys((before.get("method"), now.get("method"))):
-    for side in (now, before):
-      paths += [f"method_args.{method}.{k}"
-                for k in ((side.get("method_args") or {}).get(method) or {})]
+  paths = [k for k in now if k not in ("method_args", "model_args")]
+  for section, chosen in (("method_args", "method"), ("model_args", "model")):
+    for name in dict.fromkeys((before.get(chosen), now.get(chosen))):
+      for side in (now, before):
+        paths += [f"{section}.{name}.{k}"
+                  for k in ((side.get(section) or {}).get(name) or {})]
   flat_now, flat_before = _flatten(now), _flatten(before)
   return {p: (flat_before.get(p), flat_now.get(p)) for p in dict.fromkeys(paths)
           if flat_now.get(p) != flat_before.get(p)}

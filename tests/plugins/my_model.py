@@ -1,16 +1,19 @@
 """A model defined outside the package (tests/test_model_plugins.py): a one-hidden-layer MLP.
 
 Imported as a plugin (`--config.plugins=my_model` with tests/plugins on PYTHONPATH), it
-registers its own record: built from `config.n_filters` (the hidden width), run under the
+registers its own record with a hyperparameter of its own (`hidden`, the hidden width: in a
+config `model_args.my_model.hidden`, checked by MyMLPArgs), run under the
 ResNets' XLA flags and with GradAlign by jvp (both unlike the default a plugin gets, so the test
 can see the record was read), and without a PyTorch layout.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fastadv_jax import models
+from fastadv_jax import models, registry
 from fastadv_jax.runtime import xla_cpu
 
 NAME = "my_model"
@@ -31,10 +34,19 @@ class MyMLP(nn.Module):
     return logits.astype(jnp.float32)
 
 
-def build(config, num_classes: int, dtype, bn_axis_name: str | None) -> nn.Module:
+@dataclasses.dataclass(frozen=True)
+class MyMLPArgs:
+  hidden: int = 8
+
+  def __post_init__(self):
+    registry.check(self.hidden >= 1, "hidden", f"must be >= 1, got {self.hidden}")
+
+
+def build(args: MyMLPArgs, num_classes: int, dtype, bn_axis_name: str | None) -> nn.Module:
   del bn_axis_name  # no BatchNorm
-  return MyMLP(num_classes=num_classes, hidden=config.n_filters, dtype=dtype)
+  return MyMLP(num_classes=num_classes, hidden=args.hidden, dtype=dtype)
 
 
 RECORD = models.register(models.ModelSpec(
-    NAME, build, xla_flags=xla_cpu.RESNET_FLAGS, gradalign_derivative="jvp", torch=None))
+    NAME, build, args=MyMLPArgs, xla_flags=xla_cpu.RESNET_FLAGS, gradalign_derivative="jvp",
+    torch=None))

@@ -1,0 +1,82 @@
+"""The package's pieces stay small: no class over 150 lines, no function over 60.
+
+  .venv/bin/python scripts/check_sizes.py          # CI: fails on a new or grown oversized piece
+  .venv/bin/python scripts/check_sizes.py --list   # every piece over the limits, largest first
+
+Lines are counted from the `def` / `class` line to the last line of the body, docstrings and
+comments included. The pieces over the limits today are listed in OVER_THE_LIMIT with their
+size: each may shrink (then lower or drop its entry) but not grow, and no other piece may cross a
+limit. The list is the redesign's to-do list, not a licence.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CLASS_LINES, FUNCTION_LINES = 150, 60
+
+# qualified name -> its size when it was listed (2026-12-07).
+OVER_THE_LIMIT = {
+    "fastadv_jax.training.checkpointing.Checkpointer": 359,
+    "fastadv_jax.training.train._Run": 339,
+    "fastadv_jax.autoattack.runner.AutoAttack": 300,
+    "fastadv_jax.training.evaluation.Evaluator": 216,
+    "fastadv_jax.training.train_step.make_train_step": 126,
+    "fastadv_jax.training.train_step.make_train_step.step": 103,
+    "fastadv_jax.autoattack.runner.AutoAttack.run": 92,
+    "fastadv_jax.training.config_validation.validate_config": 82,
+    "fastadv_jax.benchmark.main": 76,
+    "fastadv_jax.runtime.distributed.initialize": 65,
+    "fastadv_jax.evaluate.main": 64,
+    "fastadv_jax.interop.torch_interop.from_torch_state_dict": 64,
+}
+
+
+def pieces() -> list[tuple[str, str, int]]:
+  """(kind, qualified name, lines) of every class and function in fastadv_jax/."""
+  out = []
+  for path in sorted((ROOT / "fastadv_jax").rglob("*.py")):
+    module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    tree = ast.parse(path.read_text())
+
+    def visit(node: ast.AST, prefix: str) -> None:
+      for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+          name = f"{prefix}.{child.name}"
+          kind = "class" if isinstance(child, ast.ClassDef) else "function"
+          out.append((kind, name, child.end_lineno - child.lineno + 1))
+          visit(child, name)
+    visit(tree, module)
+  return out
+
+
+def over_the_limit() -> dict[str, int]:
+  return {name: n for kind, name, n in pieces()
+          if n > (CLASS_LINES if kind == "class" else FUNCTION_LINES)}
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--list", action="store_true", help="print every piece over the limits")
+  args = parser.parse_args(argv)
+  over = over_the_limit()
+  if args.list:
+    for name, n in sorted(over.items(), key=lambda kv: -kv[1]):
+      print(f"{n:5d}  {name}")
+    return 0
+  problems = [f"{name}: {n} lines (the limit is {CLASS_LINES} for a class, {FUNCTION_LINES} "
+              "for a function)" for name, n in over.items() if name not in OVER_THE_LIMIT]
+  problems += [f"{name}: {n} lines, more than the {OVER_THE_LIMIT[name]} it was listed with"
+               for name, n in over.items() if name in OVER_THE_LIMIT and n > OVER_THE_LIMIT[name]]
+  for problem in problems:
+    print(f"[sizes] {problem}", file=sys.stderr)
+  print(f"[sizes] {len(over)} pieces over the limits, {len(OVER_THE_LIMIT)} listed "
+        f"(scripts/check_sizes.py); {len(problems)} new or grown")
+  return 1 if problems else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
