@@ -311,7 +311,7 @@ def main(argv=None) -> None:
   if len(profiles) > 1:  # XLA reads its flags once per process
     raise SystemExit(f"--models={args.models}: these models train under different XLA:CPU flags "
                      "(models.xla_flags); benchmark them in separate invocations")
-  xla_cpu.apply(flags=models.xla_flags(model_names[0]))  # before the first JAX computation starts the backend
+  xla_cpu.apply(flags=models.xla_flags(model_names[0]))  # before JAX's backend starts
   peak = measure_peak_flops()
   print(f"peak: {peak / 1e9:.1f} GFLOP/s (float32 2048 x 2048 matmul, one device)", flush=True)
   known = method_rows()

@@ -173,7 +173,7 @@ def main(argv):
   cli_logging.setup()
   load_plugins(FLAGS.plugins)
   config = run_config(FLAGS.workdir)  # imports config.plugins
-  xla_cpu.apply(flags=models.xla_flags(config.model))  # before the first JAX computation starts the backend
+  xla_cpu.apply(flags=models.xla_flags(config.model))  # before JAX's backend starts
   compilation_cache.enable()  # a second evaluation loads the attacks' compiled programs
   distributed_flags.initialize()  # before any JAX computation
   if FLAGS.eps is None and FLAGS.norm != "Linf":
@@ -205,8 +205,7 @@ def main(argv):
   start = time.perf_counter()
   clean = ev.clean_points(variables, x, y)
   result = {"weights": FLAGS.weights, "iteration": step, "eps": eps, "norm": FLAGS.norm,
-            "n_eval": n, "seed": FLAGS.seed,
-            "clean_acc": float(np.mean(clean)),
+            "n_eval": n, "seed": FLAGS.seed, "clean_acc": float(np.mean(clean)),
             "clean_seconds": round(time.perf_counter() - start, 3),
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
   points = {"clean": clean}

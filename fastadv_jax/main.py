@@ -4,7 +4,7 @@
 Several processes (hosts) as one run: the same command in each, plus --coordinator_address=
 host:port --num_processes=N --process_id=i (or FASTADV_COORDINATOR_ADDRESS / _NUM_PROCESSES /
 _PROCESS_ID), or --distributed=auto where JAX detects the cluster (TPU pods, SLURM); see
-runtime/distributed.py and README "Several hosts"."""
+runtime/distributed.py and docs/devices.md."""
 from __future__ import annotations
 
 if __name__ == "__main__":  # the command line: quiet before jax loads (cli_logging's docstring)
@@ -18,7 +18,8 @@ from fastadv_jax import cli, models
 from fastadv_jax.cli import distributed_flags  # --distributed, --coordinator_address, ...
 from fastadv_jax.data import datasets
 from fastadv_jax.runtime import cli_logging, compilation_cache, distributed, plugins, xla_cpu
-from fastadv_jax.training import checkpointing, config_validation, evaluation, train, workdir
+from fastadv_jax.training import (checkpointing, config_validation, evaluation, train,
+                                  train_metrics, workdir)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and results.")
@@ -46,7 +47,7 @@ def run() -> None:
   except plugins.PluginError as e:
     cli.fail(f"--config.plugins: {e}")
   cli.run(main, (config_validation.ConfigError, checkpointing.CheckpointError,
-                 datasets.DatasetUnavailableError, train.NonFiniteError, train.StartError,
+                 datasets.DatasetUnavailableError, train_metrics.NonFiniteError, train.StartError,
                  workdir.WorkdirError,
                  distributed.DistributedError, evaluation.NonFiniteOutputError))
 

@@ -12,7 +12,7 @@ from conftest import tiny_config
 from fastadv_jax.data import datasets
 from fastadv_jax.evaluate import load_run
 from fastadv_jax.training import (checkpointing, config_validation, metric_writers, monitoring,
-                                  preemption, train)
+                                  preemption, train, train_metrics)
 
 
 def _final_params(workdir):
@@ -120,7 +120,8 @@ def test_incompatible_config_gives_a_clear_error(tmp_path, mock_fashion_mnist):
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mock_fashion_mnist):
   config = tiny_config(lr_max=1e30, lr_schedule="constant", log_every=1, checkpoint_every=1,
                        grad_align_lambda=0.0)
-  with pytest.raises(train.NonFiniteError, match="non-finite loss or gradient at iteration"):
+  with pytest.raises(train_metrics.NonFiniteError,
+                     match="non-finite loss or gradient at iteration"):
     train.train_and_evaluate(config, str(tmp_path))
   # Iteration 1's loss is finite (its update is what explodes), so it was checkpointed; the
   # first non-finite iteration never is.

@@ -86,7 +86,7 @@ def _layout(config: ml_collections.ConfigDict, params: Mapping, image_shape: tup
 
 def normalization(config: ml_collections.ConfigDict) -> dict[str, tuple[float, ...]]:
   """{"input_mean": ..., "input_std": ...} of the config, as floats (empty: no normalisation)."""
-  return {field: tuple(float(v) for v in config.get(field, ()))
+  return {field: tuple(float(v) for v in config[field])
           for _, field, _ in NORMALIZATION_KEYS}
 
 

@@ -96,9 +96,10 @@ def perturb(method: str | Method, loss_fn: Callable[[jax.Array], jax.Array], x: 
   if m.carries_delta and carried is None:
     carried = jax.numpy.zeros_like(x)
   return base.checked_perturbation(m, m.perturb(AttackInputs(
-      m.default_args() if args is None else args, loss_fn, logits_fn, x, y, keys,
-      jax.numpy.asarray(eps, jax.numpy.float32), carried, init or m.default_init,
-      jax.numpy.asarray(step), jax.numpy.asarray(progress, jax.numpy.float32), axis_name)), x)
+      args=m.default_args() if args is None else args, loss_fn=loss_fn, logits_fn=logits_fn,
+      x=x, y=y, keys=keys, eps=jax.numpy.asarray(eps, jax.numpy.float32), carried=carried,
+      init=init or m.default_init, step=jax.numpy.asarray(step),
+      progress=jax.numpy.asarray(progress, jax.numpy.float32), axis_name=axis_name)), x)
 
 
 def regularizer(method: str | Method, forward: base.Forward, params: Any, x: jax.Array,
@@ -122,8 +123,9 @@ def regularizer(method: str | Method, forward: base.Forward, params: Any, x: jax
     state = m.init_state(a)  # (a method with init_state_for needs its state passed in)
   keys = randomness.batch_keys(key, x.shape[0], axis_name)
   return m.regularizer(RegularizerInputs(
-      a, forward, params, x, y, delta, logits, keys, jax.numpy.asarray(eps, jax.numpy.float32),
-      state, jax.numpy.asarray(progress, jax.numpy.float32), axis_name))
+      args=a, forward=forward, params=params, x=x, y=y, delta=delta, logits=logits, keys=keys,
+      eps=jax.numpy.asarray(eps, jax.numpy.float32), state=state,
+      progress=jax.numpy.asarray(progress, jax.numpy.float32), axis_name=axis_name))
 
 
 # The built-in methods, one module each (imported after the registry exists: each imports only

@@ -137,7 +137,7 @@ class RegularizerOutput(NamedTuple):
 class Method:
   """One training method. Only `name`, `summary` and `perturb` are required."""
   name: str
-  summary: str                     # one line for the README table and --help texts
+  summary: str                     # one line for the docs' method table and --help
   perturb: Callable[[AttackInputs], Perturbation]
   # Its hyperparameters: a frozen dataclass whose defaults are the published values. They are
   # the config fields `method_args.<name>.<field>` (`--config.method_args.nfgsm.noise=3`).

@@ -97,7 +97,7 @@ def _check(cond: bool, field: str, msg: str) -> None:
 
 def _check_normalization(c: ml_collections.ConfigDict) -> None:
   """input_mean / input_std: both empty, or one value per image channel, std > 0."""
-  mean, std = tuple(c.get("input_mean", ())), tuple(c.get("input_std", ()))
+  mean, std = tuple(c.input_mean), tuple(c.input_std)
   if not mean and not std:
     return
   channels = datasets.IMAGE_SHAPES[c.dataset][2]
@@ -125,7 +125,7 @@ def _check_other_method_args(c: ml_collections.ConfigDict, methods) -> None:
   refusal: a sweep over methods passes one method's hyperparameters to all its runs
   (experiments/sweep.py --extra), and a recorded run must still resume. An invalid value is
   refused all the same."""
-  for name in c.get("method_args", {}):
+  for name in c.method_args:
     if name == c.method or name not in methods.names():
       continue
     method = methods.get(name)
@@ -147,7 +147,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
 
   c = config
   try:
-    plugins.load(c.get("plugins", ""))
+    plugins.load(c.plugins)
   except plugins.PluginError as e:
     raise ConfigError(f"config.plugins: {e}") from None
   _check(c.dataset in DATASETS, "dataset", f"unknown dataset {c.dataset!r}; choose from {DATASETS}")
@@ -168,10 +168,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   _check(c.optimizer in OPTIMIZERS, "optimizer", f"unknown optimizer {c.optimizer!r}; choose from {OPTIMIZERS}")
   _check(c.lr_schedule in LR_SCHEDULES, "lr_schedule",
          f"unknown schedule {c.lr_schedule!r}; choose from {LR_SCHEDULES}")
-  _check(c.get("schedule_unit", "iteration") in SCHEDULE_UNITS, "schedule_unit",
-         f"unknown unit {c.get('schedule_unit')!r}; choose from {SCHEDULE_UNITS}")
-  _check(c.get("parallelism", "pmap") in PARALLELISM, "parallelism",
-         f"unknown engine {c.get('parallelism')!r}; choose from {PARALLELISM}")
+  _check(c.schedule_unit in SCHEDULE_UNITS, "schedule_unit",
+         f"unknown unit {c.schedule_unit!r}; choose from {SCHEDULE_UNITS}")
+  _check(c.parallelism in PARALLELISM, "parallelism",
+         f"unknown engine {c.parallelism!r}; choose from {PARALLELISM}")
   _check(0.0 <= c.eps <= 1.0, "eps", f"must be in [0, 1] (pixel units, e.g. 8/255), got {c.eps}")
   _check(c.seed >= 0, "seed", f"must be >= 0, got {c.seed}")
   _check(c.num_epochs >= 1, "num_epochs", f"must be >= 1, got {c.num_epochs}")

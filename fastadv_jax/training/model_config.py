@@ -18,7 +18,7 @@ def model_args(config: ml_collections.ConfigDict) -> Any:
   """The args record of `config.model` from `config.model_args.<model>` (defaults where a field
   or the section is absent). ValueError for an unknown model; registry.ArgError for a bad field."""
   spec = models.get(config.model)
-  section = (config.get("model_args", None) or {}).get(config.model, None)
+  section = config.model_args.get(config.model, None)
   values = section.to_dict() if hasattr(section, "to_dict") else dict(section or {})
   return spec.make_args(values)
 
@@ -38,5 +38,5 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
   return models.create_model(
       config.model, num_classes, args=args,
       half_precision=config.half_precision if half_precision is None else half_precision,
-      input_mean=tuple(config.get("input_mean", ())), input_std=tuple(config.get("input_std", ())),
+      input_mean=tuple(config.input_mean), input_std=tuple(config.input_std),
       bn_axis_name=bn_axis_name)

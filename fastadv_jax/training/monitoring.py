@@ -101,7 +101,7 @@ class Monitor:
     self.test_points = datasets.fixed_subset(test_split, config.n_eval_points, config.seed + 1)
     # all of the validation split, in order (the benchmark's 1000 points)
     self.val_points = None if val_split is None else (val_split.images, val_split.labels)
-    self.validation_selection = config.get("selection", "early_stopping") == "validation"
+    self.validation_selection = config.selection == "validation"
 
   def run(self, step: int, variables: Any, averaged: Any = None) -> dict[str, float]:
     """One diagnostic of the raw `variables` and the `averaged` ones (None: no weight

@@ -22,7 +22,7 @@ def run_config(workdir_: str) -> ml_collections.ConfigDict:
   # The run's plugins register its model (and method) again here, before anything reads the
   # registries: the model's XLA flags, its build, its PyTorch layout.
   try:
-    plugins.load(config.get("plugins", ""))
+    plugins.load(config.plugins)
   except plugins.PluginError as e:
     raise checkpointing.CheckpointError(
         f"{os.path.join(workdir_, 'config.json')}: config.plugins: {e}") from None
@@ -85,8 +85,8 @@ def check_keeps(config: ml_collections.ConfigDict, weights: str, workdir_: str) 
   """CheckpointError when the run's config keeps no such weights."""
   if weights not in WEIGHTS:
     raise ValueError(f"weights: {weights!r} is not one of {WEIGHTS}")
-  validation = config.get("selection", "early_stopping") == "validation"
-  if weights == "averaged" and float(config.get("ema_decay", 0.0)) <= 0:
+  validation = config.selection == "validation"
+  if weights == "averaged" and float(config.ema_decay) <= 0:
     raise checkpointing.CheckpointError(
         f"--weights=averaged: {workdir_} has no weight average (config.ema_decay is 0); use "
         "--weights=last or --weights=best")

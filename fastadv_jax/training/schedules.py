@@ -23,7 +23,7 @@ ONECYCLE_MAX_MOMENTUM = 0.95
 
 
 def _by_epoch(config: ml_collections.ConfigDict) -> bool:
-  return config.get("schedule_unit", "iteration") == "epoch"
+  return config.schedule_unit == "epoch"
 
 
 def _onecycle(s, total: int, start: float, peak: float, end: float):

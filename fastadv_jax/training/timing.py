@@ -55,3 +55,28 @@ class Stopwatch:
     if self._since is None:
       return self.total
     return self.total + (time.perf_counter() - self._since)
+
+
+class RunClocks:
+  """A training run's two clocks, continuing a restored run's counts (monitoring.RunRecord):
+  `train`, the training seconds (train_time_s: diagnostics and checkpoints included), and
+  `steps`, the seconds in training steps alone (step_seconds over timed_steps: the per-step cost
+  of a method in a real run). The step clock starts once this process's first step (its
+  compilation) is done, and stops, after the queued steps finish, for diagnostics and
+  checkpoints. The counts live in the record passed to each call (the monitor may replace it)."""
+
+  def __init__(self, train_time_s: float):
+    self.train = Stopwatch(train_time_s)
+    self.steps = Stopwatch(running=False)
+
+  def stepped(self, state: Any, record: Any) -> None:
+    """After each step: the first one of this process starts the step clock, the others
+    count."""
+    if self.steps.running:
+      record.timed_steps += 1
+    else:
+      self.steps.start(wait_for=state)
+
+  def pause(self, state: Any, record: Any) -> None:
+    """Before diagnostics or a checkpoint: the steps queued so far count, what follows not."""
+    record.step_seconds += self.steps.stop(wait_for=state)

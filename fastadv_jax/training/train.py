@@ -20,7 +20,6 @@ from typing import Any, Iterator
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from tqdm import tqdm
 
@@ -28,8 +27,9 @@ from fastadv_jax import methods, models, parallel
 from fastadv_jax.data import datasets
 from fastadv_jax.runtime import cli_logging, distributed
 from fastadv_jax.training import (checkpointing, config_validation, engines, evaluation,
-                                  metric_writers, model_config, monitoring, preemption, schedules,
-                                  timing, train_step, weight_averaging, workdir)
+                                  metric_writers, model_config, monitoring, preemption,
+                                  run_results, schedules, timing, train_metrics, train_step,
+                                  weight_averaging, workdir)
 from fastadv_jax.training import train_state as ts
 
 class StartError(RuntimeError):
@@ -74,10 +74,6 @@ def _components(config: ml_collections.ConfigDict) -> list[tuple[str, str, str]]
           ("model", config.model, models.get(config.model).build.__module__)]
 
 
-class NonFiniteError(FloatingPointError):
-  """The loss or gradient became NaN/Inf; the last checkpoint (all finite) is kept."""
-
-
 def _load_data(config: ml_collections.ConfigDict
                ) -> tuple[datasets.Split, datasets.Split, datasets.Split | None]:
   """The training, test and validation splits (the validation split, config.validation_size,
@@ -86,7 +82,7 @@ def _load_data(config: ml_collections.ConfigDict
   c = config
   train_split = datasets.load_split(c.dataset, "train", c.data_dir, c.download)
   test_split = datasets.load_split(c.dataset, "test", c.data_dir, c.download)
-  n_val = int(c.get("validation_size", 0))
+  n_val = int(c.validation_size)
   if n_val >= len(train_split):
     raise config_validation.ConfigError(
         f"config.validation_size: {n_val} leaves no training example of the {len(train_split)} "
@@ -100,174 +96,146 @@ def _load_data(config: ml_collections.ConfigDict
   return train_split, test_split, val_split
 
 
+def _schedule(config: ml_collections.ConfigDict, splits: tuple
+              ) -> tuple[int, int, int, datasets.TrainBatches]:
+  """(steps per epoch, iterations, replays of each batch, the batch order), logged once."""
+  train_split, test_split, val_split = splits
+  spe = schedules.steps_per_epoch(len(train_split), config.batch_size)
+  total = schedules.total_steps(config, spe)
+  method = methods.get(config.method)
+  replay = method.replays(method.args_from(config))
+  held = "" if val_split is None else f" ({len(val_split)} held out for validation)"
+  logging.info("%s: %d train%s / %d test examples, %d iterations (%d per epoch), %d device(s) "
+               "in %d process(es)", config.dataset, len(train_split), held, len(test_split),
+               total, spe, jax.device_count(), jax.process_count())
+  return spe, total, replay, datasets.TrainBatches(train_split, config.batch_size, config.seed)
+
+
+def _models(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+  """The training model (BatchNorm statistics shared over the device axis) and the float32
+  one that evaluates."""
+  num_classes = datasets.NUM_CLASSES[config.dataset]
+  return (model_config.create_model(config, num_classes, bn_axis_name=parallel.AXIS),
+          model_config.create_model(config, num_classes, half_precision=False))
+
+
+def _restore(ckpt: checkpointing.Checkpointer, engine: Any, config: ml_collections.ConfigDict,
+             state: ts.TrainState) -> tuple[Any, dict, monitoring.RunRecord, int | None]:
+  """The run continued from the latest checkpoint, if any, else from the fresh `state`: (the
+  state laid over the devices as the engine runs it, the kept weights, the record, the
+  checkpoint's iteration or None). One that does not fit says why, and how to resume it."""
+  best, record = ts.variables(state), monitoring.RunRecord()
+  try:
+    restored = ckpt.restore_latest(engine.checkpoint_template(state), best)
+  except checkpointing.CheckpointMismatch as e:
+    try:
+      cause = _mismatch_cause(ckpt, config)
+    finally:
+      ckpt.close()
+    raise checkpointing.CheckpointMismatch(f"{e}: {cause}") from None
+  except BaseException:
+    ckpt.close()  # a refused checkpoint: nothing is left open at exit
+    raise
+  if restored is None:
+    return engine.place_state(state), best, record, None
+  latest, state, best, meta = restored
+  logging.info("Resumed from checkpoint at iteration %d", latest)
+  return engine.restored(state), best, monitoring.RunRecord.from_json(meta), latest
+
+
+def _mismatch_cause(ckpt: checkpointing.Checkpointer, config: ml_collections.ConfigDict) -> str:
+  """Why the latest checkpoint does not fit this config, from what it was written with."""
+  try:
+    written = ckpt.meta(ckpt.latest_step()).get(workdir.WRITTEN_WITH)
+    return workdir.mismatch_cause(written, config)
+  except Exception:  # pylint: disable=broad-except  # an unreadable record: the generic advice
+    return workdir.mismatch_cause(None, config)
+
+
+def _weights(engine: Any, rstate: ts.TrainState) -> tuple[dict, dict | None]:
+  """Evaluation variables (device 0's copy) of the state, and of its weight average (None
+  without one)."""
+  last = ts.variables(rstate)
+  averaged = (None if rstate.ema is None
+              else engine.first(weight_averaging.variables(rstate.ema, last)))
+  return engine.first(last), averaged
+
+
+def _due(s: int, every: int, total: int) -> bool:
+  """Whether iteration s logs / runs diagnostics / checkpoints: every `every` and the last."""
+  return s % every == 0 or s == total
+
+
+def _interrupted_step(why: KeyboardInterrupt, engine: Any, rstate: Any, start: int,
+                      saved_step: int | None) -> int | None:
+  """The iteration to checkpoint on Ctrl-C / SIGTERM: the iterations the state has seen, when
+  that is more than the run started from and not saved yet; None to keep the last checkpoint.
+  In a multi-process run only a stop every process agreed on saves (the others join the save);
+  a process stopped alone (a second signal) keeps the last checkpoint."""
+  if jax.process_count() > 1 and not isinstance(why, preemption.StopRequested):
+    kept = "none saved yet" if saved_step is None else f"iteration {saved_step}"
+    logging.warning("Stopped this process alone; the last checkpoint (%s) is kept", kept)
+    return None
+  try:
+    done = engine.step_of(rstate)
+  except RuntimeError:  # a second signal inside a step: its donated input state is gone
+    logging.warning("Interrupted inside a step; the last checkpoint is kept")
+    raise
+  if done > start and done != saved_step:
+    logging.warning("Interrupted: saving a checkpoint at iteration %d", done)
+    return done
+  return None
+
+
 class _Run:
-  """One training run. Its construction reads as the stages below (data and schedule, models,
-  initial state, restore, writers, step function, evaluator and monitor); `train` and `finish`
-  are the stages of `train_and_evaluate` after it."""
+  """One training run, built from its stages (schedule, models, state restored or fresh,
+  writers, compiled step, evaluator, monitor); `train` loops, `finish` writes results.json."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir_: str,
                splits: tuple[datasets.Split, datasets.Split, datasets.Split | None]):
     self.config, self.workdir, self.wall_start = config, workdir_, time.time()
-    self.engine = engines.create(config.get("parallelism", "pmap"))
+    self.engine = engines.create(config.parallelism)
     self.stop: preemption.StopOnSignal | None = None  # the training loop's (train)
-    self._data_and_schedule(splits)
-    model, eval_model = self._models()
-    self.rstate, best, record = self._restore(*self._initial_state(model))
-    self._open_writers()
-    self._step_function(model)
-    self._evaluator_and_monitor(eval_model, record, best)
-
-  def _data_and_schedule(self, splits: tuple[datasets.Split, datasets.Split,
-                                              datasets.Split | None]) -> None:
-    """The splits, the batch order and the iteration counts (logged once)."""
-    c = self.config
     self.train_split, self.test_split, self.val_split = splits
-    self.spe = schedules.steps_per_epoch(len(self.train_split), c.batch_size)
-    self.total = schedules.total_steps(c, self.spe)
-    method = methods.get(c.method)
-    self.replay = method.replays(method.args_from(c))
-    self.batches = datasets.TrainBatches(self.train_split, c.batch_size, c.seed)
-    held = ("" if self.val_split is None
-            else f" ({len(self.val_split)} held out for validation)")
-    logging.info("%s: %d train%s / %d test examples, %d iterations (%d per epoch), %d device(s) "
-                 "in %d process(es)", c.dataset, len(self.train_split), held,
-                 len(self.test_split), self.total, self.spe, jax.device_count(),
-                 jax.process_count())
-
-  def _models(self) -> tuple[Any, Any]:
-    """The training model (BatchNorm statistics shared over the device axis) and the float32
-    one that evaluates."""
-    c = self.config
-    num_classes = datasets.NUM_CLASSES[c.dataset]
-    return (model_config.create_model(c, num_classes, bn_axis_name=parallel.AXIS),
-            model_config.create_model(c, num_classes, half_precision=False))
-
-  def _initial_state(self, model: Any) -> tuple[ts.TrainState, dict, monitoring.RunRecord]:
-    """A fresh run's state, early-stopped (or selected) weights and record; also the run's step and
-    evaluation keys (all three keys are split from config.seed at once)."""
-    c = self.config
-    init_rng, self.step_rng, self.eval_rng = jax.random.split(jax.random.key(c.seed), 3)
-    state = ts.create_train_state(c, model, init_rng, self.train_split.images.shape[1:], self.spe,
-                                  n_examples=len(self.train_split))
-    return state, ts.variables(state), monitoring.RunRecord()
-
-  def _restore(self, state: ts.TrainState, best: dict, record: monitoring.RunRecord
-               ) -> tuple[ts.TrainState, dict, monitoring.RunRecord]:
-    """Opens the checkpoint manager and continues from its latest checkpoint, if any; the
-    fresh state and record otherwise. Returns the state laid over the devices as the engine
-    runs it. Sets `start`, the first iteration to run."""
-    self.ckpt = checkpointing.Checkpointer(self.workdir, self.config.keep_checkpoints,
+    self.spe, self.total, self.replay, self.batches = _schedule(config, splits)
+    model, eval_model = _models(config)
+    # The run's initialisation, step and evaluation keys, split from config.seed at once.
+    init_rng, self.step_rng, self.eval_rng = jax.random.split(jax.random.key(config.seed), 3)
+    state = ts.create_train_state(config, model, init_rng, self.train_split.images.shape[1:],
+                                  self.spe, n_examples=len(self.train_split))
+    self.ckpt = checkpointing.Checkpointer(workdir_, config.keep_checkpoints,
                                            global_arrays=self.engine.global_arrays)
-    try:
-      restored = self.ckpt.restore_latest(self.engine.checkpoint_template(state), best)
-    except checkpointing.CheckpointMismatch as e:  # does not fit: say why, and how to resume
-      try:
-        cause = self._mismatch_cause()
-      finally:
-        self.ckpt.close()
-      raise checkpointing.CheckpointMismatch(f"{e}: {cause}") from None
-    except BaseException:
-      self.ckpt.close()  # a refused checkpoint: nothing is left open at exit
-      raise
-    if restored is not None:
-      latest, state, best, meta = restored
-      record = monitoring.RunRecord.from_json(meta)
-      logging.info("Resumed from checkpoint at iteration %d", latest)
-      placed = self.engine.restored(state)
-    else:
-      placed = self.engine.place_state(state)
-    self.start = self.engine.step_of(placed)
-    # The latest checkpoint, kept by the run itself: the same on every process (a process other
-    # than 0 writes none, and its checkpoint manager does not see process 0's).
-    self.saved_step = None if restored is None else restored[0]
-    return placed, best, record
-
-  def _mismatch_cause(self) -> str:
-    """Why the latest checkpoint does not fit this config, from what it was written with."""
-    try:
-      written = self.ckpt.meta(self.ckpt.latest_step()).get(workdir.WRITTEN_WITH)
-      return workdir.mismatch_cause(written, self.config)
-    except Exception:  # pylint: disable=broad-except  # an unreadable record: the generic advice
-      return workdir.mismatch_cause(None, self.config)
-
-  def _open_writers(self) -> None:
-    """metrics.jsonl / TensorBoard, cut back to `start` (rows of iterations a resumed run
-    repeats are dropped); process 0 alone writes."""
-    self.writer = metric_writers.MetricWriter(self.workdir, resume_step=self.start,
+    # The latest checkpoint is the run's own, the same on every process (a process other than
+    # 0 writes none, and does not see process 0's). metrics.jsonl is cut back to `start`.
+    self.rstate, best, record, self.saved_step = _restore(self.ckpt, self.engine, config, state)
+    self.start = self.engine.step_of(self.rstate)
+    self.writer = metric_writers.MetricWriter(workdir_, resume_step=self.start,
                                               enabled=distributed.is_main())
-
-  def _step_function(self, model: Any) -> None:
-    """The training step compiled by the engine (pmap or jit + shard_map)."""
-    self.p_step = self.engine.compile_step(
-        train_step.make_train_step(self.config, model, self.spe))
-
-  def _evaluator_and_monitor(self, eval_model: Any, record: monitoring.RunRecord,
-                             best: dict) -> None:
-    """The float32 evaluator, the monitor (diagnostics, early stopping, overfitting flag) that
-    keeps `record` and `best`, and the per-step metrics not yet in a log row (a resumed run
-    starts with the ones its checkpoint saved)."""
-    c = self.config
-    self.evaluator = evaluation.Evaluator(eval_model, c.eval_batch_size,
-                                          step_alpha=c.eval_step_alpha)
-    self.monitor = monitoring.Monitor(c, self.evaluator, self.train_split, self.test_split,
+    self.p_step = self.engine.compile_step(train_step.make_train_step(config, model, self.spe))
+    self.evaluator = evaluation.Evaluator(eval_model, config.eval_batch_size,
+                                          step_alpha=config.eval_step_alpha)
+    self.monitor = monitoring.Monitor(config, self.evaluator, self.train_split, self.test_split,
                                       self.eval_rng, record, best, val_split=self.val_split)
-    self.pending: list[dict] = [
-        {k: np.asarray([v], dtype=dtype) for k, (v, dtype) in m.items()}
-        for m in record.pending_train_metrics]
-    self.pending_step = self.start - len(self.pending)
+    self.metrics = train_metrics.TrainMetrics(self.writer, self.spe,
+                                              record.pending_train_metrics, self.start)
 
   def close(self) -> None:
-    """Flushes and closes the writers and the checkpoint manager (also after an error, so no
-    library complains at exit)."""
+    """Closes the writers and the checkpoint manager (also after an error: no noise at exit)."""
     self.writer.close()
     self.ckpt.close()
 
-  @property
-  def variables(self) -> dict:
-    """Evaluation variables (device 0's copy) of the replicated state."""
-    return self.engine.first(ts.variables(self.rstate))
-
-  @property
-  def averaged_variables(self) -> dict | None:
-    """Evaluation variables of the weight average (device 0's copy), or None without one."""
-    if self.rstate.ema is None:
-      return None
-    return self.engine.first(weight_averaging.variables(self.rstate.ema,
-                                                        ts.variables(self.rstate)))
-
-  def _checked(self) -> list[dict]:
-    """The pending per-step metrics on the host; raises NonFiniteError on NaN/Inf."""
-    ms = jax.device_get(self.pending)
-    for i, m in enumerate(ms):
-      if not bool(np.all(m["finite"])):
-        raise NonFiniteError(
-            f"non-finite loss or gradient at iteration {self.pending_step + i + 1}; the last "
-            f"checkpoint ({self.saved_step}) is kept. Lower lr_max, check the data, or "
-            "disable half_precision, in a new --workdir (a run keeps its config).")
-    return ms
-
-  def flush_train_metrics(self, s: int) -> dict[str, float]:
-    """Averages the metrics since the last flush, checks them for NaN/Inf, writes them."""
-    if not self.pending:
-      return self.monitor.record.last_train_metrics
-    ms = self._checked()
-    avg = {k: float(np.mean([np.asarray(m[k])[0] for m in ms])) for k in ms[0] if k != "finite"}
-    self.writer.write(s, s / self.spe, avg)
-    self.pending, self.pending_step = [], s
-    self.monitor.record.last_train_metrics = avg  # saved with the checkpoint, for results.json
-    return avg
+  def flush_train_metrics(self, s: int) -> dict[str, float]:  # the row of iteration s
+    return self.metrics.flush(s, self.monitor.record, self.saved_step)
 
   def save(self, s: int, train_time_s: float) -> None:
     """Checkpoints iteration s. Between two log rows (an interruption) the pending per-step
     metrics go into the checkpoint instead of a row of their own."""
     record = self.monitor.record
-    if self.due(s, self.config.log_every):
+    if _due(s, self.config.log_every, self.total):
       self.flush_train_metrics(s)
       record.pending_train_metrics = []
     else:
-      record.pending_train_metrics = [
-          {k: [np.asarray(v)[0].item(), str(np.asarray(v).dtype)] for k, v in m.items()}
-          for m in self._checked()]
+      record.pending_train_metrics = self.metrics.for_checkpoint(self.saved_step)
     record.train_time_s = train_time_s
     self.ckpt.save(s, self.engine.to_checkpoint(self.rstate), jax.device_get(self.monitor.best),
                    {**record.to_json(), workdir.WRITTEN_WITH: workdir.written_with(self.config)})
@@ -279,24 +247,13 @@ class _Run:
     (the checkpoint then says they are still due, and a resumed run runs them first)."""
     before = (dataclasses.replace(self.monitor.record), self.monitor.best)
     try:
-      rec = self.monitor.run(s, self.variables, self.averaged_variables)
+      rec = self.monitor.run(s, *_weights(self.engine, self.rstate))
       self.writer.write(s, s / self.spe, rec)
       self.monitor.record.diagnosed_step = s
     except BaseException:
       self.monitor.record, self.monitor.best = before
       raise
     return rec
-
-  def due_diagnostics(self) -> None:
-    """A resumed run first runs the diagnostics its checkpoint's iteration missed."""
-    s = self.start
-    if s > 0 and self.due(s, self.config.eval_every) and self.monitor.record.diagnosed_step < s:
-      logging.info("Running the diagnostics of iteration %d that the interrupted run missed", s)
-      self.diagnose(s)
-
-  def due(self, s: int, every: int) -> bool:
-    """Whether iteration s logs / runs diagnostics / checkpoints: every `every` and the last."""
-    return s % every == 0 or s == self.total
 
   def step(self, step: int) -> Any:
     """Runs iteration `step` and its logging, diagnostics and checkpoint. In a multi-process
@@ -310,54 +267,37 @@ class _Run:
       self.rstate, m = self.p_step(self.rstate, self.engine.place_batch(batch), self.step_rng)
       m = dict(self.engine.local_metrics(m))
     agreement = m.pop("stop", None)
-    self.pending.append(m)
-    self._time_step()
+    self.metrics.append(m)
+    self.clocks.stepped(self.rstate, self.monitor.record)
     s, c = step + 1, self.config
-    if self.due(s, c.log_every):
+    if _due(s, c.log_every, self.total):
       self.progress.train(self.flush_train_metrics(s))
-    diagnose = self.due(s, c.eval_every)
-    checkpoint = self.due(s, c.checkpoint_every)
+    diagnose = _due(s, c.eval_every, self.total)
+    checkpoint = _due(s, c.checkpoint_every, self.total)
     if diagnose or checkpoint:
-      self._pause_step_clock()
+      self.clocks.pause(self.rstate, self.monitor.record)
       if diagnose:
         self.progress.diagnostics(s, self.diagnose(s))
       if checkpoint:
-        self.save(s, self.train_clock.seconds())
-      self.step_clock.start()
+        self.save(s, self.clocks.train.seconds())
+      self.clocks.steps.start()
     self.progress.update()
     return agreement
 
-  def _start_clocks(self) -> None:
-    """Two clocks, both continuing the restored run's counts (RunRecord): `train_clock`, the
-    training seconds (train_time_s, diagnostics and checkpoints included), and `step_clock`,
-    the seconds in training steps alone (step_seconds over timed_steps: the per-step cost of a
-    method in a real run). The step clock starts once this process's first step (its
-    compilation) is done, and stops, after the queued steps finish, for diagnostics and
-    checkpoints."""
-    self.train_clock = timing.Stopwatch(self.monitor.record.train_time_s)
-    self.step_clock = timing.Stopwatch(running=False)
-
-  def _time_step(self) -> None:
-    """After each step: the first one of this process starts the step clock, the others
-    count."""
-    if self.step_clock.running:
-      self.monitor.record.timed_steps += 1
-    else:
-      self.step_clock.start(wait_for=self.rstate)
-
-  def _pause_step_clock(self) -> None:
-    """Before diagnostics or a checkpoint: the steps queued so far count, what follows not."""
-    self.monitor.record.step_seconds += self.step_clock.stop(wait_for=self.rstate)
-
   def train(self) -> float:
     """The loop; Ctrl-C and SIGTERM save a checkpoint first (in a multi-process run, of an
-    iteration all processes agree on: preemption.py). Returns the training time."""
-    self._start_clocks()
+    iteration all processes agree on: preemption.py). A resumed run first runs the diagnostics
+    its checkpoint's iteration missed. Returns the training time."""
+    self.clocks = timing.RunClocks(self.monitor.record.train_time_s)
     self.progress = _Progress(self.config, self.total, self.start, distributed.is_main())
     try:
       with preemption.StopOnSignal() as stop:
         self.stop = stop
-        self.due_diagnostics()
+        s, record = self.start, self.monitor.record
+        if s > 0 and _due(s, self.config.eval_every, self.total) and record.diagnosed_step < s:
+          logging.info("Running the diagnostics of iteration %d that the interrupted run missed",
+                       s)
+          self.diagnose(s)
         for step in range(self.start, self.total):
           agreement = self.step(step)
           stop.check(step + 1, agreement)  # a signal stops the run here, between iterations
@@ -370,88 +310,27 @@ class _Run:
       raise
     finally:
       self.progress.close()
-    return self.train_clock.seconds()
+    return self.clocks.train.seconds()
 
   def _save_interrupted(self, why: KeyboardInterrupt) -> None:
-    """On Ctrl-C / SIGTERM: checkpoints the iterations done since the last checkpoint. In a
-    multi-process run only a stop every process agreed on saves (the others join the save); a
-    process stopped alone (a second signal) keeps the last checkpoint."""
-    if jax.process_count() > 1 and not isinstance(why, preemption.StopRequested):
-      kept = "none saved yet" if self.saved_step is None else f"iteration {self.saved_step}"
-      logging.warning("Stopped this process alone; the last checkpoint (%s) is kept", kept)
-      return
-    try:
-      done = self.engine.step_of(self.rstate)  # the iterations the state has seen
-    except RuntimeError:  # a second signal inside a step: its donated input state is gone
-      logging.warning("Interrupted inside a step; the last checkpoint is kept")
-      raise
-    if done > self.start and done != self.saved_step:
-      logging.warning("Interrupted: saving a checkpoint at iteration %d", done)
-      self.save(done, self.train_clock.seconds())
+    """On Ctrl-C / SIGTERM: checkpoints the iterations done since the last checkpoint, if
+    `_interrupted_step` says so."""
+    done = _interrupted_step(why, self.engine, self.rstate, self.start, self.saved_step)
+    if done is not None:
+      self.save(done, self.clocks.train.seconds())
 
   def finish(self, train_time: float) -> dict:
-    """Final evaluation of the last and the kept (early-stopped or selected) weights, and of
-    the averaged ones; writes results.json."""
-    results = self._final_evaluation()
-    results.update(self._run_summary(train_time))
+    """Final evaluation of the last, the kept and the averaged weights; writes results.json."""
+    results = run_results.final_evaluation(
+        self.config, self.evaluator, self.monitor, *_weights(self.engine, self.rstate),
+        self.test_split, self.eval_rng, self.total)
+    results.update(run_results.run_summary(self.config, self.monitor.record, self.total,
+                                           train_time, self.wall_start,
+                                           self.flush_train_metrics(self.total)))
     if distributed.is_main():
       workdir.write_json(os.path.join(self.workdir, "results.json"), results)
-    _log_results(results, self.workdir)
+    run_results.log_results(results, self.workdir)
     return results
-
-  def _final_evaluation(self) -> dict:
-    """The last weights' final evaluation, the overfitting flag and (same points, same noise):
-    with validation selection the selected weights' ("selected"), else with
-    config.eval_early_stopped_model the early-stopped weights' ("best"); with weight
-    averaging the last averaged weights' ("averaged")."""
-    c, record = self.config, self.monitor.record
-    rng = jax.random.fold_in(self.eval_rng, -1 % (2**31))
-    results = evaluation.final_evaluation(c, self.evaluator, self.variables, self.test_split, rng)
-    results.update(self.monitor.overfitting_summary())
-
-    def accuracies(variables: dict) -> dict:
-      out = evaluation.final_evaluation(c, self.evaluator, variables, self.test_split, rng)
-      return {k: out[k] for k in ("clean_acc", "pgd_acc", "autoattack_acc") if k in out}
-
-    if self.monitor.validation_selection:
-      results["selected"] = {"weights": record.selected, "iteration": int(record.best_step),
-                             "val_pgd_acc": float(record.best_val_pgd),
-                             "val_clean_acc": float(record.best_val_clean),
-                             **accuracies(self.monitor.best)}
-    elif c.eval_early_stopped_model:
-      results["best"] = {"iteration": int(record.best_step),
-                         "train_pgd_acc": float(record.best_train_pgd),
-                         **accuracies(self.monitor.best)}
-    averaged = self.averaged_variables
-    if averaged is not None:
-      results["averaged"] = {"iteration": self.total, **accuracies(averaged)}
-    return results
-
-  def _run_summary(self, train_time: float) -> dict:
-    """What results.json says about the run besides its accuracies."""
-    c, record = self.config, self.monitor.record
-    return {
-        "config": workdir.config_dict(c), "iterations": self.total, "epochs": c.num_epochs,
-        "method": c.method, "method_args": dataclasses.asdict(methods.get(c.method).args_from(c)),
-        "train_time_s": train_time, "wall_time_s": time.time() - self.wall_start,
-        "devices": [str(d) for d in parallel.local_devices()],
-        "final_train_metrics": self.flush_train_metrics(self.total),
-        "step_time_s": record.step_seconds / max(record.timed_steps, 1),
-        "jax_version": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    }
-
-
-def _log_results(results: dict, workdir_: str) -> None:
-  """One log line with the headline accuracies and where results.json is."""
-  robust = []
-  if "pgd_acc" in results:
-    robust.append(f"PGD-{results['pgd_steps']}-{results['pgd_restarts']} "
-                  f"{results['pgd_acc']:.4f}")
-  if "autoattack_acc" in results:
-    robust.append(f"AutoAttack {results['autoattack_acc']:.4f}")
-  logging.info("Results: clean %.4f, %s on %d test points; written to %s",
-               results["clean_acc"], ", ".join(robust), results["n_eval"],
-               os.path.join(workdir_, "results.json"))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir_: str) -> dict:
@@ -497,7 +376,7 @@ def _finished(results: dict, workdir_: str) -> dict:
                "fastadv_jax.evaluate evaluates it again; move results.json away to redo the "
                "final evaluation)", workdir_)
   if "clean_acc" in results and "n_eval" in results:
-    _log_results(results, workdir_)
+    run_results.log_results(results, workdir_)
   return results
 
 

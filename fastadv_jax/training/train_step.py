@@ -86,6 +86,28 @@ def gradalign_term(config: ml_collections.ConfigDict, loss_fn: Callable, x: jax.
   return gradalign.gradalign_regularizer(cos, mask, lam, axis_name)
 
 
+def _updated(config: ml_collections.ConfigDict, method: methods.Method, args: Any,
+             state: TrainState, grads: Any, batch_stats: Any, method_state: Any,
+             pert: methods.Perturbation, g_delta: jax.Array, x: jax.Array, eps: jax.Array,
+             index: jax.Array, axis_name: str | None) -> TrainState:
+  """The state after the optimiser update with the (cross-device averaged) gradients and
+  BatchNorm statistics: the method's carried perturbation (Free-AT's step reuses this backward
+  pass's gradient with respect to delta), its per-example rows, the weight average."""
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats,
+                                    method_state=method_state)
+  if method.carries_delta:
+    new_state = new_state.replace(
+        carried_delta=method.next_carried(args, pert.delta, g_delta, x, eps))
+  if pert.example_rows is not None:
+    flat = {k: v.reshape((x.shape[0], -1)) for k, v in pert.example_rows.items()}
+    new_state = new_state.replace(example_state=parallel.store_example_rows(
+        state.example_state, index, flat, axis_name))
+  if state.ema is not None:
+    new_state = new_state.replace(ema=weight_averaging.update(
+        config, state.ema, new_state.params, new_state.batch_stats, state.step))
+  return new_state
+
+
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_per_epoch: int,
                     axis_name: str | None = parallel.AXIS
                     ) -> Callable[..., tuple[TrainState, Metrics]]:
@@ -99,12 +121,13 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
   use_gradalign = float(config.grad_align_lambda) > 0
   replay = method.replays(args)
   total_steps = schedules.total_steps(config, steps_per_epoch)
-  smoothing = float(config.get("label_smoothing", 0.0))
-  attack_smoothing = smoothing if config.get("label_smoothing_attack", True) else 0.0
+  smoothing = float(config.label_smoothing)
+  attack_smoothing = smoothing if config.label_smoothing_attack else 0.0
 
   def train_ce(logits, y, keys):
     if method.train_ce is not None:
-      return method.train_ce(CELossInputs(args, logits, y, keys, smoothing))
+      return method.train_ce(CELossInputs(args=args, logits=logits, y=y, keys=keys,
+                                          label_smoothing=smoothing))
     return losses.cross_entropy(logits, y, smoothing)
 
   def step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
@@ -142,17 +165,21 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
       flat = parallel.example_rows(state.example_state, batch["index"], axis_name)
       rows = {k: v.reshape((x.shape[0],) + row_shapes[k]) for k, v in flat.items()}
     pert = method.perturb(AttackInputs(
-        args, per_example_loss(state.params, attack_smoothing),
-        lambda z: forward(state.params, z)[0], x, y, attack_keys, eps, state.carried_delta,
-        method.init_kind(config), state.step, progress, axis_name, state.method_state, rows,
-        epoch, eval_logits, features, smoothing, _batch_key(rng, state.step)))
+        args=args, loss_fn=per_example_loss(state.params, attack_smoothing),
+        logits_fn=lambda z: forward(state.params, z)[0], x=x, y=y, keys=attack_keys, eps=eps,
+        carried=state.carried_delta, init=method.init_kind(config), step=state.step,
+        progress=progress, axis_name=axis_name, state=state.method_state, example_rows=rows,
+        epoch=epoch, eval_logits_fn=eval_logits, features_fn=features,
+        label_smoothing=smoothing, batch_key=_batch_key(rng, state.step)))
     pert = checked_perturbation(method, pert, x)
     attack_state = state.method_state if pert.state is None else pert.state
 
     # 3. The training loss: cross-entropy, the method's regulariser, GradAlign on top.
     def loss_fn(params, delta):
-      reg_inputs = RegularizerInputs(args, forward, params, x, y, delta, None, noise_keys, eps,
-                                     attack_state, progress, axis_name, pert.aux, None, epoch)
+      reg_inputs = RegularizerInputs(
+          args=args, forward=forward, params=params, x=x, y=y, delta=delta, logits=None,
+          keys=noise_keys, eps=eps, state=attack_state, progress=progress, axis_name=axis_name,
+          aux=pert.aux, ce_aux=None, epoch=epoch)
       ce_aux = None
       if callable(method.ce_at):
         inputs, ce_aux = method.ce_at(reg_inputs)
@@ -175,19 +202,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
 
     # 4. Cross-device averaging, then the update.
     grads = parallel.pmean(grads, axis_name)
-    new_stats = parallel.pmean(new_stats, axis_name)
-    new_state = state.apply_gradients(grads=grads, batch_stats=new_stats,
-                                      method_state=method_state)
-    if method.carries_delta:  # e.g. Free-AT's perturbation step reuses this backward pass
-      new_state = new_state.replace(
-          carried_delta=method.next_carried(args, pert.delta, g_delta, x, eps))
-    if pert.example_rows is not None:
-      flat = {k: v.reshape((x.shape[0], -1)) for k, v in pert.example_rows.items()}
-      new_state = new_state.replace(example_state=parallel.store_example_rows(
-          state.example_state, batch["index"], flat, axis_name))
-    if state.ema is not None:
-      new_state = new_state.replace(ema=weight_averaging.update(
-          config, state.ema, new_state.params, new_state.batch_stats, state.step))
+    new_state = _updated(config, method, args, state, grads, parallel.pmean(new_stats, axis_name),
+                         method_state, pert, g_delta, x, eps, batch["index"], axis_name)
 
     # 5. What is logged.
     ce_g, acc = parallel.pmean(ce, axis_name), parallel.pmean(losses.accuracy(logits, y), axis_name)

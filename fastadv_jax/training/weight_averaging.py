@@ -19,7 +19,7 @@ import ml_collections
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
-  return float(config.get("ema_decay", 0.0)) > 0
+  return float(config.ema_decay) > 0
 
 
 def init(config: ml_collections.ConfigDict, variables: dict) -> dict | None:

@@ -196,7 +196,7 @@ def check_rerun(config: ml_collections.ConfigDict, workdir: str, writes: bool = 
       raise RunChangedError(
           f"{workdir} holds a run recorded with another config ({diffs}); a recorded run "
           "cannot change how it trains or what it logs: rerun it with the values of its "
-          "config.json, or use a new --workdir (README, Reliability, lists the fields a rerun "
+          "config.json, or use a new --workdir (docs/reliability.md lists the fields a rerun "
           "may change)")
     final = [p for p in changed if p in FINAL_EVALUATION_FIELDS]
     if results is not None and final:
@@ -269,11 +269,11 @@ def _evaluate_flags(config: ml_collections.ConfigDict) -> str:
   flags = [f"--n_eval={config.n_final_eval}", f"--attack={config.final_attack}",
            f"--pgd_steps={config.final_pgd_steps}",
            f"--pgd_restarts={config.final_pgd_restarts}"]
-  if config.get("selection", "early_stopping") == "validation":
+  if config.selection == "validation":
     flags.append("(and --weights=selected for the validation-selected weights)")
   elif config.eval_early_stopped_model:
     flags.append("(and --weights=best for the early-stopped weights)")
-  if float(config.get("ema_decay", 0.0)) > 0:
+  if float(config.ema_decay) > 0:
     flags.append("(and --weights=averaged for the weight average)")
   return " ".join(flags)
 
@@ -378,7 +378,7 @@ def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   reads the data where it is now)."""
   path = os.path.join(workdir, "config.json")
   now = config_dict(config)
-  sources = plugins.sources(config.get("plugins", ""))
+  sources = plugins.sources(config.plugins)
   before = read_config(workdir)
   if before is not None:
     if config_dict(before) == now and _load_json(path).get(PLUGIN_SOURCES, {}) == sources:
