@@ -2,7 +2,7 @@
 
 Command (argument: method, then optional eps in 1/255 and other fields):
   python -m fastadv_jax.main --config=configs/cifar10.py:gradalign,eps=8 --workdir=runs/c10/ga_8_s0
-  methods: any name in fastadv_jax.methods.PRESETS (README, "Methods"), e.g. fgsm_rs, pgd10
+  methods: any name in fastadv_jax.methods.PRESETS (docs/methods.md), e.g. fgsm_rs, pgd10
   e.g. configs/cifar10.py:fgsm_rs,eps=16,seed=1
 
 Expected (paper, mean of 5 seeds, PGD-50-10 on the first 1000 test points, last epoch):
@@ -12,7 +12,7 @@ Expected (paper, mean of 5 seeds, PGD-50-10 on the first 1000 test points, last 
               PGD-10 ~33.5
 Run time on one modern GPU: not measured in this project yet (no GPU was available; BENCHMARKS.md
 gives the measured step times from which it follows).
-Needs the CIFAR-10 TFDS files (README: "GPUs, TPUs, CIFAR-10 and SVHN").
+Needs the CIFAR-10 TFDS files (docs/devices.md).
 """
 from fastadv_jax.configs import common, default
 from fastadv_jax.training import schedules

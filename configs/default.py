@@ -7,7 +7,7 @@ Command (from the repo root; `bash scripts/train.sh` does the same after set-up)
 
 Expected (measured 2026-11-22 on a 2-core CPU, jax 0.12.0.1, oneDNN convolutions on): clean
 81.8 %, PGD-50-10 63.8 % at eps = 0.1 on the first 1000 test points; 84-143 s of training and
-3-4 minutes wall in all, depending on the machine's load (README, "Measured").
+3-4 minutes wall in all, depending on the machine's load (README).
 Every other config imports this one and overrides what differs.
 """
 from typing import Any
@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.validation_size = 0
 
   # Model, chosen by name.
-  c.model = "small_cnn"         # a registered model: fastadv_jax.models.names() (README)
+  c.model = "small_cnn"         # a registered model: fastadv_jax.models.names() (docs/methods.md)
   # Each model's own hyperparameters, with its defaults: model_args.<model>.<field>, e.g.
   # --config.model_args.cnn.n_filters=4 (models.py: CNNArgs, SmallCNNArgs, PreActResNet18Args,
   # WideResNetArgs; a plugin model's record declares its own).
@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.input_std = ()
 
   # Training perturbation (docs/algorithms.md §1). eps in pixel units ([0, 1]).
-  c.method = "fgsm"             # a registered method: fastadv_jax.methods.names() (README)
+  c.method = "fgsm"             # a registered method: fastadv_jax.methods.names() (docs/methods.md)
   c.eps = 0.1
   c.attack_init = ""            # "" = the method's default; zero | uniform | corner
   c.eps_warmup_epochs = 0.0     # linear ramp of eps (and so of the FGSM step) over these epochs
@@ -114,7 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   # How the step runs over the devices (fastadv_jax/training/engines.py): "pmap" (stacked per-device
   # copies) or "shard_map" (jit + shard_map on a Mesh; the state is global jax.Arrays and
-  # Orbax checkpoints them shard by shard). Same numbers; README "Several hosts" compares them.
+  # Orbax checkpoints them shard by shard). Same numbers; docs/devices.md compares them.
   c.parallelism = "pmap"
 
   # Logging, diagnostics, checkpoints. Durations in iterations (= optimiser steps).

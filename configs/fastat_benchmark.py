@@ -32,7 +32,7 @@ n_aaer 77.67 / 47.38 / 0.93; zerograd 75.85 / 45.94 / 0.96; free 75.20 / 44.34 /
 pgd_at without WA 85.35 / 44.33 / 3.48; fgsm_rs 77.66 / 43.09 / 0.95; fgsm 69.17 / 37.28 /
 1.00; elle 77.78 / 32.46 / 1.47 (FGSM-AT took 1996 s there).
 Not run in this project: no CIFAR-10 and no GPU here (tested on mock data). Needs the CIFAR-10
-TFDS files (README: "GPUs, TPUs, CIFAR-10 and SVHN").
+TFDS files (docs/devices.md).
 """
 import ml_collections
 

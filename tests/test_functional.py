@@ -236,16 +236,43 @@ def test_the_benchmark_and_the_sweep_take_a_plugin_method_and_model(tmp_path):
   assert any(":gradalign," in line for line in commands)  # the built-in presets with it
 
 
-def test_the_readme_own_code_example_runs_and_trains():
-  """The README's "Use it in your own code" block, as a reader would paste it."""
+def _readme_block(heading: str) -> dict:
+  """Runs the first python block after `heading` in the README, as a reader would paste it;
+  returns its variables."""
   readme = (ROOT / "README.md").read_text()
-  section = readme[readme.index("## Use it in your own code"):]
+  section = readme[readme.index(heading):]
   code = section[section.index("```python\n") + len("```python\n"):]
   code = code[:code.index("```")]
   scope: dict = {}
   exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
+  return scope
+
+
+def test_the_readme_own_code_example_runs_and_trains():
+  scope = _readme_block("### GradAlign in your own training loop")
   loss, reg = scope["loss"], scope["reg"]
   assert np.isfinite(float(loss)) and 0.0 < float(reg) <= 2 * 0.2
+
+
+def test_the_readme_autoattack_example_breaks_only_breakable_points():
+  """The README's AutoAttack block on its linear model: the exact worst case of a linear model
+  over the eps-ball and the [0, 1] box is a per-coordinate choice, so a point reported broken
+  must have a target class whose exact worst-case margin is <= 0, and every adversarial example
+  stays in the ball and the box."""
+  scope = _readme_block("### AutoAttack on your own model")
+  result, images, labels = scope["result"], scope["images"], scope["labels"]
+  w, eps = np.asarray(scope["w"], np.float64), 0.02
+  x = images.reshape(len(images), -1).astype(np.float64)
+  worst = np.full(len(x), np.inf)
+  for j in range(w.shape[1]):
+    d = w[:, labels] - w[:, [j]]                          # (784, n): margin direction vs class j
+    low, high = np.maximum(x - eps, 0.0) - x, np.minimum(x + eps, 1.0) - x
+    margin = np.sum(d.T * x + np.minimum(d.T * low, d.T * high), axis=1)
+    worst = np.where(labels == j, worst, np.minimum(worst, margin))
+  assert np.all(worst[~result.robust] <= 1e-4)           # nothing unbreakable is broken
+  assert 0.0 < result.accuracy < 1.0 and result.accuracy == pytest.approx(np.mean(result.robust))
+  delta = np.asarray(result.x_adv) - images
+  assert np.all(np.abs(delta) <= eps + 1e-6) and np.all((result.x_adv >= 0) & (result.x_adv <= 1))
 
 
 def test_installed_plugins_are_loaded_from_their_entry_point_group(monkeypatch):

@@ -1,4 +1,4 @@
-"""Recorded runs do not change, and every check runs before any work (README, "Reliability").
+"""Recorded runs do not change, and every check runs before any work (docs/reliability.md).
 
 Through the command line, as users run it: `python -m fastadv_jax.main` on TFDS mock data in a
 subprocess (conftest.MOCK_DATA_CLI, TINY_CLI). One finished tiny run is made once per module;

@@ -5,7 +5,7 @@ as 1 process x 8.
 What this does and does not show: data, augmentation and noise are identical across topologies,
 and a few steps agree to rounding, but the cross-device sums add in another order, so over a
 whole run the rounding grows like a change of seed (the default config for one epoch ended at
-clean 0.770 / PGD 0.594 on 2 x 4 and 0.764 / 0.580 on 1 x 8). README "Several hosts" says so."""
+clean 0.770 / PGD 0.594 on 2 x 4 and 0.764 / 0.580 on 1 x 8). docs/devices.md says so."""
 import json
 import os
 import pathlib
