@@ -89,10 +89,12 @@ def gradalign_term(config: ml_collections.ConfigDict, loss_fn: Callable, x: jax.
 def _updated(config: ml_collections.ConfigDict, method: methods.Method, args: Any,
              state: TrainState, grads: Any, batch_stats: Any, method_state: Any,
              pert: methods.Perturbation, g_delta: jax.Array, x: jax.Array, eps: jax.Array,
-             index: jax.Array, axis_name: str | None) -> TrainState:
+             index: jax.Array | None, axis_name: str | None) -> TrainState:
   """The state after the optimiser update with the (cross-device averaged) gradients and
   BatchNorm statistics: the method's carried perturbation (Free-AT's step reuses this backward
-  pass's gradient with respect to delta), its per-example rows, the weight average."""
+  pass's gradient with respect to delta), its per-example rows (at `index`, the batch's
+  positions in the training set; None for a batch without, which only a method without
+  per-example state may get), the weight average."""
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats,
                                     method_state=method_state)
   if method.carries_delta:
@@ -203,7 +205,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
     # 4. Cross-device averaging, then the update.
     grads = parallel.pmean(grads, axis_name)
     new_state = _updated(config, method, args, state, grads, parallel.pmean(new_stats, axis_name),
-                         method_state, pert, g_delta, x, eps, batch["index"], axis_name)
+                         method_state, pert, g_delta, x, eps, batch.get("index"), axis_name)
 
     # 5. What is logged.
     ce_g, acc = parallel.pmean(ce, axis_name), parallel.pmean(losses.accuracy(logits, y), axis_name)
