@@ -16,7 +16,8 @@ import dataclasses
 import typing
 from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
-__all__ = ["ArgError", "NoArgs", "Registry", "arg_names", "check", "make_args"]
+__all__ = ["ArgError", "NoArgs", "Registry", "arg_names", "args_from_section", "check",
+           "make_args"]
 
 R = TypeVar("R")
 
@@ -116,3 +117,9 @@ def make_args(args: type, values: Mapping[str, Any] | None, owner: str) -> Any:
       v = tuple(v)
     converted[k] = v
   return args(**converted)
+
+
+def args_from_section(make: Callable[[Mapping[str, Any]], Any], section: Any) -> Any:
+  """A record's args from its config section (`config.method_args.<name>`, a ConfigDict or a
+  mapping; None or absent fields: the defaults), built by the record's `make_args`."""
+  return make(section.to_dict() if hasattr(section, "to_dict") else dict(section or {}))

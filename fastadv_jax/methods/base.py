@@ -217,6 +217,4 @@ class Method:
     """This method's args record from `config.method_args.<name>` (defaults where absent)."""
     all_args = config.get("method_args", None) if hasattr(config, "get") else None
     mine = all_args.get(self.name, None) if all_args is not None else None
-    if mine is None:
-      return self.default_args()
-    return self.make_args(mine.to_dict() if hasattr(mine, "to_dict") else dict(mine))
+    return registry.args_from_section(self.make_args, mine)

@@ -17,10 +17,8 @@ from fastadv_jax import models, registry
 def model_args(config: ml_collections.ConfigDict) -> Any:
   """The args record of `config.model` from `config.model_args.<model>` (defaults where a field
   or the section is absent). ValueError for an unknown model; registry.ArgError for a bad field."""
-  spec = models.get(config.model)
-  section = config.model_args.get(config.model, None)
-  values = section.to_dict() if hasattr(section, "to_dict") else dict(section or {})
-  return spec.make_args(values)
+  return registry.args_from_section(models.get(config.model).make_args,
+                                    config.model_args.get(config.model, None))
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int,
@@ -28,13 +26,11 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
   """`models.create_model` for the config's model, args, precision (`half_precision` overrides
   it) and input normalisation (`input_mean` / `input_std`)."""
   try:
-    models.get(config.model)
-  except ValueError as e:
-    raise ValueError(f"config.model: {e}") from None
-  try:
     args = model_args(config)
-  except registry.ArgError as e:
+  except registry.ArgError as e:  # before ValueError, which it is
     raise ValueError(f"config.model_args.{config.model}.{e.field}: {e.message}") from None
+  except ValueError as e:  # an unknown model
+    raise ValueError(f"config.model: {e}") from None
   return models.create_model(
       config.model, num_classes, args=args,
       half_precision=config.half_precision if half_precision is None else half_precision,
