@@ -27,6 +27,11 @@ from fastadv_jax.runtime import xla_cpu  # noqa: E402
 
 xla_cpu.apply()  # tests run with the XLA flags users run with
 
+import compile_memo  # noqa: E402  (tests/ is on sys.path: the rootdir's conftest)
+
+# A test process compiles each distinct program once (tests/compile_memo.py says why and how).
+compile_memo.install()
+
 import importlib  # noqa: E402
 import pathlib  # noqa: E402
 import signal  # noqa: E402
@@ -41,9 +46,24 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # `python -c MOCK_DATA_CLI <module> <flags...>` runs `<module>.run()` (a command line of the
 # package) with TFDS's mock data in place of the real datasets, in a fresh process; quiet at
 # start-up as the command lines are (cli_logging.quiet_startup, before TensorFlow loads).
+#
+# It runs the command under XLA's default CPU pipeline (the library's opt-out, and the CNN flags
+# the test process passed on through XLA_FLAGS taken out): jaxlib does not serialise programs
+# that call oneDNN (the CNNs' flags), so only then can the suite's compilation cache above store
+# the command's programs, and the tiny training that many tests start compiles once in the suite
+# instead of once per test. The run records the flags it ran with (none). The tests about the
+# flags, and the one property that holds under the library's flags only (a shard_map run writes
+# what a pmap run writes, bit for bit), set USERS_XLA_FLAGS in the command's environment: the
+# command then applies its model's flags as for a user.
+USERS_XLA_FLAGS = "FASTADV_TEST_USERS_XLA_FLAGS"
 MOCK_DATA_CLI = r"""
-import sys
-from fastadv_jax.runtime import cli_logging
+import os, sys
+from fastadv_jax.runtime import cli_logging, xla_cpu
+if not os.environ.get("FASTADV_TEST_USERS_XLA_FLAGS"):
+  os.environ["XLA_FLAGS"] = " ".join(
+      f for f in os.environ.get("XLA_FLAGS", "").split()
+      if f.lstrip("-").split("=")[0] not in xla_cpu.CNN_FLAGS)
+  os.environ[xla_cpu.OPT_OUT] = "0"
 cli_logging.quiet_startup()
 import tensorflow_datasets as tfds
 sys.path.insert(0, "tests")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, tiny_config
+from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, USERS_XLA_FLAGS, tiny_config
 from fastadv_jax import methods, parallel
 from fastadv_jax.training import (checkpointing, engines, metric_writers, model_config, train,
                                   train_step)
@@ -158,7 +158,7 @@ def test_a_shard_map_run_writes_what_a_pmap_run_writes(tmp_path, mock_fashion_mn
       [sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.main",
        f"--config={ROOT}/configs/default.py", f"--workdir={tmp_path / 'cli'}"] + TINY_CLI + flags,
       capture_output=True, text=True, cwd=ROOT, timeout=300,
-      env=dict(os.environ, JAX_NUM_CPU_DEVICES="8"))
+      env=dict(os.environ, JAX_NUM_CPU_DEVICES="8", **{USERS_XLA_FLAGS: "1"}))
   assert cli.returncode == 0, cli.stderr[-3000:]
   assert _comparable_results(tmp_path / "cli") == want_results
   assert _comparable_rows(tmp_path / "cli") == want_rows

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, tiny_config
+from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, USERS_XLA_FLAGS, tiny_config
 from fastadv_jax import models
 from fastadv_jax.interop import torch_interop
 from fastadv_jax.runtime import xla_cpu
@@ -79,8 +79,8 @@ def test_the_plugin_record_is_what_the_library_reads():
 def test_a_plugin_model_trains_and_evaluates_through_the_command_lines(tmp_path):
   wd = tmp_path / "wd"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as a user's shell has it
-  env.update(JAX_NUM_CPU_DEVICES="1",
-             PYTHONPATH=os.pathsep.join(filter(None, [str(PLUGINS), env.get("PYTHONPATH")])))
+  env.update({"JAX_NUM_CPU_DEVICES": "1", USERS_XLA_FLAGS: "1",  # the model's flags applied
+              "PYTHONPATH": os.pathsep.join(filter(None, [str(PLUGINS), env.get("PYTHONPATH")]))})
   argv = [sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.main",
           f"--config={ROOT}/configs/default.py", f"--workdir={wd}"] + TINY_CLI + [
               "--config.plugins=my_model", "--config.model=my_model",

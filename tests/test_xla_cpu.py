@@ -138,9 +138,9 @@ def test_resnet_convolutions_materialize_their_input(model_name, materialized):
 
 def test_main_runs_a_resnet_under_the_resnet_flags(tmp_path):
   """`main` applies the flags of the config's model before JAX starts, and records them."""
-  from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI
+  from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, USERS_XLA_FLAGS
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as a user's shell has it
-  env["JAX_NUM_CPU_DEVICES"] = "1"
+  env.update({"JAX_NUM_CPU_DEVICES": "1", USERS_XLA_FLAGS: "1"})
   argv = [sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.main",
           f"--config={ROOT}/configs/default.py", f"--workdir={tmp_path / 'wd'}"] + TINY_CLI + [
               "--config.model=preact_resnet18",
