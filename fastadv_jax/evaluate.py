@@ -1,12 +1,15 @@
 """Evaluate a trained run: python -m fastadv_jax.evaluate --workdir=<dir>
 [--weights=last|best|averaged|selected] [--eps=<the run's eps>] [--n_eval=<its n_final_eval>]
 [--attack=pgd|autoattack|pgd,autoattack|apgd-ce,apgd-t,...] [--pgd_steps=50] [--pgd_restarts=10]
-[--seed=0] [--norm=Linf|L2] [--apgd_steps=100] [--fab_steps=100] [--square_queries=5000]
+[--seed=0] [--norm=Linf|L2|L1] [--apgd_steps=100] [--fab_steps=100] [--square_queries=5000]
 [--plugins=my_pkg.my_attack,...].
 
 `--norm=L2` evaluates in the L2 threat model: eps (required then, since the run's eps is an
 L-inf radius) bounds the Euclidean norm of the whole perturbation in pixel units, so it may
-exceed 1 (e.g. 1.0 on 28 x 28 images). Every AutoAttack component asked for must implement L2
+exceed 1 (e.g. 1.0 on 28 x 28 images). `--norm=L1` likewise bounds the sum of the absolute
+changes (e.g. 12 on CIFAR-10's 32 x 32 x 3 images), with L1-APGD and the reference's L1
+settings (--attack=apgd-ce,apgd-t: APGD-CE 5 times, APGD-T on 5 target classes; there is no L1
+PGD, FAB or Square yet). Every AutoAttack component asked for must implement the norm
 (Component.norms): one that does not is refused with one line naming it.
 
 `--attack` takes any registered AutoAttack component: the built-in ones, those of installed
@@ -62,9 +65,10 @@ flags.DEFINE_enum("weights", "last", list(saved_run.WEIGHTS),
                   "Last weights, early-stopped ones (best), the last weight average (averaged, "
                   "config.ema_decay > 0), or those selected on the validation split (selected, "
                   "config.selection=validation).")
-flags.DEFINE_float("eps", None, "Radius in pixel units (L-inf: per pixel, in [0, 1]; L2: of the "
-                   "whole perturbation, > 0); default: the training eps (L-inf only).")
-flags.DEFINE_enum("norm", "Linf", ["Linf", "L2"], "Threat model of the evaluation's attacks.")
+flags.DEFINE_float("eps", None, "Radius in pixel units (L-inf: per pixel, in [0, 1]; L2, L1: of "
+                   "the whole perturbation, > 0); default: the training eps (L-inf only).")
+flags.DEFINE_enum("norm", "Linf", ["Linf", "L2", "L1"], "Threat model of the evaluation's "
+                  "attacks.")
 flags.DEFINE_integer("n_eval", None, "First n test points (-1 = all); default: n_final_eval.")
 flags.DEFINE_string("attack", "pgd", "pgd, autoattack (standard), autoattack-rand, "
                     "autoattack-plus, or AutoAttack components (apgd-ce, apgd-t, fab-t, square, "
@@ -110,19 +114,23 @@ def check_flags(eps: float, n_eval: int, steps: int, restarts: int, attack: str 
       raise UsageError(f"--eps: must be in [0, 1] (pixel units, e.g. 8/255), got {eps}")
     if plan[1] and eps == 0.0:
       raise UsageError("--eps: AutoAttack needs eps > 0")
-  elif norm == "L2":
+  elif norm in ("L2", "L1"):
     if not eps > 0.0:  # not NaN either
-      raise UsageError(f"--eps: the L2 radius must be > 0 (the whole perturbation's norm, e.g. "
-                       f"1.0 on 28 x 28 images), got {eps}")
+      example = "1.0 on 28 x 28 images" if norm == "L2" else "12 on 32 x 32 x 3 images"
+      raise UsageError(f"--eps: the {norm} radius must be > 0 (the whole perturbation's norm, "
+                       f"e.g. {example}), got {eps}")
+    if norm == "L1" and plan[0]:
+      raise UsageError("--attack: pgd has no L1 version; run L1-APGD with "
+                       "--attack=apgd-ce,apgd-t")
     unsupported = autoattack.runner.without_norm(plan[1], norm)
     if unsupported:
       able = [a for a in plan[1] if a not in unsupported]
       raise UsageError(f"--attack: {', '.join(unsupported)} "
-                       f"{'does' if len(unsupported) == 1 else 'do'} not implement the L2 threat "
-                       f"model yet" + (f"; run the others with --attack={','.join(able)}"
-                                       if able else ""))
+                       f"{'does' if len(unsupported) == 1 else 'do'} not implement the {norm} "
+                       f"threat model yet" + (f"; run the others with --attack={','.join(able)}"
+                                              if able else ""))
   else:
-    raise UsageError(f"--norm: must be Linf or L2, got {norm!r}")
+    raise UsageError(f"--norm: must be Linf, L2 or L1, got {norm!r}")
   if n_eval != -1 and n_eval < 1:
     raise UsageError(f"--n_eval: must be -1 (all) or >= 1, got {n_eval}")
   if steps < 1:

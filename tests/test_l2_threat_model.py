@@ -243,7 +243,7 @@ def test_evaluate_flags_per_norm():
       "eval_last_eps0.1000_n16_aa-apgd-ce.json")
 
 
-def test_evaluate_command_with_norm_l2(tmp_path, mock_fashion_mnist):
+def test_evaluate_command_with_norm_l2_and_l1(tmp_path, mock_fashion_mnist):
   train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="1",
              PYTHONPATH=os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")])))
@@ -272,3 +272,25 @@ def test_evaluate_command_with_norm_l2(tmp_path, mock_fashion_mnist):
   assert list(out["autoattack_robust_counts"]) == ["apgd-ce", "square"]
   points = np.load(tmp_path / f"{name}.npz")
   assert points["autoattack_robust"].mean() == out["autoattack_acc"]
+  # L1 (tests/test_l1_threat_model.py has the attack's own tests): pgd and the standard version
+  # are refused in one line; L1-APGD runs with the reference's L1 settings.
+  for extra, message in ((["--eps=12", "--attack=pgd,apgd-ce"],
+                          "--attack: pgd has no L1 version; run L1-APGD with "
+                          "--attack=apgd-ce,apgd-t"),
+                         (["--eps=12", "--attack=autoattack"],
+                          "--attack: fab-t, square do not implement the L1 threat model yet; run "
+                          "the others with --attack=apgd-ce,apgd-t")):
+    proc = subprocess.run(plain[:-1] + ["--norm=L1"] + extra, capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, env=env)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  proc = subprocess.run(
+      [sys.executable, "-c", MOCK_DATA_CLI, "fastadv_jax.evaluate", f"--workdir={tmp_path}",
+       "--n_eval=16", "--norm=L1", "--eps=4", "--attack=apgd-ce,apgd-t", "--apgd_steps=3"],
+      capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  name = "eval_last_L1_eps4.0000_n16_aa-apgd-ce+apgd-t-apgd3"
+  out = json.loads((tmp_path / f"{name}.json").read_text())
+  assert out["norm"] == "L1" and out["autoattack_norm"] == "L1" and out["eps"] == 4.0
+  assert out["autoattack_acc"] <= out["clean_acc"]
+  assert list(out["autoattack_robust_counts"]) == ["apgd-ce", "apgd-t"]

@@ -356,7 +356,7 @@ def tiny_run(tmp_path_factory) -> pathlib.Path:
     ("main", ["--config.method_args.pgd.steps=2.5"], "--config.method_args.pgd.steps: not an "
      "integer"),
     ("main", ["--config.progress_bar=maybe"], "--config.progress_bar: not true or false"),
-    ("evaluate", ["--norm=l2"], "--norm: value should be one of <Linf|L2>"),
+    ("evaluate", ["--norm=l2"], "--norm: value should be one of <Linf|L2|L1>"),
 ])
 def test_a_value_that_does_not_parse_names_its_flag(command, args, needle, tmp_path):
   wd = tmp_path / "wd"

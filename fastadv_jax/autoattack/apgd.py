@@ -1,5 +1,6 @@
 """APGD, Auto-PGD (Croce & Hein, ICML 2020), L-inf and L2: PGD with momentum and a step size
-that halves at checkpoints where progress stalled, restarting from the best point found.
+that halves at checkpoints where progress stalled, restarting from the best point found. (The
+L1 threat model runs L1-APGD, apgd_l1.py, through the same components.)
 
 Behaviour of the reference (fra31/auto-attack), kept here:
   - start: L-inf x + eps * t / max|t| with t ~ U(-1, 1)^d; L2 x + eps * t / ||t||_2 with
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastadv_jax import randomness
-from fastadv_jax.autoattack import component
+from fastadv_jax.autoattack import apgd_l1, component
 from fastadv_jax.autoattack import losses as aa_losses
 
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x, key) -> logits
@@ -115,8 +116,10 @@ def gradient_fn(logits_fn: LogitsFn, loss: Callable[[jax.Array], jax.Array], eot
 
 
 def _check_norm(norm: str) -> None:
-  if norm not in component.NORMS:
-    raise ValueError(f"APGD: norm must be one of {', '.join(component.NORMS)}, got {norm!r}")
+  if norm not in ("Linf", "L2"):  # L1 runs apgd_l1's init and body
+    raise ValueError(f"APGD: norm must be one of {', '.join(component.NORMS)}, got {norm!r}"
+                     if norm not in component.NORMS else
+                     "APGD's init and body are L-inf and L2 (L1: apgd_l1's, or apgd(norm='L1'))")
 
 
 def init(grad_fn: Callable, x: jax.Array, y: jax.Array, keys: jax.Array, eps, steps: int,
@@ -165,7 +168,8 @@ def apgd(logits_fn: LogitsFn, loss: Callable[[jax.Array], jax.Array], x: jax.Arr
          rho: float = 0.75, model_key: jax.Array | None = None, norm: str = "Linf"
          ) -> tuple[jax.Array, jax.Array]:
   """APGD maximising `loss(logits) -> (n,)` from per-example `keys`, as one jittable function,
-  in the `norm` ("Linf" or "L2") ball of radius eps.
+  in the `norm` ("Linf", "L2" or "L1") ball of radius eps (L1: L1-APGD with the large-radius
+  schedule, apgd_l1.py; `rho` is not used there).
 
   Returns (robust (n,) bool: no iterate was misclassified, x_adv: the last misclassified iterate
   where one was found, else the best-loss point), under stop_gradient. (AutoAttack's runner
@@ -173,6 +177,11 @@ def apgd(logits_fn: LogitsFn, loss: Callable[[jax.Array], jax.Array], x: jax.Arr
   """
   grad_fn = gradient_fn(logits_fn, loss, eot_iter,
                         jax.random.key(0) if model_key is None else model_key)
+  if norm == "L1":
+    state = apgd_l1.init(grad_fn, x, y, keys, eps, steps)
+    state = jax.lax.fori_loop(0, apgd_l1.evaluations(steps),
+                              lambda i, s: apgd_l1.body(grad_fn, x, y, eps, i, s, steps), state)
+    return finish(state, x)
   state = init(grad_fn, x, y, keys, eps, steps, norm)
   state = jax.lax.fori_loop(0, steps, lambda i, s: body(grad_fn, x, y, eps, i, s, rho, norm),
                             state)
@@ -218,19 +227,36 @@ def _component_grad_fn(loss: str, ctx: component.Context) -> Callable:
                      ctx.model_key)
 
 
+def _init(loss: str, ctx: component.Context) -> dict:
+  grad_fn, steps = _component_grad_fn(loss, ctx), ctx.settings.apgd_steps
+  if ctx.settings.norm == "L1":
+    return apgd_l1.init(grad_fn, ctx.x, ctx.y, ctx.keys, ctx.eps, steps)
+  return init(grad_fn, ctx.x, ctx.y, ctx.keys, ctx.eps, steps, norm=ctx.settings.norm)
+
+
+def _body(loss: str, ctx: component.Context, i, s: dict) -> dict:
+  grad_fn = _component_grad_fn(loss, ctx)
+  if ctx.settings.norm == "L1":
+    return apgd_l1.body(grad_fn, ctx.x, ctx.y, ctx.eps, i, s, ctx.settings.apgd_steps)
+  return body(grad_fn, ctx.x, ctx.y, ctx.eps, i, s, norm=ctx.settings.norm)
+
+
+def _iterations(settings: component.Settings) -> int:
+  if settings.norm == "L1":
+    return apgd_l1.evaluations(settings.apgd_steps)
+  return settings.apgd_steps
+
+
 def _component(name: str, loss: str, targeted: bool, summary: str) -> component.Component:
   """APGD maximising `loss` as a runner component: `settings.apgd_steps` iterations in the
-  `settings.norm` ball."""
+  `settings.norm` ball (L1: L1-APGD's large-radius schedule, apgd_l1.py)."""
   return component.Component(
-      name=name,
-      init=lambda ctx: init(_component_grad_fn(loss, ctx), ctx.x, ctx.y, ctx.keys, ctx.eps,
-                            ctx.settings.apgd_steps, norm=ctx.settings.norm),
-      body=lambda ctx, i, s: body(_component_grad_fn(loss, ctx), ctx.x, ctx.y, ctx.eps, i, s,
-                                  norm=ctx.settings.norm),
-      finish=lambda ctx, s: finish(s, ctx.x),
-      iterations=lambda settings: settings.apgd_steps,
+      name=name, init=lambda ctx: _init(loss, ctx),
+      body=lambda ctx, i, s: _body(loss, ctx, i, s),
+      finish=lambda ctx, s: finish(s, ctx.x),  # the same rule for L1 (apgd_l1.finish)
+      iterations=_iterations,
       block=GRADIENT_BLOCK, targeted=targeted, gradient_based=True, summary=summary,
-      norms=("Linf", "L2"))
+      norms=("Linf", "L2", "L1"))
 
 
 GRADIENT_BLOCK = 10  # iterations per host call of the gradient-based components

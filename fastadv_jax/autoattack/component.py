@@ -20,16 +20,17 @@ __all__ = ["NORMS", "Component", "Context", "Settings", "components", "get", "na
 
 State = Any  # a pytree of arrays with a leading per-point axis (or scalars)
 
-NORMS = ("Linf", "L2")  # the threat models a component can support (Settings.norm)
+NORMS = ("Linf", "L2", "L1")  # the threat models a component can support (Settings.norm)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """The run-wide knobs of an AutoAttack run, as components read them.
 
-  `norm` is the threat model, one of NORMS: "Linf" (eps bounds every pixel's change) or "L2"
-  (eps bounds the Euclidean norm of the whole perturbation). `options` carries settings of components from outside the package (AutoAttack(options=...)),
-  so a plugin needs no new keyword in the runner.
+  `norm` is the threat model, one of NORMS: "Linf" (eps bounds every pixel's change), "L2"
+  (eps bounds the Euclidean norm of the whole perturbation) or "L1" (eps bounds the sum of the
+  absolute changes). `options` carries settings of components from outside the package
+  (AutoAttack(options=...)), so a plugin needs no new keyword in the runner.
   """
   apgd_steps: int = 100
   fab_steps: int = 100

@@ -53,6 +53,11 @@ VERSIONS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
 # Runs per attack on the points still robust where a version has more than one (the reference's
 # n_restarts; its plus version keeps 9 target classes and 5000 Square queries, the defaults).
 RESTARTS = {"plus": {"apgd-ce": 5, "apgd-dlr": 5, "fab": 5}}
+# The reference's L1 settings (its standard version under norm="L1"): APGD-CE runs 5 times and
+# the targeted attacks take 5 target classes, whatever the list (restarts= and
+# n_target_classes= override them).
+L1_RESTARTS = {"apgd-ce": 5}
+L1_TARGET_CLASSES = 5
 
 # The number each attack's randomness is folded by: its position in `standard` (else in
 # `rand`), as when keys followed the position in the list, so those two versions keep their
@@ -184,9 +189,10 @@ def check_norm(attacks: Sequence[str], norm: str, eps: float) -> None:
     raise ValueError(f"norm must be one of {', '.join(component.NORMS)}, got {norm!r}")
   if norm == "Linf" and not 0.0 < eps <= 1.0:
     raise ValueError(f"eps must be in (0, 1] (pixel units, e.g. 8/255), got {eps}")
-  if norm == "L2" and not (eps > 0.0 and math.isfinite(eps)):
-    raise ValueError(f"eps must be a finite number > 0 (the L2 norm of the perturbation, e.g. "
-                     f"0.5), got {eps}")
+  if norm in ("L2", "L1") and not (eps > 0.0 and math.isfinite(eps)):
+    example = "0.5" if norm == "L2" else "12"
+    raise ValueError(f"eps must be a finite number > 0 (the {norm} norm of the perturbation, "
+                     f"e.g. {example}), got {eps}")
   unsupported = without_norm(attacks, norm)
   if unsupported:
     raise ValueError(f"attack {unsupported[0]!r} does not implement the {norm} threat model "
@@ -266,12 +272,14 @@ def _check_distinct_keys(attacks: Sequence[str]) -> None:
     seen[slot] = name
 
 
-def check_restarts(attacks: Sequence[str], restarts: Mapping[str, int] | None = None
-                   ) -> dict[str, int]:
-  """Runs per attack: 1, or the version's (RESTARTS) when `attacks` is a version, overridden
-  by `restarts` {name: n >= 1}; ValueError for a name not run or a bad count."""
+def check_restarts(attacks: Sequence[str], restarts: Mapping[str, int] | None = None,
+                   norm: str = "Linf") -> dict[str, int]:
+  """Runs per attack: 1, or the version's (RESTARTS) when `attacks` is a version, or the L1
+  settings' (L1_RESTARTS) under norm="L1", overridden by `restarts` {name: n >= 1}; ValueError
+  for a name not run or a bad count."""
   version = version_of(attacks)
-  runs = {name: RESTARTS.get(version, {}).get(name, 1) for name in attacks}
+  default = L1_RESTARTS if norm == "L1" else RESTARTS.get(version, {})
+  runs = {name: default.get(name, 1) for name in attacks}
   for name, n in dict(restarts or {}).items():
     if name not in runs:
       raise ValueError(f"restarts: {name!r} is not among the attacks run "
@@ -282,27 +290,31 @@ def check_restarts(attacks: Sequence[str], restarts: Mapping[str, int] | None = 
   return runs
 
 
+def _target_classes(given: int | None, norm: str) -> int | None:
+  """n_target_classes: as given, else the reference's for `norm` (9; L1_TARGET_CLASSES)."""
+  return given if given is not None else (L1_TARGET_CLASSES if norm == "L1" else 9)
+
+
 class AutoAttack:
   """Jitted, device-parallel AutoAttack of a model `apply_fn(variables, x, key) -> logits`.
 
   Images are float32 NHWC in [0, 1]. `attacks` is 'standard', 'rand', 'plus' or a list of
   registered components (component.py); 'rand' uses EOT over `eot_iter` (default 20) model
-  draws per gradient, as the reference. `norm` is the threat model ("Linf" or "L2"; check_norm),
-  which every attack must implement (Component.norms). `restarts` {name: n}: run that attack n
-  times, each time on the points still robust with fresh randomness (a targeted one n times per
-  target class), overriding the version's (RESTARTS: plus runs apgd-ce, apgd-dlr and fab 5
-  times); restart 0 draws exactly what a run without restarts does. An attack's randomness
-  does not depend on its place in the list (attack_key_id). `options` reaches components from
-  outside the package as `ctx.settings.options`. `draws`: K model draws per candidate for a
-  randomised model (draws.py's rule; default draws.DRAWS when the probe finds the logits change
-  between model keys, else 1: the reference's single evaluation, unchanged).
+  draws per gradient, as the reference. `norm`: "Linf", "L2" or "L1" (with the reference's L1
+  settings, L1_RESTARTS and L1_TARGET_CLASSES), which every attack must implement. `restarts`
+  {name: n}: run that attack n times on the points still robust, with fresh randomness (a
+  targeted one n times per target class), overriding the version's (RESTARTS); restart 0 draws
+  what a run without restarts does. An attack's randomness does not depend on its place in the
+  list (attack_key_id). `options` reaches components as `ctx.settings.options`. `draws`: K
+  model draws per candidate for a randomised model (draws.py's rule; default draws.DRAWS when
+  the probe finds the logits change between model keys, else 1, the reference's).
   """
 
   def __init__(self, apply_fn: ApplyFn, num_classes: int, eps: float,
                attacks: str | Sequence[str] = "standard", *, apgd_steps: int = 100,
-               fab_steps: int = 100, square_queries: int = 5000, n_target_classes: int = 9,
-               eot_iter: int | None = None, batch_size: int = 500,
-               devices: list | None = None, progress: bool = True,
+               fab_steps: int = 100, square_queries: int = 5000,
+               n_target_classes: int | None = None, eot_iter: int | None = None,
+               batch_size: int = 500, devices: list | None = None, progress: bool = True,
                options: dict[str, Any] | None = None, norm: str = "Linf",
                restarts: Mapping[str, int] | None = None, draws: int | None = None):
     self.attacks = parse_attacks(attacks)
@@ -310,7 +322,8 @@ class AutoAttack:
       raise ValueError(f"draws must be >= 1, got {draws}")
     self.draws = draws
     check_norm(self.attacks, norm, eps)
-    self.restarts = check_restarts(self.attacks, restarts)
+    self.restarts = check_restarts(self.attacks, restarts, norm)
+    n_target_classes = _target_classes(n_target_classes, norm)
     _check_distinct_keys(self.attacks)
     for name, v in (("apgd_steps", apgd_steps), ("fab_steps", fab_steps),
                     ("square_queries", square_queries), ("n_target_classes", n_target_classes)):

@@ -7,8 +7,9 @@ number of devices or on the chunk size. In a multi-process run every process eva
 contiguous share of the points on its own devices, and the per-point results are gathered
 (distributed.py), so every process returns the same numbers. PGD's step is `step_alpha * eps`
 (config.eval_step_alpha, 1/4 in the paper's protocol). The threat model is the Evaluator's
-`norm`: "Linf" (eps per pixel, the default and what training uses) or "L2" (eps bounds the
-Euclidean norm of the whole perturbation; PGD and AutoAttack only, attacks.py).
+`norm`: "Linf" (eps per pixel, the default and what training uses), "L2" (eps bounds the
+Euclidean norm of the whole perturbation; PGD and AutoAttack only, attacks.py) or "L1" (the sum
+of the absolute changes; AutoAttack's L1-APGD only: there is no L1 PGD).
 
 Robust accuracy counts only points classified correctly without attack (PGD and AutoAttack
 alike). Clean and robust accuracy (and AutoAttack) raise NonFiniteOutputError when the weights
@@ -67,13 +68,19 @@ def parse_attack_spec(spec: str) -> tuple[bool, tuple[str, ...]]:
   return pgd, tuple(dict.fromkeys(aa))
 
 
+def _checked_norm(norm: str) -> str:
+  """PGD's norms (attacks.NORMS), or L1 for AutoAttack alone (robust_points refuses it)."""
+  if norm != "L1":
+    attacks.check_norm(norm)
+  return norm
+
+
 class Evaluator:
   """Jitted, device-parallel evaluation of a model's variables on uint8 image arrays."""
 
   def __init__(self, model: nn.Module, batch_size: int = 500, devices: list | None = None,
                step_alpha: float = 0.25, norm: str = "Linf"):
-    attacks.check_norm(norm)
-    self.norm = norm
+    self.norm = _checked_norm(norm)
     if jnp.dtype(getattr(model, "dtype", jnp.float32)) != jnp.float32:
       raise ValueError(f"evaluation runs in float32, got a {jnp.dtype(model.dtype)} model: build "
                        "it with models.create_model(..., half_precision=False)")
@@ -206,6 +213,7 @@ class Evaluator:
     a bar of the points done and robust so far (process 0's own points)."""
     if restarts < 1 or steps < 1:
       raise ValueError(f"PGD needs steps >= 1 and restarts >= 1, got {steps} and {restarts}")
+    attacks.check_norm(self.norm)  # no L1 PGD
     variables = self._placed(variables)
     self._check_points(variables, images, labels)
     clean, _ = self._clean_pass(variables, images, labels)
