@@ -214,7 +214,9 @@ def test_l2_evaluator_matches_the_pure_attack_on_any_device_count():
   with pytest.raises(ValueError, match="L-inf only"):
     one.diagnostics(v, xu, y, eps, rng)
   with pytest.raises(ValueError, match="norm must be one of"):
-    evaluation.Evaluator(model, norm="L1")
+    evaluation.Evaluator(model, norm="L3")
+  with pytest.raises(ValueError, match="norm must be one of"):  # L1: AutoAttack only, no PGD
+    evaluation.Evaluator(model, norm="L1").robust_accuracy(v, xu, y, 4.0, 3, 1, rng)
 
 
 def test_evaluate_flags_per_norm():
