@@ -130,6 +130,9 @@ def test_standard_under_l1_is_refused_in_one_line_naming_the_attack():
   with pytest.raises(ValueError, match="attack 'fab-t' does not implement the L1 threat model"):
     autoattack.AutoAttack(lambda v, x, k: x.reshape(x.shape[0], -1)[:, :10], 10, 12.0,
                           "standard", norm="L1")
+  with pytest.raises(ValueError, match="the rand version under L1"):
+    autoattack.AutoAttack(lambda v, x, k: x.reshape(x.shape[0], -1)[:, :10], 10, 12.0,
+                          "rand", norm="L1")
   with pytest.raises(ValueError, match="the L1 norm of the perturbation"):
     autoattack.AutoAttack(lambda v, x, k: x.reshape(x.shape[0], -1)[:, :10], 10, -1.0,
                           "apgd-ce", norm="L1")

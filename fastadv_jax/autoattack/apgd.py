@@ -253,7 +253,7 @@ def _component(name: str, loss: str, targeted: bool, summary: str) -> component.
   return component.Component(
       name=name, init=lambda ctx: _init(loss, ctx),
       body=lambda ctx, i, s: _body(loss, ctx, i, s),
-      finish=lambda ctx, s: finish(s, ctx.x),  # the same rule for L1 (apgd_l1.finish)
+      finish=lambda ctx, s: finish(s, ctx.x),  # the same rule for L1
       iterations=_iterations,
       block=GRADIENT_BLOCK, targeted=targeted, gradient_based=True, summary=summary,
       norms=("Linf", "L2", "L1"))

@@ -197,6 +197,9 @@ def check_norm(attacks: Sequence[str], norm: str, eps: float) -> None:
   if unsupported:
     raise ValueError(f"attack {unsupported[0]!r} does not implement the {norm} threat model "
                      f"(it implements {', '.join(component.get(unsupported[0]).norms)})")
+  if norm == "L1" and version_of(attacks) == "rand":  # the reference: plain L1-APGD, EOT
+    raise ValueError("the rand version under L1 (the reference's plain L1-APGD with EOT) is not "
+                     "implemented: name the attacks, e.g. 'apgd-ce,apgd-t'")
 
 
 def check_points(images: Any, labels: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
