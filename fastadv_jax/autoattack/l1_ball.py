@@ -30,11 +30,6 @@ def _flat(v: jax.Array) -> jax.Array:
   return v.reshape(v.shape[0], -1)
 
 
-def norm(v: jax.Array) -> jax.Array:
-  """Per-example L1 norm, shape (n,)."""
-  return jnp.sum(jnp.abs(_flat(v)), axis=1)
-
-
 def nonzeros(v: jax.Array) -> jax.Array:
   """Per-example count of nonzero entries (the L0 "norm"), float32 of shape (n,)."""
   return jnp.sum(_flat(v) != 0, axis=1).astype(jnp.float32)
