@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import resource
 
-from fastadv_jax import cli, methods, models, parallel
+from fastadv_jax import cli, methods, models, parallel, pass_costs
 from fastadv_jax.configs import common, default
 from fastadv_jax.runtime import plugins, xla_cpu
 from fastadv_jax.training import evaluation, model_config, timing, train_step
@@ -158,23 +158,72 @@ class StepTimer:
     return clock.stop(wait_for=(self.state, metrics)) / steps
 
 
+def pass_timers(model_name: str, batch: int, dtype: str, width: int = 16
+                ) -> list[pass_costs.PassTimer]:
+  """One timer per kind of network pass (pass_costs.py) on the model of a group's rows, with
+  the batch and the initial weights its StepTimers use."""
+  c = row_config(model_name, "standard", batch, dtype, width)
+  n = jax.local_device_count()
+  model = model_config.create_model(c, 10, bn_axis_name=parallel.AXIS)
+  state = ts.create_train_state(c, model, jax.random.key(0), input_shape(model_name), 1000)
+  variables = jax.tree.map(lambda v: np.broadcast_to(np.asarray(v), (n,) + np.shape(v)),
+                           {"params": state.params, "batch_stats": state.batch_stats})
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (n, batch // n) + input_shape(model_name), dtype=np.uint8)
+  labels = rng.integers(0, 10, (n, batch // n)).astype(np.int32)
+  return [pass_costs.PassTimer(kind, n, state.apply_fn, variables, jax.device_put(images),
+                               jax.device_put(labels))
+          for kind in pass_costs.KINDS for n in pass_costs.REPEATS]
+
+
 def bench_group(specs: list[dict], windows: int, steps: int, width: int = 16,
-                min_window_s: float = 0.0) -> list[dict]:
+                min_window_s: float = 0.0, passes: bool = False) -> list[dict]:
   """Times rows that will be compared with each other (e.g. every method of one model and
   batch) with their windows interleaved, so that a slow spell of a shared machine hits all of
-  them alike instead of skewing one row's cost relative to FGSM."""
+  them alike instead of skewing one row's cost relative to FGSM. With `passes`, each kind of
+  network pass is timed in the same rotation and every row gets the time its passes imply
+  (`add_expected`)."""
   timers = [StepTimer(s["model"], s["method"], s["batch"], s["dtype"], width) for s in specs]
+  if passes:
+    s = specs[0]
+    timers += pass_timers(s["model"], s["batch"], s["dtype"], width)
   n_steps = [window_steps(steps, t.one_step_s, min_window_s) for t in timers]
   times = [[] for _ in timers]
   for _ in range(windows):
     for t, k, out in zip(timers, n_steps, times):
       out.append(t.window(k))
-  rows = []
+  rows, pass_s = [], {}
   for t, k, out in zip(timers, n_steps, times):
+    if isinstance(t, pass_costs.PassTimer):
+      pass_s[t.kind, t.repeats] = statistics.median(out)
+      continue
     step_s = statistics.median(out)
     rows.append({**t.row, "step_s": step_s, "images_per_s": t.row["batch"] / step_s,
                  "windows": windows, "steps": k, "window_step_s": out})
+  if passes:
+    add_expected(rows, pass_s, width)
   return rows
+
+
+def add_expected(rows: list[dict], pass_s: dict[tuple[str, int], float], width: int = 16
+                 ) -> None:
+  """Each row's passes (methods.base.Passes), the step time they imply (pass_costs.py) and
+  that time relative to FGSM's, beside the measured cost. Needs the group's `standard` row."""
+  by_method = {r["method"]: r for r in rows}
+  pass_s = pass_costs.marginal_pass_s(pass_s)
+  standard_s = by_method["standard"]["step_s"]
+  for r in rows:
+    c = row_config(r["model"], r["method"], r["batch"], r["dtype"], width)
+    x = jnp.zeros((8,) + input_shape(r["model"]), jnp.float32)
+    p = pass_costs.step_passes(c, pass_costs.reuses_clean_grad(c, x, jnp.zeros((8,), jnp.int32)))
+    r.update(pass_s=pass_s)
+    if p is not None:
+      r.update(passes=p._asdict(),
+               expected_step_s=pass_costs.expected_step_s(p, pass_s, standard_s))
+  fgsm = by_method.get("fgsm", {}).get("expected_step_s")
+  for r in rows:
+    if fgsm and "expected_step_s" in r:
+      r["expected_vs_fgsm"] = r["expected_step_s"] / fgsm
 
 
 def bench_eval(model_name: str, n_points: int, width: int = 16) -> dict:
@@ -258,6 +307,24 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def passes_table(rows: list[dict]) -> str:
+  """Each method's passes, the cost they imply relative to FGSM, the measured cost, and the
+  ratio of the two (above 1: time spent outside the network's passes)."""
+  lines = ["| model | method | fwd | input grad | weight grad | 2nd order | expected vs FGSM "
+           "| measured vs FGSM | measured / expected |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if r["framework"] != "jax" or "expected_vs_fgsm" not in r:
+      continue
+    p = r["passes"]
+    counts = " | ".join(f"{p[k]:g}" for k in pass_costs.KINDS)
+    lines.append(f"| {r['model']} | {r['method']} | {counts} | {r['expected_vs_fgsm']:.2f}x | "
+                 f"{r['cost_vs_fgsm']:.2f}x | {r['cost_vs_fgsm'] / r['expected_vs_fgsm']:.2f} |")
+  for r in {r["model"]: r for r in rows if "pass_s" in r}.values():
+    ms = ", ".join(f"{k} {1e3 * v:.2f}" for k, v in r["pass_s"].items())
+    lines.append(f"\n{r['model']}, batch {r['batch']}: one more pass in a program (ms): {ms}")
+  return "\n".join(lines)
+
+
 def _percent(v: float | None) -> str:
   return "-" if v is None else f"{100 * v:.1f}"
 
@@ -279,6 +346,25 @@ class _OneLineParser(argparse.ArgumentParser):
     cli.fail(f"{message} (see --help)")
 
 
+def row_specs(args: argparse.Namespace) -> list[dict]:
+  """The rows the flags ask for (with --passes, the standard and fgsm rows the comparison needs
+  first), checked against the registry and the device count."""
+  known = method_rows()
+  methods_ = known if args.methods == "all" else tuple(args.methods.split(","))
+  unknown = set(methods_) - set(known)
+  if unknown:
+    raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {known}")
+  if args.passes:
+    methods_ = tuple(dict.fromkeys(("standard", "fgsm") + methods_))
+  specs = [{"model": m, "method": meth, "batch": int(b), "dtype": dt}
+           for m in args.models.split(",") for b in args.batches.split(",")
+           for dt in args.dtypes.split(",") for meth in methods_]
+  for s in specs:
+    if s["batch"] % jax.local_device_count():
+      raise SystemExit(f"batch {s['batch']} is not divisible by {jax.local_device_count()} devices")
+  return specs
+
+
 def main(argv=None) -> None:
   p = _OneLineParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--models", default="small_cnn,cnn")
@@ -291,6 +377,9 @@ def main(argv=None) -> None:
                  help="more steps per window for fast rows, so that a window lasts this long")
   p.add_argument("--width", type=int, default=16, help="small_cnn width")
   p.add_argument("--eval_points", type=int, default=0)
+  p.add_argument("--passes", action="store_true",
+                 help="also time each kind of network pass and print every method's cost "
+                 "against the cost its passes imply (adds the standard and fgsm rows)")
   p.add_argument("--torch_python", default="")
   p.add_argument("--out", default="bench.json")
   p.add_argument("--plugins", default="", help="modules registering methods or models to "
@@ -314,23 +403,14 @@ def main(argv=None) -> None:
   xla_cpu.apply(flags=models.xla_flags(model_names[0]))  # before JAX's backend starts
   peak = measure_peak_flops()
   print(f"peak: {peak / 1e9:.1f} GFLOP/s (float32 2048 x 2048 matmul, one device)", flush=True)
-  known = method_rows()
-  methods_ = known if args.methods == "all" else tuple(args.methods.split(","))
-  unknown = set(methods_) - set(known)
-  if unknown:
-    raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {known}")
-  specs = [{"model": m, "method": meth, "batch": int(b), "dtype": dt}
-           for m in args.models.split(",") for b in args.batches.split(",")
-           for dt in args.dtypes.split(",") for meth in methods_]
-  for s in specs:
-    if s["batch"] % jax.local_device_count():
-      raise SystemExit(f"batch {s['batch']} is not divisible by {jax.local_device_count()} devices")
+  specs = row_specs(args)
   groups: dict[tuple, list[dict]] = {}
   for s in specs:
     groups.setdefault((s["model"], s["batch"], s["dtype"]), []).append(s)
   rows = []
   for group in groups.values():
-    for r in bench_group(group, args.windows, args.steps, args.width, args.min_window_s):
+    for r in bench_group(group, args.windows, args.steps, args.width, args.min_window_s,
+                         args.passes):
       print(f"jax   {r['model']:16s} {r['method']:15s} b={r['batch']:<5d} {r['dtype']:9s} "
             f"{r['images_per_s']:9.1f} img/s  compile {r['compile_s']:.1f}s", flush=True)
       rows.append(r)
@@ -351,6 +431,8 @@ def main(argv=None) -> None:
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
   print(table(rows))
+  if args.passes:
+    print(passes_table(rows))
   for e in evals:
     print(f"eval {e['model']}: PGD-50-10 on {e['points']} points in {e['seconds']:.1f}s "
           f"({e['points_per_s']:.1f} points/s)")

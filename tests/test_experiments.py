@@ -98,10 +98,18 @@ def test_benchmark_smoke(tmp_path):
   out = tmp_path / "bench.json"
   benchmark.main(["--models=small_cnn", "--methods=fgsm,gradalign", "--batches=8",
                   "--windows=1", "--steps=1", "--min_window_s=0", "--width=2", f"--out={out}",
-                  "--eval_points=8"])
+                  "--eval_points=8", "--passes"])
   result = json.loads(out.read_text())
   rows = {r["method"]: r for r in result["rows"]}
   assert rows["fgsm"]["cost_vs_fgsm"] == 1.0
+  # --passes adds plain training and sets every row beside the cost its passes imply; FGSM's
+  # clean gradient is GradAlign's g1, read off the traced attack.
+  assert list(rows) == ["standard", "fgsm", "gradalign"]
+  assert rows["fgsm"]["expected_vs_fgsm"] == 1.0
+  assert rows["gradalign"]["passes"] == {"forward": 0, "input_grad": 1, "weight_grad": 1,
+                                         "second_order": 1}
+  assert rows["standard"]["expected_step_s"] == rows["standard"]["step_s"]
+  assert set(rows["fgsm"]["pass_s"]) == {"forward", "input_grad", "weight_grad", "second_order"}
   assert rows["gradalign"]["images_per_s"] > 0 and rows["gradalign"]["cost_vs_fgsm"] > 0
   assert result["eval"][0]["points"] == 8 and result["environment"]["jax"]
   assert "xla_cpu_experimental_onednn_custom_call" in result["environment"]["xla_flags"]

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from fastadv_jax import attacks, losses, parallel, randomness
-from fastadv_jax.methods.base import (AttackInputs, CELossInputs, Method, Perturbation,
+from fastadv_jax.methods.base import (ONE_STEP, AttackInputs, CELossInputs, Method, Perturbation,
                                       RegularizerInputs, RegularizerOutput, check)
 
 
@@ -113,4 +113,4 @@ def regularizer(inp: RegularizerInputs) -> RegularizerOutput:
 METHODS = (Method("n_aaer", "N-AAER: N-FGSM attack; plain CE + lam1 |A|/n (lam2 CE gap + lam3 "
                   "hinge of V_A - V_N) on abnormal examples (loss fell after the step)",
                   perturb, AAERArgs, train_ce=plain_ce, regularizer=regularizer,
-                  presets={"n_aaer": {}}),)
+                  presets={"n_aaer": {}}, passes=lambda a: ONE_STEP),)

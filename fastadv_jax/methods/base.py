@@ -76,6 +76,20 @@ class Perturbation(NamedTuple):
   aux: Any = None                  # what the regulariser needs from the attack (e.g. its start)
 
 
+class Passes(NamedTuple):
+  """The network passes one training step of a method needs, counted in passes over the step's
+  batch (ELLE's 3B batch is 3): what its algorithm costs, whatever the code around it does.
+  The benchmark times each kind on the model and compares a step with its sum (benchmark.py,
+  "cost against passes")."""
+  forward: float = 0.0       # forward only, no gradient (clean logits for an attack's target)
+  input_grad: float = 0.0    # forward + backward to the input (one attack step)
+  weight_grad: float = 0.0   # forward + backward to the weights (a point of the training loss)
+  second_order: float = 0.0  # an input gradient differentiated with respect to the weights
+
+
+ONE_STEP = Passes(input_grad=1, weight_grad=1)  # an attack step, then the training loss
+
+
 class MethodOutputError(TypeError):
   """A method's function returned something the step cannot use (found when it is traced)."""
 
@@ -172,6 +186,9 @@ class Method:
   derived: Callable[[Any], Mapping[str, Any]] = lambda config: {}
   # Paper names that select this method, with the hyperparameters each sets.
   presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  # The passes one step needs by the algorithm (the benchmark's yardstick): args -> Passes;
+  # None for a method that does not say (the benchmark then prints no expected cost).
+  passes: Callable[[Any], Passes] | None = None
 
   def __post_init__(self):
     if not registry.is_args_type(self.args):

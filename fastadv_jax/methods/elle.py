@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from fastadv_jax import losses, parallel, randomness
 from fastadv_jax.methods import fgsm
-from fastadv_jax.methods.base import Method, RegularizerInputs, RegularizerOutput, check
+from fastadv_jax.methods.base import Method, Passes, RegularizerInputs, RegularizerOutput, check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,12 +113,16 @@ def _init_adaptive(args):
   return {"lam": zero, "n": zero, "mean": zero, "m2": zero}
 
 
+# FGSM, the training loss at x + delta, and the loss at the 3B triplet, differentiated.
+ELLE_PASSES = Passes(input_grad=1, weight_grad=1 + 3)
+
 METHODS = (
     Method("elle", "FGSM + lambda x the loss's local-linearity error (ELLE), lambda(eps) as the "
            "authors", fgsm.perturb, ELLEArgs, regularizer=_regularizer(_constant_lambda),
-           derived=lambda c: {"lam": elle_lambda(c.eps)}, presets={"elle": {}}),
+           derived=lambda c: {"lam": elle_lambda(c.eps)}, presets={"elle": {}},
+           passes=lambda a: ELLE_PASSES),
     Method("elle_a", "ELLE with the adaptive lambda (ELLE-A): 0, jumps to `lam_aux` when "
            "the error spikes, else decays", fgsm.perturb, ELLEAArgs,
            regularizer=_regularizer(_adaptive_lambda),
-           init_state=_init_adaptive, presets={"elle_a": {}}),
+           init_state=_init_adaptive, presets={"elle_a": {}}, passes=lambda a: ELLE_PASSES),
 )

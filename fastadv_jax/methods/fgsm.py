@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from fastadv_jax import attacks
-from fastadv_jax.methods.base import AttackInputs, Method, Perturbation, check
+from fastadv_jax.methods.base import ONE_STEP, AttackInputs, Method, Perturbation, check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +34,11 @@ def perturb(inp: AttackInputs) -> Perturbation:
 METHODS = (
     # GradAlign = FGSM from zero init + the regulariser (the config sets its lambda).
     Method("fgsm", "`eps * sign(g)` from zero, step `alpha * eps` (1.25), projected",
-           perturb, FGSMArgs, default_init="zero", presets={"fgsm": {}, "gradalign": {}}),
+           perturb, FGSMArgs, default_init="zero", presets={"fgsm": {}, "gradalign": {}},
+           passes=lambda a: ONE_STEP),
     Method("fgsm_rs", "FGSM from a uniform start (Wong et al. 2020)", perturb, FGSMArgs,
-           default_init="uniform", presets={"fgsm_rs": {}}),
+           default_init="uniform", presets={"fgsm_rs": {}}, passes=lambda a: ONE_STEP),
     Method("random_corner", "FGSM from a random vertex of the eps-ball (paper §3)", perturb,
-           FGSMArgs, default_init="corner", presets={"random_corner": {}}),
+           FGSMArgs, default_init="corner", presets={"random_corner": {}},
+           passes=lambda a: ONE_STEP),
 )

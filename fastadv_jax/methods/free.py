@@ -13,7 +13,7 @@ import dataclasses
 import jax
 
 from fastadv_jax import attacks
-from fastadv_jax.methods.base import AttackInputs, Method, Perturbation, check
+from fastadv_jax.methods.base import AttackInputs, Method, Passes, Perturbation, check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,4 +39,4 @@ def next_carried(args: FreeArgs, delta, grad_delta, x, eps):
 METHODS = (Method("free", "Free-AT: each minibatch replayed `replay` times, the "
                   "perturbation carried over, one backward pass for both updates", perturb,
                   FreeArgs, next_carried=next_carried, replays=lambda args: args.replay,
-                  presets={"free": {}}),)
+                  presets={"free": {}}, passes=lambda a: Passes(weight_grad=1)),)

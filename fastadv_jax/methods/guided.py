@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from fastadv_jax import attacks, losses, parallel, randomness
-from fastadv_jax.methods.base import (AttackInputs, Method, Perturbation, RegularizerInputs,
+from fastadv_jax.methods.base import (AttackInputs, Method, Passes, Perturbation, RegularizerInputs,
                                       RegularizerOutput, check)
 
 
@@ -129,11 +129,17 @@ def _nuat_regularizer(inp: RegularizerInputs) -> RegularizerOutput:
   return RegularizerOutput(lam * norm, lam * jax.lax.stop_gradient(norm), inp.state)
 
 
+# The clean logits the guide compares with, the guided attack step, and the training loss at x
+# and at x + delta.
+GUIDED_PASSES = Passes(forward=1, input_grad=1, weight_grad=2)
+
 METHODS = (
     Method("gat", "GAT: guided one-step attack from a Bernoulli start; clean CE + `lam` x "
            "softmax distance", _guided_perturb(_gat_attack_term), GATArgs,
-           ce_at="clean", regularizer=_gat_regularizer, presets={"gat": {}}),
+           ce_at="clean", regularizer=_gat_regularizer, presets={"gat": {}},
+           passes=lambda a: GUIDED_PASSES),
     Method("nuat", "NuAT: nuclear-norm guided attack; clean CE + ramped lambda x nuclear norm of "
            "the logit differences", _guided_perturb(_nuat_attack_term), NuATArgs,
-           ce_at="clean", regularizer=_nuat_regularizer, presets={"nuat": {}}),
+           ce_at="clean", regularizer=_nuat_regularizer, presets={"nuat": {}},
+           passes=lambda a: GUIDED_PASSES),
 )

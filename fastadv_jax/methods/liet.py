@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 
 from fastadv_jax import attacks, losses, parallel, randomness
-from fastadv_jax.methods.base import (AttackInputs, CELossInputs, Method, ModelInfo, Perturbation,
-                                      RegularizerInputs, RegularizerOutput, check)
+from fastadv_jax.methods.base import (AttackInputs, CELossInputs, Method, ModelInfo, Passes,
+                                      Perturbation, RegularizerInputs, RegularizerOutput, check)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,5 +159,6 @@ METHODS = (
     Method("liet", "LIET: class-wise starts from the grey image, partly masked by noise, one "
            "eps step; random-label-smoothing CE + ramped lambda x JS(start, adversarial)",
            _perturb, LIETArgs, train_ce=_train_ce, regularizer=_regularizer,
-           init_state_for=_init_state, derived=_derived, presets={"liet": {}}),
+           init_state_for=_init_state, derived=_derived, presets={"liet": {}},
+           passes=lambda a: Passes(input_grad=1, weight_grad=2)),
 )

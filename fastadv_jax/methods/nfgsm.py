@@ -12,7 +12,7 @@ import dataclasses
 import jax
 
 from fastadv_jax import attacks, randomness
-from fastadv_jax.methods.base import AttackInputs, Method, Perturbation, check
+from fastadv_jax.methods.base import ONE_STEP, AttackInputs, Method, Perturbation, check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,4 +41,4 @@ def perturb(inp: AttackInputs) -> Perturbation:
 
 METHODS = (Method("nfgsm", "N-FGSM: noise U(-k eps, k eps), k = `noise` (2), one step of "
                   "`step * eps`, no eps-ball projection", perturb, NFGSMArgs,
-                  presets={"nfgsm": {}}),)
+                  presets={"nfgsm": {}}, passes=lambda a: ONE_STEP),)

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from fastadv_jax import attacks, losses, parallel
-from fastadv_jax.methods.base import (AttackInputs, CELossInputs, Method, Perturbation,
+from fastadv_jax.methods.base import (AttackInputs, CELossInputs, Method, Passes, Perturbation,
                                       RegularizerInputs, RegularizerOutput, check)
 from fastadv_jax.methods.pgi import mse_per_example, sign_prior
 
@@ -126,5 +126,6 @@ METHODS = (
     Method("fgsm_pco", "FGSM-PCO: FGSM from the example's last perturbation; soft-target CE at a "
            "confidence-weighted mixture + `lam` x |MSE difference|", perturb, PCOArgs,
            ce_at=mixture, train_ce=train_ce, regularizer=regularizer,
-           example_state=example_state, presets={"fgsm_pco": {}}),
+           example_state=example_state, presets={"fgsm_pco": {}},
+           passes=lambda a: Passes(input_grad=1, weight_grad=3)),
 )

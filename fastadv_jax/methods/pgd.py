@@ -7,7 +7,7 @@ import dataclasses
 import jax
 
 from fastadv_jax import attacks, losses
-from fastadv_jax.methods.base import AttackInputs, Method, Perturbation, check
+from fastadv_jax.methods.base import AttackInputs, Method, Passes, Perturbation, check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +21,10 @@ class PGDArgs:
     check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
 
 
+def _pgd_passes(args: PGDArgs) -> Passes:
+  return Passes(input_grad=args.steps, weight_grad=1)
+
+
 def _pgd_method(name: str, summary: str, to_corner: bool, presets: dict) -> Method:
   def perturb(inp: AttackInputs) -> Perturbation:
     a = inp.args
@@ -30,7 +34,7 @@ def _pgd_method(name: str, summary: str, to_corner: bool, presets: dict) -> Meth
       delta = attacks.to_corner(delta, inp.x, inp.eps)
     return Perturbation(delta)
 
-  return Method(name, summary, perturb, PGDArgs, presets=presets)
+  return Method(name, summary, perturb, PGDArgs, presets=presets, passes=_pgd_passes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,5 +68,6 @@ METHODS = (
                 {"pgd_corner": {}}),
     Method("pgd_at", "PGD-AT as the benchmark runs it: uniform start, `steps` (10) sign steps of "
            "`alpha * eps` (2/255), plain-CE attack on the eval-mode (running-stats) model",
-           _pgd_at_perturb, PGDATArgs, default_init="uniform", presets={"pgd_at": {}}),
+           _pgd_at_perturb, PGDATArgs, default_init="uniform", presets={"pgd_at": {}},
+           passes=_pgd_passes),
 )

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from fastadv_jax import attacks, losses, parallel, randomness
-from fastadv_jax.methods.base import (AttackInputs, Method, Perturbation, RegularizerInputs,
+from fastadv_jax.methods.base import (AttackInputs, Method, Passes, Perturbation, RegularizerInputs,
                                       RegularizerOutput, check)
 
 
@@ -124,5 +124,6 @@ METHODS = (
     Method("fgsm_pgi", "FGSM-PGI (MEP): FGSM from a per-example prior carried by momentum "
            "across epochs; CE + `lam` x MSE(f(x + delta), f(x + prior))", perturb, PGIArgs,
            regularizer=regularizer, example_state=example_state,
-           presets={"fgsm_pgi": {}, "fgsm_ep": {"decay": 0.0, "alpha": 1.0}}),
+           presets={"fgsm_pgi": {}, "fgsm_ep": {"decay": 0.0, "alpha": 1.0}},
+           passes=lambda a: Passes(input_grad=1, weight_grad=2)),
 )

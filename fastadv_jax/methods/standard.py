@@ -1,7 +1,7 @@
 """Plain training: no perturbation."""
 import jax.numpy as jnp
 
-from fastadv_jax.methods.base import AttackInputs, Method, Perturbation
+from fastadv_jax.methods.base import AttackInputs, Method, Passes, Perturbation
 
 
 def perturb(inp: AttackInputs) -> Perturbation:
@@ -9,4 +9,4 @@ def perturb(inp: AttackInputs) -> Perturbation:
 
 
 METHODS = (Method("standard", "no perturbation (plain training)", perturb,
-                  presets={"standard": {}}),)
+                  presets={"standard": {}}, passes=lambda a: Passes(weight_grad=1)),)

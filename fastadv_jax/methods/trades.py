@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from fastadv_jax import attacks, losses, parallel
-from fastadv_jax.methods.base import (AttackInputs, Method, Perturbation, RegularizerInputs,
+from fastadv_jax.methods.base import (AttackInputs, Method, Passes, Perturbation, RegularizerInputs,
                                       RegularizerOutput, check)
 
 
@@ -73,4 +73,5 @@ def regularizer(inp: RegularizerInputs) -> RegularizerOutput:
 
 METHODS = (Method("trades", "TRADES: 10-step KL attack in eval mode; clean CE + `beta` (6) x "
                   "KL(p(x) || p(x + delta))", perturb, TRADESArgs, ce_at="clean",
-                  regularizer=regularizer, presets={"trades": {}}),)
+                  regularizer=regularizer, presets={"trades": {}},
+                  passes=lambda a: Passes(forward=1, input_grad=a.steps, weight_grad=2)),)

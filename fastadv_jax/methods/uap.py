@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from fastadv_jax import attacks, losses, parallel, randomness
-from fastadv_jax.methods.base import (AttackInputs, Method, ModelInfo, Perturbation,
+from fastadv_jax.methods.base import (AttackInputs, Method, ModelInfo, Passes, Perturbation,
                                       RegularizerInputs, RegularizerOutput, check)
 
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults
@@ -219,18 +219,23 @@ def _regularizer(inp: RegularizerInputs) -> RegularizerOutput:
   return RegularizerOutput(lam * local, lam * value, inp.state)
 
 
+# The attack step, and the training loss at x + delta and at the start x + delta0.
+UAP_PASSES = Passes(input_grad=1, weight_grad=2)
+
 METHODS = (
     Method("fgsm_uap", "FGSM-UAP: FGSM from one universal perturbation learned with momentum; "
            "CE + 10 x MSE(f(x_adv), f(x0))", _perturb_by(lambda inp: jnp.zeros_like(inp.y)),
            UAPArgs, regularizer=_regularizer,
-           init_state_for=lambda a, info: _uap_state(1, info), presets={"fgsm_uap": {}}),
+           init_state_for=lambda a, info: _uap_state(1, info), presets={"fgsm_uap": {}},
+           passes=lambda a: UAP_PASSES),
     Method("fgsm_cuap", "FGSM-CUAP: FGSM from the label's class-wise universal perturbation; "
            "CE + 10 x MSE(f(x_adv), f(x0))", _perturb_by(lambda inp: inp.y), UAPArgs,
            regularizer=_regularizer,
            init_state_for=lambda a, info: _uap_state(info.num_classes, info),
-           presets={"fgsm_cuap": {}}),
+           presets={"fgsm_cuap": {}}, passes=lambda a: UAP_PASSES),
     Method("fgsm_fuap", "FGSM-FUAP: FGSM from a noisy start plus one of 50 universal "
            "perturbations picked by an auxiliary head on the features; CE + 10 x MSE",
            _fuap_perturb, FUAPArgs, regularizer=_regularizer, init_state_for=_fuap_state,
-           presets={"fgsm_fuap": {}}),
+           presets={"fgsm_fuap": {}},
+           passes=lambda a: UAP_PASSES._replace(forward=1)),  # + the features for the head
 )

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastadv_jax import attacks, randomness
-from fastadv_jax.methods.base import AttackInputs, Method, Perturbation, check
+from fastadv_jax.methods.base import ONE_STEP, AttackInputs, Method, Passes, Perturbation, check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +113,10 @@ def multigrad(inp: AttackInputs) -> Perturbation:
 METHODS = (
     Method("zerograd", "ZeroGrad: FGSM-RS whose input-gradient entries below the per-example "
            "`quantile` (0.4) are zeroed; step 2 eps", zerograd, ZeroGradArgs,
-           default_init="uniform", presets={"zerograd": {}}),
+           default_init="uniform", presets={"zerograd": {}},
+           passes=lambda a: ONE_STEP),
     Method("multigrad", "MultiGrad: sign consensus of the gradients at `samples` (3) "
            "random starts, disagreeing entries zeroed", multigrad, MultiGradArgs,
-           presets={"multigrad": {}}),
+           presets={"multigrad": {}},
+           passes=lambda a: Passes(input_grad=a.samples, weight_grad=1)),
 )
