@@ -36,10 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 import resource
 
-from fastadv_jax import cli, methods, models, parallel, pass_costs
+from fastadv_jax import cli, methods, models, parallel
 from fastadv_jax.configs import common, default
 from fastadv_jax.runtime import plugins, xla_cpu
-from fastadv_jax.training import evaluation, model_config, timing, train_step
+from fastadv_jax.training import evaluation, model_config, pass_costs, timing, train_step
 from fastadv_jax.training import train_state as ts
 
 # Every preset of the method registry, plus variants of GradAlign. gradalign_full: through g1
@@ -160,7 +160,7 @@ class StepTimer:
 
 def pass_timers(model_name: str, batch: int, dtype: str, width: int = 16
                 ) -> list[pass_costs.PassTimer]:
-  """One timer per kind of network pass (pass_costs.py) on the model of a group's rows, with
+  """One timer per kind of network pass (training/pass_costs.py) on the model of a group's rows, with
   the batch and the initial weights its StepTimers use."""
   c = row_config(model_name, "standard", batch, dtype, width)
   n = jax.local_device_count()
@@ -207,7 +207,7 @@ def bench_group(specs: list[dict], windows: int, steps: int, width: int = 16,
 
 def add_expected(rows: list[dict], pass_s: dict[tuple[str, int], float], width: int = 16
                  ) -> None:
-  """Each row's passes (methods.base.Passes), the step time they imply (pass_costs.py) and
+  """Each row's passes (methods.base.Passes), the step time they imply (training/pass_costs.py) and
   that time relative to FGSM's, beside the measured cost. Needs the group's `standard` row."""
   by_method = {r["method"]: r for r in rows}
   pass_s = pass_costs.marginal_pass_s(pass_s)

@@ -1,4 +1,4 @@
-"""The benchmark's yardstick (fastadv_jax/pass_costs.py): what each kind of pass computes, how
+"""The benchmark's yardstick (fastadv_jax/training/pass_costs.py): what each kind of pass computes, how
 a step's passes add up, and which passes each method declares."""
 import dataclasses
 
@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastadv_jax import methods, pass_costs
+from fastadv_jax import methods
+from fastadv_jax.training import pass_costs
 from fastadv_jax.configs import default
 from fastadv_jax.methods.base import Passes
 
