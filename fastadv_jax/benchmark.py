@@ -365,7 +365,7 @@ def row_specs(args: argparse.Namespace) -> list[dict]:
   return specs
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
   p = _OneLineParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--models", default="small_cnn,cnn")
   p.add_argument("--methods", default="all")
@@ -384,7 +384,12 @@ def main(argv=None) -> None:
   p.add_argument("--out", default="bench.json")
   p.add_argument("--plugins", default="", help="modules registering methods or models to "
                  "benchmark too (comma-separated; installed entry points are always loaded)")
-  args = p.parse_args(argv)
+  return p
+
+
+def _set_up(args: argparse.Namespace) -> None:
+  """Plugins loaded, the models checked, and their XLA:CPU flags set before JAX's backend
+  starts (XLA reads them once per process, so all the models must share them)."""
   try:
     plugins.load_entry_points()
     plugins.load(args.plugins)
@@ -397,13 +402,14 @@ def main(argv=None) -> None:
     except ValueError as e:
       cli.fail(f"--models: {e}")
   profiles = {json.dumps(models.xla_flags(m), sort_keys=True) for m in model_names}
-  if len(profiles) > 1:  # XLA reads its flags once per process
+  if len(profiles) > 1:
     raise SystemExit(f"--models={args.models}: these models train under different XLA:CPU flags "
                      "(models.xla_flags); benchmark them in separate invocations")
-  xla_cpu.apply(flags=models.xla_flags(model_names[0]))  # before JAX's backend starts
-  peak = measure_peak_flops()
-  print(f"peak: {peak / 1e9:.1f} GFLOP/s (float32 2048 x 2048 matmul, one device)", flush=True)
-  specs = row_specs(args)
+  xla_cpu.apply(flags=models.xla_flags(model_names[0]))
+
+
+def _timed_rows(args: argparse.Namespace, specs: list[dict]) -> list[dict]:
+  """The JAX rows, group by group (one model, batch and dtype each), then PyTorch's."""
   groups: dict[tuple, list[dict]] = {}
   for s in specs:
     groups.setdefault((s["model"], s["batch"], s["dtype"]), []).append(s)
@@ -423,6 +429,15 @@ def main(argv=None) -> None:
             f"{t['images_per_s']:9.1f} img/s", flush=True)
       t.pop("width", None)
       rows.append(t)
+  return rows
+
+
+def main(argv=None) -> None:
+  args = _parser().parse_args(argv)
+  _set_up(args)
+  peak = measure_peak_flops()
+  print(f"peak: {peak / 1e9:.1f} GFLOP/s (float32 2048 x 2048 matmul, one device)", flush=True)
+  rows = _timed_rows(args, row_specs(args))
   add_ratios(rows, peak)
   evals = [bench_eval(m, args.eval_points, args.width) for m in args.models.split(",")
            ] if args.eval_points else []
@@ -437,7 +452,6 @@ def main(argv=None) -> None:
     print(f"eval {e['model']}: PGD-50-10 on {e['points']} points in {e['seconds']:.1f}s "
           f"({e['points_per_s']:.1f} points/s)")
   print(f"wrote {args.out}")
-
 
 if __name__ == "__main__":
   main()

@@ -57,14 +57,17 @@ from fastadv_jax.runtime import cli_logging, compilation_cache, distributed, plu
 from fastadv_jax.training import checkpointing, evaluation, model_config, saved_run, workdir
 
 FLAGS = flags.FLAGS
+# Flag names the command lines share are defined with allow_override (absl's way to let a
+# process import several of them: the API reference, the tests); a run imports its own alone.
+
 # AutoAttack's iteration and query budgets (the reference's); evaluate passes the flags' values.
 AA_DEFAULTS = {"apgd_steps": 100, "fab_steps": 100, "square_queries": 5000}
 _AA_SHORT = {"apgd_steps": "apgd", "fab_steps": "fab", "square_queries": "square"}
-flags.DEFINE_string("workdir", None, "The training run's workdir.")
+flags.DEFINE_string("workdir", None, "The training run's workdir.", allow_override=True)
 flags.DEFINE_enum("weights", "last", list(saved_run.WEIGHTS),
                   "Last weights, early-stopped ones (best), the last weight average (averaged, "
                   "config.ema_decay > 0), or those selected on the validation split (selected, "
-                  "config.selection=validation).")
+                  "config.selection=validation).", allow_override=True)
 flags.DEFINE_float("eps", None, "Radius in pixel units (L-inf: per pixel, in [0, 1]; L2, L1: of "
                    "the whole perturbation, > 0); default: the training eps (L-inf only).")
 flags.DEFINE_enum("norm", "Linf", ["Linf", "L2", "L1"], "Threat model of the evaluation's "
@@ -176,6 +179,28 @@ def load_plugins(extra: str) -> None:
     raise UsageError(f"--plugins: {e}") from None
 
 
+def _attack(ev: evaluation.Evaluator, variables, x: np.ndarray, y: np.ndarray, eps: float,
+            run_pgd: bool, aa_attacks: tuple[str, ...], aa_settings: dict, result: dict,
+            points: dict) -> None:
+  """The PGD and the AutoAttack the flags ask for: their per-point verdicts go into `points`,
+  their accuracies, settings and times into `result`."""
+  if run_pgd:
+    start = time.perf_counter()
+    points["pgd_robust"] = ev.robust_points(variables, x, y, eps, FLAGS.pgd_steps,
+                                            FLAGS.pgd_restarts, jax.random.key(FLAGS.seed),
+                                            progress=True)
+    result.update(pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts,
+                  pgd_acc=float(np.mean(points["pgd_robust"])),
+                  pgd_seconds=round(time.perf_counter() - start, 3))
+  if aa_attacks:
+    start = time.perf_counter()
+    aa = ev.autoattack(variables, x, y, eps, aa_attacks, FLAGS.seed, result.get("pgd_acc"),
+                       **aa_settings)
+    result.update(aa.summary(), autoattack_total_seconds=round(time.perf_counter() - start, 3),
+                  autoattack_settings=aa_settings)
+    points.update(autoattack_robust=aa.robust, autoattack_broken_by=aa.broken_by)
+
+
 def main(argv):
   del argv
   cli_logging.setup()
@@ -217,21 +242,7 @@ def main(argv):
             "clean_seconds": round(time.perf_counter() - start, 3),
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
   points = {"clean": clean}
-  if run_pgd:
-    start = time.perf_counter()
-    points["pgd_robust"] = ev.robust_points(variables, x, y, eps, FLAGS.pgd_steps,
-                                            FLAGS.pgd_restarts, jax.random.key(FLAGS.seed),
-                                            progress=True)
-    result.update(pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts,
-                  pgd_acc=float(np.mean(points["pgd_robust"])),
-                  pgd_seconds=round(time.perf_counter() - start, 3))
-  if aa_attacks:
-    start = time.perf_counter()
-    aa = ev.autoattack(variables, x, y, eps, aa_attacks, FLAGS.seed, result.get("pgd_acc"),
-                       **aa_settings)
-    result.update(aa.summary(), autoattack_total_seconds=round(time.perf_counter() - start, 3),
-                  autoattack_settings=aa_settings)
-    points.update(autoattack_robust=aa.robust, autoattack_broken_by=aa.broken_by)
+  _attack(ev, variables, x, y, eps, run_pgd, aa_attacks, aa_settings, result, points)
   if not distributed.is_main():
     return
   out = os.path.join(FLAGS.workdir, output_name(FLAGS.weights, eps, n, run_pgd, aa_attacks,

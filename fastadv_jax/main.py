@@ -22,8 +22,12 @@ from fastadv_jax.training import (checkpointing, config_validation, evaluation, 
                                   train_metrics, workdir)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and results.")
-config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+# Flag names the command lines share are defined with allow_override (absl's way to let a
+# process import several of them: the API reference, the tests); a run imports its own alone.
+flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and results.",
+                    allow_override=True)
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True,
+                                allow_override=True)
 flags.adopt_module_key_flags(distributed_flags)  # listed by --help
 flags.mark_flags_as_required(["config", "workdir"])
 

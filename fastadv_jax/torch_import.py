@@ -28,10 +28,13 @@ from fastadv_jax.runtime import cli_logging
 from fastadv_jax.training import checkpointing, config_validation, workdir
 
 FLAGS = flags.FLAGS
+# Flag names the command lines share are defined with allow_override (absl's way to let a
+# process import several of them: the API reference, the tests); a run imports its own alone.
 flags.DEFINE_string("state_dict", None, "A PyTorch state_dict: .pt/.pth (needs torch) or .npz.")
-flags.DEFINE_string("workdir", None, "New folder for config.json and the checkpoint.")
+flags.DEFINE_string("workdir", None, "New folder for config.json and the checkpoint.",
+                    allow_override=True)
 config_flags.DEFINE_config_file("config", None, "The model's configuration file.",
-                                lock_config=True)
+                                lock_config=True, allow_override=True)
 flags.mark_flags_as_required(["state_dict", "workdir", "config"])
 
 

@@ -20,7 +20,6 @@ import warnings
 import pdoc
 import pdoc.extract
 import pdoc.render
-from absl import flags
 
 import fastadv_jax
 
@@ -46,26 +45,9 @@ missing = [m for m in modules if m not in found and m not in excluded]
 specs[1:1] = [m for m in missing if not any(m.startswith(p + ".") for p in missing)]
 pdoc.render.configure(docformat="markdown", footer_text="fastadv-jax API reference")
 pdoc_dir = pathlib.Path(pdoc.__file__).resolve().parent
-
-# The command-line modules (main, evaluate, torch_export, torch_import) define absl flags when
-# imported, some under the same names, which absl refuses within one process: before pdoc
-# imports the next module, the flags defined by the ones imported so far are forgotten.
-_baseline = set(flags.FLAGS)
-_load_module = pdoc.extract.load_module
-
-
-def load_module(name):
-  for flag in set(flags.FLAGS) - _baseline:
-    if flag in flags.FLAGS:
-      delattr(flags.FLAGS, flag)
-  return _load_module(name)
-
-
-pdoc.extract.load_module = load_module
-# Nor does a package's page try to import (and list) an excluded submodule.
-_iter_modules2 = pdoc.extract.iter_modules2
-pdoc.extract.iter_modules2 = lambda module: {
-    k: v for k, v in _iter_modules2(module).items() if v.name not in excluded}
+# The command lines share flag names (workdir, weights, config): they define them with absl's
+# allow_override, so importing them all here is fine. fastadv_jax.interop's __all__ leaves
+# torch_models out, so the package's page does not import it either.
 with warnings.catch_warnings(record=True) as caught:
   warnings.simplefilter("always")
   pdoc.pdoc(*specs, output_directory=out)

@@ -5,6 +5,7 @@ rule, whatever the import order at run time."""
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
 import shutil
 import sys
@@ -185,3 +186,17 @@ def test_the_size_check_passes_and_refuses_a_grown_piece(monkeypatch, capsys):
   assert f"{name}: {listed[name]} lines, more than the {listed[name] - 1}" in err
   monkeypatch.setattr(check_sizes, "OVER_THE_LIMIT", {k: v for k, v in listed.items() if k != name})
   assert check_sizes.main([]) == 1
+
+
+def test_the_command_lines_import_together():
+  """They share flag names (workdir, weights, config), defined with absl's allow_override, so
+  one process may import them all: the API reference does, without patching pdoc."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  code = ("import fastadv_jax.main, fastadv_jax.evaluate, fastadv_jax.torch_export, "
+          "fastadv_jax.torch_import\n"
+          "from absl import flags\n"
+          "print(*(n in flags.FLAGS for n in ('workdir', 'weights', 'config', 'out', 'eps')))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["True"] * 5

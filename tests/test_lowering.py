@@ -3,6 +3,7 @@ and as both engines run it over devices) and the PGD evaluation lowered for `cud
 this CPU (jax.export). Convolutions and
 matmuls run in bfloat16; parameters, losses and metrics are float32; attack loops stay rolled;
 nothing CPU-only (oneDNN custom calls, unrolled loops) leaks in."""
+import functools
 import re
 
 import jax
@@ -12,7 +13,7 @@ import pytest
 
 from conftest import tiny_config
 from fastadv_jax import attacks, parallel
-from fastadv_jax.training import engines, evaluation, model_config, train_step
+from fastadv_jax.training import engines, eval_programs, evaluation, model_config, train_step
 from fastadv_jax.training import train_state as ts
 
 SHAPE = (16, 28, 28, 1)
@@ -70,7 +71,9 @@ def test_pgd_evaluation_keeps_its_loop_rolled_on_accelerators(platform, rolled):
   variables = model.init(jax.random.key(0), jnp.zeros((1,) + SHAPE[1:]), train=False)
   ev = evaluation.Evaluator(model, 16, devices=jax.local_devices()[:1])
   carry = attacks.restarts_init(jnp.zeros(SHAPE), jnp.zeros(SHAPE[:1], jnp.int32), True)
-  fn = jax.jit(ev._restart_chunk, static_argnums=(8,))
+  # The Evaluator's per-device restart program, as it pmaps it.
+  fn = jax.jit(functools.partial(eval_programs.pgd_restart, model, ev.step_alpha, ev.norm),
+               static_argnums=(8,))
   args = (variables, carry, jnp.zeros(SHAPE, jnp.uint8), jnp.zeros(SHAPE[:1], jnp.int32),
           jnp.arange(16, dtype=jnp.int32), jax.random.key(0), jnp.float32(0.1), jnp.int32(0), 10)
   text = jax.export.export(fn, platforms=[platform])(*args).mlir_module()

@@ -298,6 +298,44 @@ def _target_classes(given: int | None, norm: str) -> int | None:
   return given if given is not None else (L1_TARGET_CLASSES if norm == "L1" else 9)
 
 
+def _pass_rng(rng: jax.Array, name: str, rank: int, restart: int) -> jax.Array:
+  """The key of one run of an attack: folded by its attack_key_id (not its place in the list)
+  and target rank; restarts after the first fold their number in too."""
+  key = jax.random.fold_in(jax.random.fold_in(rng, attack_key_id(name)), rank)
+  return key if restart == 0 else jax.random.fold_in(key, restart)
+
+
+# draw_counts(key, pos, xs, y, draws) -> per point of pos, in how many of `draws` model draws
+# the model classifies xs as y[pos] (AutoAttack._draw_counts at the run's weights).
+DrawCounts = Callable[[jax.Array, np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]
+
+
+def _clean_draws(draw_counts: DrawCounts, rng: jax.Array, x: np.ndarray, y: np.ndarray, lo: int,
+                 hi: int, draws: int) -> draws_lib.Selection:
+  """The rule's first candidate, the clean point, over `draws` draws (this process's points;
+  the others' counts gathered, as every process decides which points go on alike)."""
+  mine = np.arange(lo, hi)
+  counts = np.zeros(len(y), np.int32)
+  key = jax.random.fold_in(jax.random.fold_in(rng, draws_lib.STREAM), 0)
+  counts[mine] = draw_counts(key, mine, x[mine], y, draws)
+  counts = distributed.gather_points(counts[lo:hi], len(y))
+  logging.info("autoattack: a randomised model: %d draws per candidate (%s)", draws,
+               draws_lib.RULE)
+  return draws_lib.Selection(x, counts, draws)
+
+
+def _final_draws(draw_counts: DrawCounts, rng: jax.Array, selection: draws_lib.Selection,
+                 y: np.ndarray, lo: int, hi: int, n: int, draws: int) -> dict[str, np.ndarray]:
+  """Rule 3: the kept candidates over `draws` fresh draws; the per-point shares (gathered)."""
+  mine = np.arange(lo, hi)
+  key = jax.random.fold_in(jax.random.fold_in(rng, draws_lib.STREAM), 1)
+  fresh = draw_counts(key, mine, selection.x_kept[mine], y, draws)
+  fresh, kept, clean = distributed.gather_points(
+      (fresh, selection.counts[lo:hi], selection.clean_counts[lo:hi]), n)
+  return {"robust_rate": fresh / draws, "clean_rate": clean / draws,
+          "selection_rate": kept / draws}
+
+
 class AutoAttack:
   """Jitted, device-parallel AutoAttack of a model `apply_fn(variables, x, key) -> logits`.
 
@@ -467,19 +505,7 @@ class AutoAttack:
     rng = jax.random.key(seed)
     lo, hi = distributed.point_range(n)
     mine = slice(lo, hi)
-    clean, finite, zero, looks_like = (np.zeros(n, bool) for _ in range(4))
-    difference, gap = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    probe = lambda xs, ys: self._probe(variables, xs, ys)  # noqa: E731
-    for pos, (la, lb, zero_grad, alone) in self._map(probe, np.arange(lo, hi), (x, y)):
-      clean[pos] = np.argmax(la, -1) == y[pos]
-      finite[pos] = np.all(np.isfinite(la), -1) & np.all(np.isfinite(lb), -1)
-      difference[pos], looks_like[pos] = checks.point_flags(la, lb)
-      zero[pos] = zero_grad
-      gap[pos] = checks.batch_gap(la, alone)
-    few = slice(lo, min(hi, lo + checks.EAGER_POINTS))
-    finite[few] &= checks.eagerly_finite(self.apply_fn, variables, x[few])
-    clean, finite, zero, looks_like, difference, gap = distributed.gather_points(
-        tuple(v[mine] for v in (clean, finite, zero, looks_like, difference, gap)), n)
+    clean, finite, zero, looks_like, difference, gap = self._probe_all(variables, x, y, lo, hi)
     checked = self._checked_points(n)
     randomised_model = bool(np.max(difference) > checks.RANDOM_TOL)
     warnings = [checks.randomised(difference[:checked], self.version),
@@ -489,45 +515,18 @@ class AutoAttack:
     draws = self.draws or (draws_lib.DRAWS if randomised_model else 1)
     selection = None
     if draws > 1:  # the clean pass of draws.py's rule replaces the single-draw verdict
-      selection = self._clean_draws(variables, rng, x, y, lo, hi, draws)
+      selection = _clean_draws(functools.partial(self._draw_counts, variables), rng, x, y, lo,
+                               hi, draws)
       clean = selection.counts > 0
     robust, x_adv = clean.copy(), x.copy()  # robust only where correct without attack
     broken_by = np.full(n, -1)
-    seconds = []
-    where = "" if jax.process_count() == 1 else (
-        f" on process {jax.process_index()} (points {lo}..{hi - 1} of {n})")
-    for a, name in enumerate(self.attacks):
-      start, attacked = time.perf_counter(), int(robust[mine].sum())
-      ranks = range(2, self.n_targets + 2) if self.components[name].targeted else [0]
-      runs = self.restarts[name]
-      # As the reference: every target class in turn, each run `runs` times on what is left.
-      for rank, restart in ((k, r) for k in ranks for r in range(runs)):
-        todo = lo + np.flatnonzero(robust[mine])
-        if not todo.size:
-          break
-        label = name if not rank else f"{name} {rank - 1}/{self.n_targets}"
-        bar = self._bar(label if runs == 1 else f"{label} run {restart + 1}/{runs}", todo.size)
-        pass_rng = self._pass_rng(rng, name, rank, restart)
-        attack = functools.partial(self._attack_points, variables, pass_rng, name, rank, restart)
-        for pos, (still, adv) in self._map(attack, todo, (x, y, np.arange(n, dtype=np.int32)),
-                                           name):
-          if selection is not None:  # a randomised model: draws.py's rule decides
-            still = selection.offer(pos, adv, self._draw_counts(
-                variables, jax.random.fold_in(pass_rng, draws_lib.STREAM), pos, adv, y, draws), a)
-          hit = pos[~still]
-          robust[hit], x_adv[hit], broken_by[hit] = False, adv[~still], a
-          if bar is not None:
-            bar.update(len(pos))
-            bar.set_postfix(robust=int(robust[mine].sum()))
-        if bar is not None:
-          bar.close()
-      seconds.append(time.perf_counter() - start)
-      logging.info("autoattack %s: %d -> %d robust of %d%s (%.1f s)", name, attacked,
-                   int(robust[mine].sum()), hi - lo, where, seconds[-1])
+    seconds = [self._attack_all(a, variables, rng, x, y, (lo, hi), (robust, x_adv, broken_by),
+                                selection, draws) for a in range(len(self.attacks))]
     rates = {}
     if selection is not None:
       x_adv[mine] = selection.x_kept[mine]
-      rates = self._final_draws(variables, rng, selection, y, lo, hi, n, draws)
+      rates = _final_draws(functools.partial(self._draw_counts, variables), rng, selection, y,
+                           lo, hi, n, draws)
     robust, x_adv, broken_by = distributed.gather_points(
         (robust[mine], x_adv[mine], broken_by[mine]), n)
     records = attack_records(self.attacks, clean, broken_by, seconds,
@@ -544,6 +543,64 @@ class AutoAttack:
     return AutoAttackResult(clean, robust, x_adv, broken_by, self.attacks, records, warnings,
                             self.eps, self.settings.norm, draws, **rates)
 
+  def _probe_all(self, variables: Any, x: np.ndarray, y: np.ndarray, lo: int, hi: int
+                 ) -> tuple[np.ndarray, ...]:
+    """The clean probe of this process's points, gathered over the processes: (clean, finite,
+    zero gradient, looks like probabilities, draw difference, batch gap) per point."""
+    n = len(y)
+    clean, finite, zero, looks_like = (np.zeros(n, bool) for _ in range(4))
+    difference, gap = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    probe = lambda xs, ys: self._probe(variables, xs, ys)  # noqa: E731
+    for pos, (la, lb, zero_grad, alone) in self._map(probe, np.arange(lo, hi), (x, y)):
+      clean[pos] = np.argmax(la, -1) == y[pos]
+      finite[pos] = np.all(np.isfinite(la), -1) & np.all(np.isfinite(lb), -1)
+      difference[pos], looks_like[pos] = checks.point_flags(la, lb)
+      zero[pos] = zero_grad
+      gap[pos] = checks.batch_gap(la, alone)
+    few = slice(lo, min(hi, lo + checks.EAGER_POINTS))
+    finite[few] &= checks.eagerly_finite(self.apply_fn, variables, x[few])
+    return distributed.gather_points(
+        tuple(v[lo:hi] for v in (clean, finite, zero, looks_like, difference, gap)), n)
+
+  def _attack_all(self, a: int, variables: Any, rng: jax.Array, x: np.ndarray, y: np.ndarray,
+                  bounds: tuple[int, int], verdicts: tuple[np.ndarray, np.ndarray, np.ndarray],
+                  selection: Any, draws: int) -> float:
+    """Runs attack number `a` on this process's points still robust, updating `verdicts`
+    (robust, x_adv, broken_by) in place; its seconds. As the reference: every target class in
+    turn, each run `restarts` times on what is left."""
+    name, (lo, hi), n = self.attacks[a], bounds, len(y)
+    robust, x_adv, broken_by = verdicts
+    mine = slice(lo, hi)
+    start, attacked = time.perf_counter(), int(robust[mine].sum())
+    ranks = range(2, self.n_targets + 2) if self.components[name].targeted else [0]
+    runs = self.restarts[name]
+    for rank, restart in ((k, r) for k in ranks for r in range(runs)):
+      todo = lo + np.flatnonzero(robust[mine])
+      if not todo.size:
+        break
+      label = name if not rank else f"{name} {rank - 1}/{self.n_targets}"
+      bar = self._bar(label if runs == 1 else f"{label} run {restart + 1}/{runs}", todo.size)
+      pass_rng = _pass_rng(rng, name, rank, restart)
+      attack = functools.partial(self._attack_points, variables, pass_rng, name, rank, restart)
+      for pos, (still, adv) in self._map(attack, todo, (x, y, np.arange(n, dtype=np.int32)),
+                                         name):
+        if selection is not None:  # a randomised model: draws.py's rule decides
+          still = selection.offer(pos, adv, self._draw_counts(
+              variables, jax.random.fold_in(pass_rng, draws_lib.STREAM), pos, adv, y, draws), a)
+        hit = pos[~still]
+        robust[hit], x_adv[hit], broken_by[hit] = False, adv[~still], a
+        if bar is not None:
+          bar.update(len(pos))
+          bar.set_postfix(robust=int(robust[mine].sum()))
+      if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - start
+    where = "" if jax.process_count() == 1 else (
+        f" on process {jax.process_index()} (points {lo}..{hi - 1} of {n})")
+    logging.info("autoattack %s: %d -> %d robust of %d%s (%.1f s)", name, attacked,
+                 int(robust[mine].sum()), hi - lo, where, seconds)
+    return seconds
+
   # --- randomised models: draws.py's rule -----------------------------------------------------
   def _draw_counts(self, variables, key, pos: np.ndarray, xs: np.ndarray, y: np.ndarray,
                    draws: int) -> np.ndarray:
@@ -555,37 +612,6 @@ class AutoAttack:
       args = parallel.shard((xs[sel], y[pos[sel]], pos[sel].astype(np.int32)), self.n_dev)
       counts[sel[:m]] = parallel.unshard(self._count(variables, *args, key, draws), m)
     return counts
-
-  def _clean_draws(self, variables, rng, x: np.ndarray, y: np.ndarray, lo: int, hi: int,
-                   draws: int) -> draws_lib.Selection:
-    """The rule's first candidate, the clean point, over `draws` draws (this process's points;
-    the others' counts gathered, as every process decides which points go on alike)."""
-    mine = np.arange(lo, hi)
-    counts = np.zeros(len(y), np.int32)
-    key = jax.random.fold_in(jax.random.fold_in(rng, draws_lib.STREAM), 0)
-    counts[mine] = self._draw_counts(variables, key, mine, x[mine], y, draws)
-    counts = distributed.gather_points(counts[lo:hi], len(y))
-    logging.info("autoattack: a randomised model: %d draws per candidate (%s)", draws,
-                 draws_lib.RULE)
-    return draws_lib.Selection(x, counts, draws)
-
-  def _final_draws(self, variables, rng, selection: draws_lib.Selection, y: np.ndarray,
-                   lo: int, hi: int, n: int, draws: int) -> dict[str, np.ndarray]:
-    """Rule 3: the kept candidates over `draws` fresh draws; the per-point shares (gathered)."""
-    mine = np.arange(lo, hi)
-    key = jax.random.fold_in(jax.random.fold_in(rng, draws_lib.STREAM), 1)
-    fresh = self._draw_counts(variables, key, mine, selection.x_kept[mine], y, draws)
-    fresh, kept, clean = distributed.gather_points(
-        (fresh, selection.counts[lo:hi], selection.clean_counts[lo:hi]), n)
-    return {"robust_rate": fresh / draws, "clean_rate": clean / draws,
-            "selection_rate": kept / draws}
-
-  @staticmethod
-  def _pass_rng(rng: jax.Array, name: str, rank: int, restart: int) -> jax.Array:
-    """The key of one run of an attack: folded by its attack_key_id (not its place in the list)
-    and target rank; restarts after the first fold their number in too."""
-    key = jax.random.fold_in(jax.random.fold_in(rng, attack_key_id(name)), rank)
-    return key if restart == 0 else jax.random.fold_in(key, restart)
 
   def _checked_points(self, n: int) -> int:
     """How many leading points the reference's sanity checks look at: the first chunk of a

@@ -173,28 +173,8 @@ def from_torch_state_dict(config: ml_collections.ConfigDict, state_dict: Mapping
   used = set()
 
   def take(key: str, shape: tuple) -> np.ndarray:
-    if key not in sd:
-      raise InteropError(f"state_dict has no {key!r} (a {config.model} needs it; keys found: "
-                         f"{', '.join(sorted(sd)[:6])}...){architecture}")
     used.add(key)
-    if not _real_float(sd[key].dtype):
-      kind = {"U": "string", "S": "bytes", "O": "object"}.get(sd[key].dtype.kind,
-                                                              sd[key].dtype.name)
-      raise InteropError(f"state_dict[{key!r}] holds {kind} values: weights must be "
-                         "real floating point (float16, bfloat16, float32 or float64)")
-    with np.errstate(over="ignore"):  # a value beyond float32 becomes Inf, refused below
-      v = sd[key].astype(np.float32)
-    if v.shape != tuple(shape):
-      raise InteropError(f"state_dict[{key!r}] has shape {v.shape}, the {config.model} of this "
-                         f"config needs {tuple(shape)}{architecture}")
-    if not np.all(np.isfinite(v)):
-      raise InteropError(f"state_dict[{key!r}] holds {int(np.sum(~np.isfinite(v)))} NaN or Inf "
-                         "value(s) (in float32): the model's outputs would not be finite")
-    if key.endswith(".running_var") and np.any(v < 0):
-      raise InteropError(f"state_dict[{key!r}] has {int(np.sum(v < 0))} value(s) below zero "
-                         f"(min {float(np.min(v)):.3g}): a BatchNorm variance cannot be negative, "
-                         "and the model's outputs would be NaN")
-    return v
+    return _checked_weight(sd, key, shape, config.model, architecture)
 
   params = _copy_tree(template["params"])
   stats = _copy_tree(template.get("batch_stats", {}))
@@ -224,6 +204,33 @@ def from_torch_state_dict(config: ml_collections.ConfigDict, state_dict: Mapping
   if stats:
     out["batch_stats"] = stats
   return out
+
+
+def _checked_weight(sd: Mapping[str, np.ndarray], key: str, shape: tuple, model: str,
+                    architecture: str) -> np.ndarray:
+  """sd[key] as float32 of `shape`, or a one-line InteropError: missing, not real floating
+  point, the wrong shape, not finite, or a negative BatchNorm variance."""
+  if key not in sd:
+    raise InteropError(f"state_dict has no {key!r} (a {model} needs it; keys found: "
+                       f"{', '.join(sorted(sd)[:6])}...){architecture}")
+  if not _real_float(sd[key].dtype):
+    kind = {"U": "string", "S": "bytes", "O": "object"}.get(sd[key].dtype.kind,
+                                                            sd[key].dtype.name)
+    raise InteropError(f"state_dict[{key!r}] holds {kind} values: weights must be "
+                       "real floating point (float16, bfloat16, float32 or float64)")
+  with np.errstate(over="ignore"):  # a value beyond float32 becomes Inf, refused below
+    v = sd[key].astype(np.float32)
+  if v.shape != tuple(shape):
+    raise InteropError(f"state_dict[{key!r}] has shape {v.shape}, the {model} of this "
+                       f"config needs {tuple(shape)}{architecture}")
+  if not np.all(np.isfinite(v)):
+    raise InteropError(f"state_dict[{key!r}] holds {int(np.sum(~np.isfinite(v)))} NaN or Inf "
+                       "value(s) (in float32): the model's outputs would not be finite")
+  if key.endswith(".running_var") and np.any(v < 0):
+    raise InteropError(f"state_dict[{key!r}] has {int(np.sum(v < 0))} value(s) below zero "
+                       f"(min {float(np.min(v)):.3g}): a BatchNorm variance cannot be negative, "
+                       "and the model's outputs would be NaN")
+  return v
 
 
 def _real_float(dtype: np.dtype) -> bool:

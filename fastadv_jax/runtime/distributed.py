@@ -166,6 +166,32 @@ def _sigterm_always_ends(grace_s: float) -> None:
   threading.Thread(target=watch, name="sigterm-watch", daemon=True).start()
 
 
+def _checked_args(mode: str, address: str | None, num_processes: int | None,
+                  process_id: int | None, env) -> tuple[str | None, int | None, int | None] | None:
+  """(coordinator address, process count, process id) from the flags, else the environment,
+  checked; None when no multi-process run is configured."""
+  address = address or env.get(ENV[0]) or None
+  if num_processes is None and env.get(ENV[1]):
+    num_processes = _int_from(env, ENV[1])
+  if process_id is None and env.get(ENV[2]):
+    process_id = _int_from(env, ENV[2])
+  if mode not in ("off", "auto"):
+    raise DistributedError(f"--distributed: must be off or auto, got {mode!r}")
+  if address is None and mode == "off":
+    if num_processes not in (None, 1) or process_id not in (None, 0):
+      raise DistributedError("--num_processes / --process_id need --coordinator_address")
+    return None
+  if address is not None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+      raise DistributedError(f"--coordinator_address: must be host:port, got {address!r}")
+    if num_processes is None or process_id is None:
+      raise DistributedError("--coordinator_address needs --num_processes and --process_id")
+    if not 0 <= process_id < num_processes:
+      raise DistributedError(f"--process_id: must be in [0, {num_processes}), got {process_id}")
+  return address, num_processes, process_id
+
+
 def initialize(mode: str = "off", coordinator_address: str | None = None,
                num_processes: int | None = None, process_id: int | None = None,
                environ: dict | None = None, timeout_s: float | None = None,
@@ -178,25 +204,10 @@ def initialize(mode: str = "off", coordinator_address: str | None = None,
   FASTADV_FIRST_STEP_TIMEOUT seconds (default 900; `made_progress`), or every process ends with
   one line."""
   env = os.environ if environ is None else environ
-  address = coordinator_address or env.get(ENV[0]) or None
-  if num_processes is None and env.get(ENV[1]):
-    num_processes = _int_from(env, ENV[1])
-  if process_id is None and env.get(ENV[2]):
-    process_id = _int_from(env, ENV[2])
-  if mode not in ("off", "auto"):
-    raise DistributedError(f"--distributed: must be off or auto, got {mode!r}")
-  if address is None and mode == "off":
-    if num_processes not in (None, 1) or process_id not in (None, 0):
-      raise DistributedError("--num_processes / --process_id need --coordinator_address")
+  checked = _checked_args(mode, coordinator_address, num_processes, process_id, env)
+  if checked is None:
     return False
-  if address is not None:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-      raise DistributedError(f"--coordinator_address: must be host:port, got {address!r}")
-    if num_processes is None or process_id is None:
-      raise DistributedError("--coordinator_address needs --num_processes and --process_id")
-    if not 0 <= process_id < num_processes:
-      raise DistributedError(f"--process_id: must be in [0, {num_processes}), got {process_id}")
+  address, num_processes, process_id = checked
   timeout = _timeout(timeout_s, env)
   first_step = _seconds(env, FIRST_STEP_ENV, DEFAULT_FIRST_STEP_TIMEOUT_S)
   _check_jaxlib()

@@ -141,11 +141,9 @@ def _check_other_method_args(c: ml_collections.ConfigDict, methods) -> None:
           name, name)
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-  """Raises ConfigError naming the first offending field. Imports `config.plugins` first, so
-  the registries it reads hold what the run's plugins register."""
-
-  c = config
+def _check_components(c: ml_collections.ConfigDict) -> None:
+  """The plugins import, and the data set, model and method are registered names whose args
+  sections their own records accept."""
   try:
     plugins.load(c.plugins)
   except plugins.PluginError as e:
@@ -163,6 +161,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     model_config.model_args(c)
   except registry.ArgError as e:
     raise ConfigError(f"config.model_args.{c.model}.{e.field}: {e.message}") from None
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Raises ConfigError naming the first offending field. Imports `config.plugins` first, so
+  the registries it reads hold what the run's plugins register."""
+
+  c = config
+  _check_components(c)
   _check_finite(c)
   _check(c.attack_init in INITS, "attack_init", f"unknown init {c.attack_init!r}; choose from {INITS}")
   _check(c.optimizer in OPTIMIZERS, "optimizer", f"unknown optimizer {c.optimizer!r}; choose from {OPTIMIZERS}")
@@ -212,12 +218,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
   for field in ("co_pgd_drop", "co_min_best_pgd", "co_alignment_drop", "co_fgsm_pgd_gap"):
     _check(0.0 <= c[field] <= 1.0, field,
            f"must be in [0, 1] (a fraction of an accuracy or alignment), got {c[field]}")
+  _check_final_attack(c)
+
+
+def _check_final_attack(c: ml_collections.ConfigDict) -> None:
+  """What the final evaluation would refuse after all of training, refused now."""
   _check(c.n_final_eval == -1 or c.n_final_eval >= 1, "n_final_eval",
          f"must be -1 (all) or >= 1, got {c.n_final_eval}")
-  # pylint: disable-next=import-outside-toplevel
   try:
     _, aa_attacks = evaluation.parse_attack_spec(c.final_attack)
-    if aa_attacks:  # what AutoAttack would refuse after all of training
+    if aa_attacks:
       autoattack.check_classes(aa_attacks, datasets.NUM_CLASSES[c.dataset])
   except ValueError as e:
     raise ConfigError(f"config.final_attack: {e}") from None

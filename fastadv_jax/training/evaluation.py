@@ -27,10 +27,11 @@ import numpy as np
 
 import ml_collections
 
-from fastadv_jax import attacks, autoattack, gradalign, losses, parallel, randomness
+from fastadv_jax import attacks, autoattack, parallel
 from fastadv_jax.autoattack import checks
-from fastadv_jax.data import augment, datasets
+from fastadv_jax.data import datasets
 from fastadv_jax.runtime import distributed
+from fastadv_jax.training import eval_programs
 
 Variables = dict[str, Any]
 NonFiniteOutputError = checks.NonFiniteOutputError  # NaN/Inf weights or logits: no accuracy
@@ -91,11 +92,14 @@ class Evaluator:
     self.batch_size = parallel.device_batch_size(batch_size, self.n_dev)
     pm = functools.partial(jax.pmap, devices=self.devices)
     # (variables, carry, x, y, idx, rng, eps, restart, steps): only `steps` is static.
-    self._restart = pm(self._restart_chunk, in_axes=(None, 0, 0, 0, 0, None, None, None),
+    self._restart = pm(functools.partial(eval_programs.pgd_restart, model, self.step_alpha,
+                                         self.norm),
+                       in_axes=(None, 0, 0, 0, 0, None, None, None),
                        static_broadcasted_argnums=(8,))
-    self._diag = pm(self._diag_chunk, in_axes=(None, 0, 0, 0, None, None),
-                    static_broadcasted_argnums=(6,))
-    self._correct = pm(self._correct_chunk, in_axes=(None, 0, 0))
+    self._diag = pm(functools.partial(eval_programs.diagnostics, model, self.step_alpha),
+                    in_axes=(None, 0, 0, 0, None, None), static_broadcasted_argnums=(6,))
+    self._correct = pm(functools.partial(eval_programs.clean_correct, model),
+                       in_axes=(None, 0, 0))
     self._num_classes: dict[tuple, int] = {}  # per image shape (_classes)
 
   def _placed(self, variables: Variables) -> Variables:
@@ -124,54 +128,6 @@ class Evaluator:
       apply_fn = lambda v, x, _key: self.model.apply(v, x, train=False)  # noqa: E731
       self._num_classes[shape] = autoattack.output_classes(apply_fn, variables, shape)
     return self._num_classes[shape]
-
-  # Per-device functions: x uint8 (b, H, W, C), y (b,), idx (b,) positions in the evaluated set.
-  def _fns(self, variables):
-    def logits_fn(x):
-      return self.model.apply(variables, x, train=False)
-
-    def loss_and_logits(x, y):
-      logits = logits_fn(x)
-      return losses.cross_entropy(logits, y), logits
-
-    return logits_fn, loss_and_logits
-
-  def _restart_chunk(self, variables, carry, x, y, idx, rng, eps, restart, steps):
-    _, loss_and_logits = self._fns(variables)
-    keys = attacks.restart_keys(randomness.example_keys(rng, idx), restart)
-    return attacks.pgd_restart(lambda z: loss_and_logits(z, y), carry, augment.to_float(x), y, keys,
-                               eps, self.step_alpha * eps, steps, norm=self.norm)
-
-  def _correct_chunk(self, variables, x, y):
-    """(correct, finite): per point, clean correctness and whether all its logits are finite."""
-    logits_fn, _ = self._fns(variables)
-    logits = logits_fn(augment.to_float(x))
-    return attacks.clean_correct(logits, y), jnp.all(jnp.isfinite(logits), -1)
-
-  def _diag_chunk(self, variables, x, y, idx, rng, eps, pgd_steps):
-    logits_fn, loss_and_logits = self._fns(variables)
-    x = augment.to_float(x)
-    keys = randomness.example_keys(rng, idx)
-    pgd_keys, noise_keys = randomness.split_keys(keys, 2)
-    loss_fn = lambda z: loss_and_logits(z, y)[0]  # noqa: E731
-    logits = logits_fn(x)
-    clean = attacks.clean_correct(logits, y)
-    # FGSM from zero init with step eps: its gradient is also the clean gradient g1.
-    d_fgsm, g1 = attacks.fgsm(loss_fn, x, eps, eps, jnp.zeros_like(x))
-    robust_pgd, d_pgd = attacks.pgd_with_restarts(lambda z: loss_and_logits(z, y), x, y, pgd_keys,
-                                                  eps, self.step_alpha * eps, pgd_steps, 1,
-                                                  clean=clean)
-    _, g2 = gradalign.input_gradients(loss_fn, x, noise_keys, eps, g1=g1)
-    cos_g, mask_g = gradalign.masked_cosine(g1, g2)
-    cos_d, mask_d = gradalign.masked_cosine(d_fgsm, d_pgd)
-    return {
-        "loss": losses.cross_entropy(logits, y),
-        "clean": clean,
-        "fgsm": clean & (jnp.argmax(logits_fn(x + d_fgsm), -1) == y),
-        "pgd": robust_pgd,
-        "alignment": cos_g, "alignment_mask": mask_g,
-        "cos_fgsm_pgd": cos_d, "cos_fgsm_pgd_mask": mask_d,
-    }
 
   def _chunks(self, images: np.ndarray, labels: np.ndarray):
     """Yields (m, x, y, pos) over this process's share of the points: chunks padded to a
@@ -249,17 +205,7 @@ class Evaluator:
     self._check_points(variables, images, labels)
     outs = [parallel.unshard(self._diag(variables, x, y, pos, rng, jnp.float32(eps), pgd_steps), m)
             for m, x, y, pos in self._chunks(images, labels)]
-    out = self._per_point(outs, len(labels))
-
-    def masked_mean(v, mask):
-      return float(np.sum(v * mask) / max(np.sum(mask), 1))
-
-    return {
-        "loss": float(np.mean(out["loss"])), "clean_acc": float(np.mean(out["clean"])),
-        "fgsm_acc": float(np.mean(out["fgsm"])), "pgd_acc": float(np.mean(out["pgd"])),
-        "alignment": masked_mean(out["alignment"], out["alignment_mask"]),
-        "cos_fgsm_pgd": masked_mean(out["cos_fgsm_pgd"], out["cos_fgsm_pgd_mask"]),
-    }
+    return eval_programs.diagnostics_summary(self._per_point(outs, len(labels)))
 
   def autoattack(self, variables: Variables, images: np.ndarray, labels: np.ndarray, eps: float,
                  attacks_: str | tuple[str, ...] = "standard", seed: int = 0,

@@ -20,7 +20,7 @@ averages used at evaluation.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -110,123 +110,200 @@ def _updated(config: ml_collections.ConfigDict, method: methods.Method, args: An
   return new_state
 
 
+class StepPlan(NamedTuple):
+  """What a step reads from the config, resolved once when the step is built."""
+  config: ml_collections.ConfigDict
+  method: methods.Method
+  args: Any                                  # the method's hyperparameter record
+  steps_per_epoch: int
+  total_steps: int
+  eps_at: Callable[[jax.Array], jax.Array]
+  lr_at: Callable[[jax.Array], jax.Array]
+  momentum_at: Callable[[jax.Array], jax.Array] | None  # None unless scheduled
+  replay: int                                # consecutive steps on one minibatch (Free-AT)
+  use_gradalign: bool
+  smoothing: float                           # the training cross-entropy's label smoothing
+  attack_smoothing: float                    # the training attack's
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, steps_per_epoch: int) -> "StepPlan":
+    method = methods.get(config.method)
+    args = method.args_from(config)
+    smoothing = float(config.label_smoothing)
+    return cls(config=config, method=method, args=args, steps_per_epoch=steps_per_epoch,
+               total_steps=schedules.total_steps(config, steps_per_epoch),
+               eps_at=schedules.eps_schedule(config, steps_per_epoch),
+               lr_at=schedules.lr_schedule(config, steps_per_epoch),
+               momentum_at=schedules.momentum_schedule(config, steps_per_epoch),
+               replay=method.replays(args), use_gradalign=float(config.grad_align_lambda) > 0,
+               smoothing=smoothing,
+               attack_smoothing=smoothing if config.label_smoothing_attack else 0.0)
+
+  def train_ce(self, logits: jax.Array, y: jax.Array, keys: jax.Array) -> jax.Array:
+    """The per-example training cross-entropy: the method's own, else CE with smoothing."""
+    if self.method.train_ce is not None:
+      return self.method.train_ce(CELossInputs(args=self.args, logits=logits, y=y, keys=keys,
+                                               label_smoothing=self.smoothing))
+    return losses.cross_entropy(logits, y, self.smoothing)
+
+
+class StepInputs(NamedTuple):
+  """One step's augmented batch, keys and schedule values."""
+  x: jax.Array
+  y: jax.Array
+  attack_keys: jax.Array
+  noise_keys: jax.Array
+  eps: jax.Array
+  progress: jax.Array                        # fraction of training done after this step
+  epoch: jax.Array
+
+
+class ModelFns(NamedTuple):
+  """The model at the step's weights and BatchNorm statistics, as the passes use it."""
+  forward: Callable      # (params, x) -> (logits, new batch statistics), train mode
+  eval_logits: Callable  # x -> logits, eval mode (running statistics, not updated)
+  features: Callable     # x -> (penultimate features, logits), train mode
+  per_example_loss: Callable  # (params, smoothing) -> (x -> per-example CE against y)
+
+
+def _step_inputs(plan: StepPlan, state: TrainState, batch: dict[str, jax.Array],
+                 rng: jax.Array, axis_name: str | None) -> StepInputs:
+  aug_keys, attack_keys, noise_keys = _step_keys(rng, state.step, plan.replay,
+                                                 batch["label"].shape[0], axis_name)
+  x = augment.augment(aug_keys, augment.to_float(batch["image"]), plan.config.crop_padding,
+                      plan.config.flip)
+  return StepInputs(x=x, y=batch["label"], attack_keys=attack_keys, noise_keys=noise_keys,
+                    eps=plan.eps_at(state.step),
+                    progress=(state.step + 1) / plan.total_steps,
+                    epoch=state.step // plan.steps_per_epoch)
+
+
+def _model_fns(state: TrainState, y: jax.Array) -> ModelFns:
+  def forward(params, inputs):
+    logits, new_vars = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
+                                      inputs, train=True, mutable=["batch_stats"])
+    return logits, new_vars["batch_stats"]
+
+  def eval_logits(inputs):
+    return state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, inputs,
+                          train=False)
+
+  def features(inputs):
+    return models.penultimate_features(lambda z: forward(state.params, z)[0], inputs)
+
+  def per_example_loss(params, smoothing_=0.0):
+    return lambda inputs: losses.cross_entropy(forward(params, inputs)[0], y, smoothing_)
+
+  return ModelFns(forward, eval_logits, features, per_example_loss)
+
+
+def _perturbation(plan: StepPlan, state: TrainState, batch: dict[str, jax.Array],
+                  inp: StepInputs, fns: ModelFns, rng: jax.Array, axis_name: str | None
+                  ) -> methods.Perturbation:
+  """The method's inner maximisation at the current weights (its statistics updates are
+  discarded), with the batch's rows of the per-example state."""
+  method, args, x = plan.method, plan.args, inp.x
+  rows = None
+  if method.example_state is not None:
+    row_shapes = {k: v.shape for k, v in method.example_state(args, x.shape[1:]).items()}
+    flat = parallel.example_rows(state.example_state, batch["index"], axis_name)
+    rows = {k: v.reshape((x.shape[0],) + row_shapes[k]) for k, v in flat.items()}
+  pert = method.perturb(AttackInputs(
+      args=args, loss_fn=fns.per_example_loss(state.params, plan.attack_smoothing),
+      logits_fn=lambda z: fns.forward(state.params, z)[0], x=x, y=inp.y,
+      keys=inp.attack_keys, eps=inp.eps, carried=state.carried_delta,
+      init=method.init_kind(plan.config), step=state.step, progress=inp.progress,
+      axis_name=axis_name, state=state.method_state, example_rows=rows, epoch=inp.epoch,
+      eval_logits_fn=fns.eval_logits, features_fn=fns.features,
+      label_smoothing=plan.smoothing, batch_key=_batch_key(rng, state.step)))
+  return checked_perturbation(method, pert, x)
+
+
+def _loss_fn(plan: StepPlan, inp: StepInputs, fns: ModelFns, pert: methods.Perturbation,
+             attack_state: Any, axis_name: str | None) -> Callable:
+  """(params, delta) -> (loss, aux): the cross-entropy at the method's training point, its
+  regulariser, and GradAlign on top; differentiated with respect to both."""
+  method, x, y = plan.method, inp.x, inp.y
+
+  def loss_fn(params, delta):
+    reg_inputs = RegularizerInputs(
+        args=plan.args, forward=fns.forward, params=params, x=x, y=y, delta=delta, logits=None,
+        keys=inp.noise_keys, eps=inp.eps, state=attack_state, progress=inp.progress,
+        axis_name=axis_name, aux=pert.aux, ce_aux=None, epoch=inp.epoch)
+    ce_aux = None
+    if callable(method.ce_at):
+      inputs, ce_aux = method.ce_at(reg_inputs)
+    else:
+      inputs = x + delta if method.ce_at == "adversarial" else x
+    logits, new_stats = fns.forward(params, inputs)
+    ce = jnp.mean(plan.train_ce(logits, y, inp.noise_keys))
+    total, method_reg, method_state = ce, jnp.zeros(()), attack_state
+    if method.regularizer is not None:
+      out = method.regularizer(reg_inputs._replace(logits=logits, ce_aux=ce_aux))
+      total, method_reg, method_state = total + out.local, out.value, out.state
+    local_reg, reg = jnp.zeros(()), jnp.zeros(())
+    if plan.use_gradalign:
+      local_reg, reg = gradalign_term(plan.config, fns.per_example_loss(params), x,
+                                      inp.noise_keys, inp.eps, pert.clean_grad, axis_name)
+    return total + local_reg, (ce, reg, method_reg, logits, new_stats, method_state)
+
+  return loss_fn
+
+
+def _metrics(plan: StepPlan, state: TrainState, new_state: TrainState,
+             batch: dict[str, jax.Array], inp: StepInputs, ce: jax.Array, reg: jax.Array,
+             method_reg: jax.Array, logits: jax.Array, grads: Any, axis_name: str | None
+             ) -> Metrics:
+  """What the step logs, averaged over the devices."""
+  ce_g = parallel.pmean(ce, axis_name)
+  acc = parallel.pmean(losses.accuracy(logits, inp.y), axis_name)
+  loss = ce_g + reg
+  if plan.method.regularizer is not None:
+    loss = loss + method_reg
+  grad_norm = _tree_l2(grads)
+  metrics = {
+      "train_loss": loss, "train_ce": ce_g, "train_reg": reg, "train_acc": acc,
+      "l2_grads": grad_norm, "l2_params": _tree_l2(new_state.params),
+      "lr": plan.lr_at(state.step), "eps": inp.eps,
+      "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+  }
+  if plan.method.regularizer is not None:
+    metrics["train_method_reg"] = method_reg
+  if plan.momentum_at is not None:
+    metrics["momentum"] = plan.momentum_at(state.step)
+  if state.ema is not None:
+    metrics["l2_params_avg"] = _tree_l2(new_state.ema["params"])
+  if "stop" in batch:  # several processes: every process's stop flag, agreed (preemption.py)
+    metrics["stop"] = parallel.pmax(jnp.max(batch["stop"]), axis_name)
+  return metrics
+
+
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_per_epoch: int,
                     axis_name: str | None = parallel.AXIS
                     ) -> Callable[..., tuple[TrainState, Metrics]]:
   """Returns the per-device step; `axis_name` must be bound (pmap) unless None."""
   del model  # the step applies state.apply_fn; kept in the signature for symmetry with create
-  method = methods.get(config.method)
-  args = method.args_from(config)
-  eps_at = schedules.eps_schedule(config, steps_per_epoch)
-  lr_at = schedules.lr_schedule(config, steps_per_epoch)
-  momentum_at = schedules.momentum_schedule(config, steps_per_epoch)  # None unless scheduled
-  use_gradalign = float(config.grad_align_lambda) > 0
-  replay = method.replays(args)
-  total_steps = schedules.total_steps(config, steps_per_epoch)
-  smoothing = float(config.label_smoothing)
-  attack_smoothing = smoothing if config.label_smoothing_attack else 0.0
-
-  def train_ce(logits, y, keys):
-    if method.train_ce is not None:
-      return method.train_ce(CELossInputs(args=args, logits=logits, y=y, keys=keys,
-                                          label_smoothing=smoothing))
-    return losses.cross_entropy(logits, y, smoothing)
+  plan = StepPlan.from_config(config, steps_per_epoch)
 
   def step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
            ) -> tuple[TrainState, Metrics]:
     # 1. The batch and its keys.
-    aug_keys, attack_keys, noise_keys = _step_keys(rng, state.step, replay,
-                                                   batch["label"].shape[0], axis_name)
-    x = augment.augment(aug_keys, augment.to_float(batch["image"]), config.crop_padding,
-                        config.flip)
-    y = batch["label"]
-    eps = eps_at(state.step)
-    progress = (state.step + 1) / total_steps
-    epoch = state.step // steps_per_epoch
-
-    def forward(params, inputs):
-      logits, new_vars = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                        inputs, train=True, mutable=["batch_stats"])
-      return logits, new_vars["batch_stats"]
-
-    def eval_logits(inputs):
-      return state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, inputs,
-                            train=False)
-
-    def features(inputs):
-      return models.penultimate_features(
-          lambda z: forward(state.params, z)[0], inputs)
-
-    def per_example_loss(params, smoothing_=0.0):
-      return lambda inputs: losses.cross_entropy(forward(params, inputs)[0], y, smoothing_)
-
-    # 2. Inner maximisation with the current weights (its statistics updates are discarded).
-    rows = row_shapes = None
-    if method.example_state is not None:
-      row_shapes = {k: v.shape for k, v in method.example_state(args, x.shape[1:]).items()}
-      flat = parallel.example_rows(state.example_state, batch["index"], axis_name)
-      rows = {k: v.reshape((x.shape[0],) + row_shapes[k]) for k, v in flat.items()}
-    pert = method.perturb(AttackInputs(
-        args=args, loss_fn=per_example_loss(state.params, attack_smoothing),
-        logits_fn=lambda z: forward(state.params, z)[0], x=x, y=y, keys=attack_keys, eps=eps,
-        carried=state.carried_delta, init=method.init_kind(config), step=state.step,
-        progress=progress, axis_name=axis_name, state=state.method_state, example_rows=rows,
-        epoch=epoch, eval_logits_fn=eval_logits, features_fn=features,
-        label_smoothing=smoothing, batch_key=_batch_key(rng, state.step)))
-    pert = checked_perturbation(method, pert, x)
+    inp = _step_inputs(plan, state, batch, rng, axis_name)
+    fns = _model_fns(state, inp.y)
+    # 2. Inner maximisation with the current weights.
+    pert = _perturbation(plan, state, batch, inp, fns, rng, axis_name)
     attack_state = state.method_state if pert.state is None else pert.state
-
     # 3. The training loss: cross-entropy, the method's regulariser, GradAlign on top.
-    def loss_fn(params, delta):
-      reg_inputs = RegularizerInputs(
-          args=args, forward=forward, params=params, x=x, y=y, delta=delta, logits=None,
-          keys=noise_keys, eps=eps, state=attack_state, progress=progress, axis_name=axis_name,
-          aux=pert.aux, ce_aux=None, epoch=epoch)
-      ce_aux = None
-      if callable(method.ce_at):
-        inputs, ce_aux = method.ce_at(reg_inputs)
-      else:
-        inputs = x + delta if method.ce_at == "adversarial" else x
-      logits, new_stats = forward(params, inputs)
-      ce = jnp.mean(train_ce(logits, y, noise_keys))
-      total, method_reg, method_state = ce, jnp.zeros(()), attack_state
-      if method.regularizer is not None:
-        out = method.regularizer(reg_inputs._replace(logits=logits, ce_aux=ce_aux))
-        total, method_reg, method_state = total + out.local, out.value, out.state
-      local_reg, reg = jnp.zeros(()), jnp.zeros(())
-      if use_gradalign:
-        local_reg, reg = gradalign_term(config, per_example_loss(params), x, noise_keys, eps,
-                                        pert.clean_grad, axis_name)
-      return total + local_reg, (ce, reg, method_reg, logits, new_stats, method_state)
-
+    loss_fn = _loss_fn(plan, inp, fns, pert, attack_state, axis_name)
     (_, (ce, reg, method_reg, logits, new_stats, method_state)), (grads, g_delta) = (
         jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(state.params, pert.delta))
-
     # 4. Cross-device averaging, then the update.
     grads = parallel.pmean(grads, axis_name)
-    new_state = _updated(config, method, args, state, grads, parallel.pmean(new_stats, axis_name),
-                         method_state, pert, g_delta, x, eps, batch.get("index"), axis_name)
-
+    new_state = _updated(config, plan.method, plan.args, state, grads,
+                         parallel.pmean(new_stats, axis_name), method_state, pert, g_delta,
+                         inp.x, inp.eps, batch.get("index"), axis_name)
     # 5. What is logged.
-    ce_g, acc = parallel.pmean(ce, axis_name), parallel.pmean(losses.accuracy(logits, y), axis_name)
-    loss = ce_g + reg
-    if method.regularizer is not None:
-      loss = loss + method_reg
-    grad_norm = _tree_l2(grads)
-    metrics = {
-        "train_loss": loss, "train_ce": ce_g, "train_reg": reg, "train_acc": acc,
-        "l2_grads": grad_norm, "l2_params": _tree_l2(new_state.params),
-        "lr": lr_at(state.step), "eps": eps,
-        "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
-    }
-    if method.regularizer is not None:
-      metrics["train_method_reg"] = method_reg
-    if momentum_at is not None:
-      metrics["momentum"] = momentum_at(state.step)
-    if state.ema is not None:
-      metrics["l2_params_avg"] = _tree_l2(new_state.ema["params"])
-    if "stop" in batch:  # several processes: every process's stop flag, agreed (preemption.py)
-      metrics["stop"] = parallel.pmax(jnp.max(batch["stop"]), axis_name)
-    return new_state, metrics
+    return new_state, _metrics(plan, state, new_state, batch, inp, ce, reg, method_reg, logits,
+                               grads, axis_name)
 
   return step
