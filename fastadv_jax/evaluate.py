@@ -51,23 +51,19 @@ import numpy as np
 from absl import flags
 
 from fastadv_jax import autoattack, cli, models
-from fastadv_jax.cli import distributed_flags
+from fastadv_jax.cli import distributed_flags, shared_flags
 from fastadv_jax.data import datasets
 from fastadv_jax.runtime import cli_logging, compilation_cache, distributed, plugins, xla_cpu
 from fastadv_jax.training import checkpointing, evaluation, model_config, saved_run, workdir
 
 FLAGS = flags.FLAGS
-# Flag names the command lines share are defined with allow_override (absl's way to let a
-# process import several of them: the API reference, the tests); a run imports its own alone.
-
 # AutoAttack's iteration and query budgets (the reference's); evaluate passes the flags' values.
 AA_DEFAULTS = {"apgd_steps": 100, "fab_steps": 100, "square_queries": 5000}
 _AA_SHORT = {"apgd_steps": "apgd", "fab_steps": "fab", "square_queries": "square"}
-flags.DEFINE_string("workdir", None, "The training run's workdir.", allow_override=True)
-flags.DEFINE_enum("weights", "last", list(saved_run.WEIGHTS),
-                  "Last weights, early-stopped ones (best), the last weight average (averaged, "
-                  "config.ema_decay > 0), or those selected on the validation split (selected, "
-                  "config.selection=validation).", allow_override=True)
+shared_flags.define_workdir()
+shared_flags.define_weights()
+flags.declare_key_flag("workdir")
+flags.declare_key_flag("weights")
 flags.DEFINE_float("eps", None, "Radius in pixel units (L-inf: per pixel, in [0, 1]; L2, L1: of "
                    "the whole perturbation, > 0); default: the training eps (L-inf only).")
 flags.DEFINE_enum("norm", "Linf", ["Linf", "L2", "L1"], "Threat model of the evaluation's "

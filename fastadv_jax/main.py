@@ -12,22 +12,20 @@ if __name__ == "__main__":  # the command line: quiet before jax loads (cli_logg
   _quiet.quiet_startup()
 
 from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
-from ml_collections import config_flags
 
 from fastadv_jax import cli, models
 from fastadv_jax.cli import distributed_flags  # --distributed, --coordinator_address, ...
+from fastadv_jax.cli import shared_flags
 from fastadv_jax.data import datasets
 from fastadv_jax.runtime import cli_logging, compilation_cache, distributed, plugins, xla_cpu
 from fastadv_jax.training import (checkpointing, config_validation, evaluation, train,
                                   train_metrics, workdir)
 
 FLAGS = flags.FLAGS
-# Flag names the command lines share are defined with allow_override (absl's way to let a
-# process import several of them: the API reference, the tests); a run imports its own alone.
-flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and results.",
-                    allow_override=True)
-config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True,
-                                allow_override=True)
+shared_flags.define_workdir()
+shared_flags.define_config()
+flags.declare_key_flag("workdir")
+flags.declare_key_flag("config")
 flags.adopt_module_key_flags(distributed_flags)  # listed by --help
 flags.mark_flags_as_required(["config", "workdir"])
 

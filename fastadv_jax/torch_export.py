@@ -24,20 +24,18 @@ import os  # noqa: E402  pylint: disable=wrong-import-position
 from absl import flags  # noqa: E402  pylint: disable=wrong-import-position
 
 from fastadv_jax import cli
+from fastadv_jax.cli import shared_flags
 from fastadv_jax.data import datasets
 from fastadv_jax.interop import torch_interop
 from fastadv_jax.runtime import cli_logging
 from fastadv_jax.training import checkpointing, saved_run, workdir
 
 FLAGS = flags.FLAGS
-# Flag names the command lines share are defined with allow_override (absl's way to let a
-# process import several of them: the API reference, the tests); a run imports its own alone.
-flags.DEFINE_string("workdir", None, "The training run's workdir.", allow_override=True)
+shared_flags.define_workdir()
+shared_flags.define_weights()
+flags.declare_key_flag("workdir")
+flags.declare_key_flag("weights")
 flags.DEFINE_string("out", None, "Folder to write the export to.")
-flags.DEFINE_enum("weights", "last", ["last", "best", "averaged", "selected"],
-                  "Last weights, early-stopped ones (best), the last weight average (averaged), "
-                  "or those selected on the validation split (selected); saved_run.load_run.",
-                  allow_override=True)
 flags.DEFINE_bool("force", False, "Overwrite files in --out that this exporter did not write.")
 flags.mark_flags_as_required(["workdir", "out"])
 

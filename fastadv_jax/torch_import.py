@@ -17,24 +17,22 @@ if __name__ == "__main__":  # the command line: quiet before jax loads (cli_logg
 import os  # noqa: E402  pylint: disable=wrong-import-position
 
 from absl import flags  # noqa: E402  pylint: disable=wrong-import-position
-from ml_collections import config_flags
 import numpy as np
 import zipfile
 import zlib
 
 from fastadv_jax import cli
+from fastadv_jax.cli import shared_flags
 from fastadv_jax.interop import torch_interop
 from fastadv_jax.runtime import cli_logging
 from fastadv_jax.training import checkpointing, config_validation, workdir
 
 FLAGS = flags.FLAGS
-# Flag names the command lines share are defined with allow_override (absl's way to let a
-# process import several of them: the API reference, the tests); a run imports its own alone.
 flags.DEFINE_string("state_dict", None, "A PyTorch state_dict: .pt/.pth (needs torch) or .npz.")
-flags.DEFINE_string("workdir", None, "New folder for config.json and the checkpoint.",
-                    allow_override=True)
-config_flags.DEFINE_config_file("config", None, "The model's configuration file.",
-                                lock_config=True, allow_override=True)
+shared_flags.define_workdir()  # a new folder here
+shared_flags.define_config()
+flags.declare_key_flag("workdir")
+flags.declare_key_flag("config")
 flags.mark_flags_as_required(["state_dict", "workdir", "config"])
 
 

@@ -45,9 +45,9 @@ missing = [m for m in modules if m not in found and m not in excluded]
 specs[1:1] = [m for m in missing if not any(m.startswith(p + ".") for p in missing)]
 pdoc.render.configure(docformat="markdown", footer_text="fastadv-jax API reference")
 pdoc_dir = pathlib.Path(pdoc.__file__).resolve().parent
-# The command lines share flag names (workdir, weights, config): they define them with absl's
-# allow_override, so importing them all here is fine. fastadv_jax.interop's __all__ leaves
-# torch_models out, so the package's page does not import it either.
+# The command lines' shared flags (workdir, weights, config) are defined once, in
+# fastadv_jax/cli/shared_flags.py, so importing them all here is fine; fastadv_jax.interop's
+# __all__ leaves torch_models out, so the package's page does not import it either.
 with warnings.catch_warnings(record=True) as caught:
   warnings.simplefilter("always")
   pdoc.pdoc(*specs, output_directory=out)

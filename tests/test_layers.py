@@ -189,8 +189,9 @@ def test_the_size_check_passes_and_refuses_a_grown_piece(monkeypatch, capsys):
 
 
 def test_the_command_lines_import_together():
-  """They share flag names (workdir, weights, config), defined with absl's allow_override, so
-  one process may import them all: the API reference does, without patching pdoc."""
+  """They share flag names (workdir, weights, config), defined once (cli/shared_flags.py), so
+  one process may import them all: the API reference does, without patching pdoc; each
+  command's --help still lists them."""
   import subprocess  # pylint: disable=import-outside-toplevel
   code = ("import fastadv_jax.main, fastadv_jax.evaluate, fastadv_jax.torch_export, "
           "fastadv_jax.torch_import\n"
@@ -200,3 +201,11 @@ def test_the_command_lines_import_together():
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split() == ["True"] * 5
+  # Each takes only its own: training has no --weights, the exporter no --config.
+  for command, takes, lacks in (("main", ("--workdir", "--config"), "--weights"),
+                                ("torch_export", ("--workdir", "--weights"), "--config")):
+    helped = subprocess.run([sys.executable, "-m", f"fastadv_jax.{command}", "--help"],
+                            capture_output=True, text=True, check=False,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert all(flag in helped.stdout for flag in takes), helped.stdout[-2000:]
+    assert lacks not in helped.stdout

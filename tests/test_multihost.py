@@ -11,6 +11,7 @@ import os
 import pathlib
 import signal
 import socket
+import subprocess
 import sys
 import time
 
@@ -180,3 +181,26 @@ def test_points_are_split_without_gaps():
     assert all(b - a in (n // p, n // p + 1) for a, b in ranges)
   with pytest.raises(ValueError, match="cannot be split"):
     distributed.point_range(3, 0, 4)
+
+
+def test_gloo_lines_are_dropped_until_the_process_ends():
+  """cli_logging.drop_gloo_lines: Gloo's lines never reach the output, even one written while
+  the process exits (JAX shuts down after the output is passed on) or cut in two by a slow
+  writer; every other line, and a last line without its newline, reach it whole and once."""
+  code = "\n".join([
+      "import atexit, os, sys, time",
+      "atexit.register(lambda: (os.write(1, b'[Gloo] Rank 0 is connected (at exit)\\n'),",
+      "                         time.sleep(0.2)))  # runs after drop_gloo_lines' own handler",
+      "from fastadv_jax.runtime import cli_logging",
+      "cli_logging.drop_gloo_lines()",
+      "print('kept 1', flush=True)",
+      "os.write(1, b'[Gloo] Rank 1 is connected to 1 peer')",
+      "time.sleep(0.2)",
+      "os.write(1, b' ranks\\n')",
+      "print('kept 2')",
+      "sys.stdout.write('last, no newline')",
+  ])
+  env = {k: v for k, v in os.environ.items() if k != "FASTADV_VERBOSE"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=60,
+                       check=True).stdout
+  assert out == b"kept 1\nkept 2\nlast, no newline"

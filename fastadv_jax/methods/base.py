@@ -79,8 +79,8 @@ class Perturbation(NamedTuple):
 class Passes(NamedTuple):
   """The network passes one training step of a method needs, counted in passes over the step's
   batch (ELLE's 3B batch is 3): what its algorithm costs, whatever the code around it does.
-  The benchmark times each kind on the model and compares a step with its sum (benchmark.py,
-  "cost against passes")."""
+  The benchmark times each kind on the model and compares a step with its sum
+  (training/pass_costs.py; `benchmark --passes`)."""
   forward: float = 0.0       # forward only, no gradient (clean logits for an attack's target)
   input_grad: float = 0.0    # forward + backward to the input (one attack step)
   weight_grad: float = 0.0   # forward + backward to the weights (a point of the training loss)

@@ -77,9 +77,13 @@ GLOO_PREFIX = b"[Gloo] "
 
 def drop_gloo_lines() -> None:
   """Gloo (JAX's cross-process collectives on CPU) prints "[Gloo] Rank N is connected to ..."
-  from C++ to standard output each time it connects a set of devices, out of Python's reach.
-  Unless FASTADV_VERBOSE=1, standard output then goes through a pipe whose reader thread passes
-  on every other line; at exit the rest is passed on and the output restored."""
+  from C++ to standard output each time it connects a set of devices, out of Python's reach,
+  from its own threads and at any time, the process's exit included. Unless
+  FASTADV_VERBOSE=1, standard output then goes through a pipe whose reader thread passes on
+  every other line. At exit, what was written so far is passed on (a marker line through the
+  pipe says when the reader has caught up), and the pipe stays: a Gloo line written later,
+  while JAX shuts down, is dropped too instead of reaching the terminal (or half of it, as
+  when the output was handed back to the terminal mid-line)."""
   if verbose():
     return
   sys.stdout.flush()
@@ -87,25 +91,31 @@ def drop_gloo_lines() -> None:
   read_fd, write_fd = os.pipe()
   os.dup2(write_fd, 1)
   os.close(write_fd)
+  caught_up = threading.Event()
+  marker = b"\0fastadv: the output so far is passed on\0"
 
   def forward() -> None:
     with os.fdopen(read_fd, "rb", buffering=0) as pipe:
       pending = b""
       while chunk := pipe.read(65536):
         pending += chunk
-        *lines, pending = pending.split(b"\n")
+        at_exit = marker in pending
+        *lines, pending = pending.replace(marker, b"").split(b"\n")
         kept = b"".join(line + b"\n" for line in lines if not line.startswith(GLOO_PREFIX))
+        if at_exit:  # a last line without its newline (a progress bar's) goes out as it is
+          kept += b"" if pending.startswith(GLOO_PREFIX) else pending
+          pending = b""
         if kept:
           os.write(original, kept)
-      if pending and not pending.startswith(GLOO_PREFIX):
-        os.write(original, pending)
+        if at_exit:
+          caught_up.set()
 
   reader = threading.Thread(target=forward, name="drop-gloo-lines", daemon=True)
   reader.start()
 
-  def restore() -> None:
+  def pass_on() -> None:
     sys.stdout.flush()
-    os.dup2(original, 1)  # closes the pipe's last write end: the reader drains and ends
-    reader.join(timeout=5)
+    os.write(1, marker)
+    caught_up.wait(timeout=5)
 
-  atexit.register(restore)
+  atexit.register(pass_on)

@@ -11,8 +11,11 @@ marginal cost: t_k = (T_k(3) - T_k(1)) / 2, with T_k(n) the time of a program th
 dependent passes of kind k over the step's batch, in train mode (batch statistics), with the
 weights the step trains. A program's first pass costs more than the next ones on XLA:CPU (by
 about half a pass on the small CNN), and a step is one program: passes timed one per program
-would overstate what a step's extra passes cost. A pass over a 3B batch counts 3: per example
-the cost is flat from batch 128 up on these models.
+would overstate what a step's extra passes cost. A pass over a 3B batch counts 3 passes over
+B: where a larger batch costs more per example (ELLE's 3B batch on the small CNN), the
+difference shows as overhead. GradAlign's jvp formulation counts as the one second-order pass
+the algorithm needs, though it computes g2 by a plain input gradient and then a reverse-over-
+forward pass: what that costs beyond it shows too.
 """
 from __future__ import annotations
 
@@ -145,5 +148,5 @@ def reuses_clean_grad(config: ml_collections.ConfigDict, x: jax.Array, y: jax.Ar
 
   try:
     return jax.eval_shape(attack, x) is not None
-  except (ValueError, TypeError):  # a method that needs the step's state or keys to run
-    return False
+  except Exception:  # pylint: disable=broad-except  # it needs the step's state, keys, ...
+    return False  # (the expected cost then counts g1 as a pass of its own)
