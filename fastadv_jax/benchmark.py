@@ -119,6 +119,16 @@ def window_steps(steps: int, one_step_s: float, min_window_s: float) -> int:
   return max(steps, math.ceil(min_window_s / max(one_step_s, 1e-9)))
 
 
+def random_batch(model_name: str, batch: int, n_devices: int) -> tuple[np.ndarray, np.ndarray]:
+  """The timed batch (uint8 images, labels), split over the devices: the same for every row and
+  pass timer of a group."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (n_devices, batch // n_devices) + input_shape(model_name),
+                        dtype=np.uint8)
+  labels = rng.integers(0, 10, (n_devices, batch // n_devices)).astype(np.int32)
+  return images, labels
+
+
 class StepTimer:
   """One benchmark row, compiled and warmed up; `window()` times `steps` steps, synchronised."""
 
@@ -132,9 +142,7 @@ class StepTimer:
                                   n_examples=batch)
     self.step = parallel.pmap_train_step(train_step.make_train_step(c, model, 1000))
     self.state = parallel.replicate(state, n)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (n, batch // n) + input_shape(model_name), dtype=np.uint8)
-    labels = rng.integers(0, 10, (n, batch // n)).astype(np.int32)
+    images, labels = random_batch(model_name, batch, n)
     index = np.arange(batch, dtype=np.int32).reshape(n, batch // n)
     self.batch_dev = {"image": jax.device_put(images), "label": jax.device_put(labels),
                       "index": jax.device_put(index)}
@@ -160,17 +168,15 @@ class StepTimer:
 
 def pass_timers(model_name: str, batch: int, dtype: str, width: int = 16
                 ) -> list[pass_costs.PassTimer]:
-  """One timer per kind of network pass (training/pass_costs.py) on the model of a group's rows, with
-  the batch and the initial weights its StepTimers use."""
+  """One timer per kind of network pass (training/pass_costs.py) on the model of a group's
+  rows, with the batch and the initial weights its StepTimers use."""
   c = row_config(model_name, "standard", batch, dtype, width)
   n = jax.local_device_count()
   model = model_config.create_model(c, 10, bn_axis_name=parallel.AXIS)
   state = ts.create_train_state(c, model, jax.random.key(0), input_shape(model_name), 1000)
   variables = jax.tree.map(lambda v: np.broadcast_to(np.asarray(v), (n,) + np.shape(v)),
                            {"params": state.params, "batch_stats": state.batch_stats})
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (n, batch // n) + input_shape(model_name), dtype=np.uint8)
-  labels = rng.integers(0, 10, (n, batch // n)).astype(np.int32)
+  images, labels = random_batch(model_name, batch, n)
   return [pass_costs.PassTimer(kind, repeats, state.apply_fn, variables,
                                jax.device_put(images), jax.device_put(labels))
           for kind in pass_costs.KINDS for repeats in pass_costs.REPEATS]
@@ -207,8 +213,9 @@ def bench_group(specs: list[dict], windows: int, steps: int, width: int = 16,
 
 def add_expected(rows: list[dict], pass_s: dict[tuple[str, int], float], width: int = 16
                  ) -> None:
-  """Each row's passes (methods.base.Passes), the step time they imply (training/pass_costs.py) and
-  that time relative to FGSM's, beside the measured cost. Needs the group's `standard` row."""
+  """Each row's passes (methods.base.Passes), the step time they imply (training/pass_costs.py)
+  and that time relative to FGSM's, beside the measured cost. Needs the group's `standard`
+  row."""
   by_method = {r["method"]: r for r in rows}
   pass_s = pass_costs.marginal_pass_s(pass_s)
   standard_s = by_method["standard"]["step_s"]

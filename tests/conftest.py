@@ -59,7 +59,7 @@ USERS_XLA_FLAGS = "FASTADV_TEST_USERS_XLA_FLAGS"
 MOCK_DATA_CLI = r"""
 import os, sys
 from fastadv_jax.runtime import cli_logging, xla_cpu
-if not os.environ.get("FASTADV_TEST_USERS_XLA_FLAGS"):
+if not os.environ.get("%s"):
   os.environ["XLA_FLAGS"] = " ".join(
       f for f in os.environ.get("XLA_FLAGS", "").split()
       if f.lstrip("-").split("=")[0] not in xla_cpu.CNN_FLAGS)
@@ -72,7 +72,7 @@ sys.argv = ["prog"] + sys.argv[2:]
 with tfds.testing.mock_data(num_examples=48):
   import importlib
   importlib.import_module(module).run()
-"""
+""" % USERS_XLA_FLAGS
 
 # The default config shrunk for a command-line run on MOCK_DATA_CLI's data: 3 iterations of 16,
 # diagnostics and the final PGD on 16 points. A later --config.<field> overrides one of these.

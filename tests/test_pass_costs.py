@@ -1,5 +1,5 @@
-"""The benchmark's yardstick (fastadv_jax/training/pass_costs.py): what each kind of pass computes, how
-a step's passes add up, and which passes each method declares."""
+"""The benchmark's yardstick (fastadv_jax/training/pass_costs.py): what each kind of pass
+computes, how a step's passes add up, and which passes each method declares."""
 import dataclasses
 
 import jax

@@ -157,6 +157,26 @@ def body(grad_fn: Callable, x: jax.Array, y: jax.Array, eps, i, s: dict, rho: fl
   return _checkpoint(s, i, is_ckpt[i], windows[i], x, rho)
 
 
+# The one place the threat model picks the algorithm: L1 runs L1-APGD (apgd_l1.py), whose
+# gradient evaluations (stage starts included) are its iterations; L-inf and L2 run init / body.
+def _start(grad_fn: Callable, x: jax.Array, y: jax.Array, keys: jax.Array, eps, steps: int,
+           norm: str) -> dict:
+  if norm == "L1":
+    return apgd_l1.init(grad_fn, x, y, keys, eps, steps)
+  return init(grad_fn, x, y, keys, eps, steps, norm)
+
+
+def _step(grad_fn: Callable, x: jax.Array, y: jax.Array, eps, i, s: dict, steps: int,
+          rho: float = 0.75, norm: str = "Linf") -> dict:
+  if norm == "L1":
+    return apgd_l1.body(grad_fn, x, y, eps, i, s, steps)
+  return body(grad_fn, x, y, eps, i, s, rho, norm)
+
+
+def _iterations(steps: int, norm: str) -> int:
+  return apgd_l1.evaluations(steps) if norm == "L1" else steps
+
+
 def finish(s: dict, x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(robust, x_adv): the last misclassified iterate, else the best-loss point."""
   return (jax.lax.stop_gradient(s["robust"]),
@@ -177,14 +197,9 @@ def apgd(logits_fn: LogitsFn, loss: Callable[[jax.Array], jax.Array], x: jax.Arr
   """
   grad_fn = gradient_fn(logits_fn, loss, eot_iter,
                         jax.random.key(0) if model_key is None else model_key)
-  if norm == "L1":
-    state = apgd_l1.init(grad_fn, x, y, keys, eps, steps)
-    state = jax.lax.fori_loop(0, apgd_l1.evaluations(steps),
-                              lambda i, s: apgd_l1.body(grad_fn, x, y, eps, i, s, steps), state)
-    return finish(state, x)
-  state = init(grad_fn, x, y, keys, eps, steps, norm)
-  state = jax.lax.fori_loop(0, steps, lambda i, s: body(grad_fn, x, y, eps, i, s, rho, norm),
-                            state)
+  state = _start(grad_fn, x, y, keys, eps, steps, norm)
+  state = jax.lax.fori_loop(0, _iterations(steps, norm),
+                            lambda i, s: _step(grad_fn, x, y, eps, i, s, steps, rho, norm), state)
   return finish(state, x)
 
 
@@ -227,34 +242,17 @@ def _component_grad_fn(loss: str, ctx: component.Context) -> Callable:
                      ctx.model_key)
 
 
-def _init(loss: str, ctx: component.Context) -> dict:
-  grad_fn, steps = _component_grad_fn(loss, ctx), ctx.settings.apgd_steps
-  if ctx.settings.norm == "L1":
-    return apgd_l1.init(grad_fn, ctx.x, ctx.y, ctx.keys, ctx.eps, steps)
-  return init(grad_fn, ctx.x, ctx.y, ctx.keys, ctx.eps, steps, norm=ctx.settings.norm)
-
-
-def _body(loss: str, ctx: component.Context, i, s: dict) -> dict:
-  grad_fn = _component_grad_fn(loss, ctx)
-  if ctx.settings.norm == "L1":
-    return apgd_l1.body(grad_fn, ctx.x, ctx.y, ctx.eps, i, s, ctx.settings.apgd_steps)
-  return body(grad_fn, ctx.x, ctx.y, ctx.eps, i, s, norm=ctx.settings.norm)
-
-
-def _iterations(settings: component.Settings) -> int:
-  if settings.norm == "L1":
-    return apgd_l1.evaluations(settings.apgd_steps)
-  return settings.apgd_steps
-
-
 def _component(name: str, loss: str, targeted: bool, summary: str) -> component.Component:
   """APGD maximising `loss` as a runner component: `settings.apgd_steps` iterations in the
   `settings.norm` ball (L1: L1-APGD's large-radius schedule, apgd_l1.py)."""
   return component.Component(
-      name=name, init=lambda ctx: _init(loss, ctx),
-      body=lambda ctx, i, s: _body(loss, ctx, i, s),
+      name=name,
+      init=lambda ctx: _start(_component_grad_fn(loss, ctx), ctx.x, ctx.y, ctx.keys, ctx.eps,
+                              ctx.settings.apgd_steps, ctx.settings.norm),
+      body=lambda ctx, i, s: _step(_component_grad_fn(loss, ctx), ctx.x, ctx.y, ctx.eps, i, s,
+                                   ctx.settings.apgd_steps, norm=ctx.settings.norm),
       finish=lambda ctx, s: finish(s, ctx.x),  # the same rule for L1
-      iterations=_iterations,
+      iterations=lambda settings: _iterations(settings.apgd_steps, settings.norm),
       block=GRADIENT_BLOCK, targeted=targeted, gradient_based=True, summary=summary,
       norms=("Linf", "L2", "L1"))
 
