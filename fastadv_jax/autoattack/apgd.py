@@ -159,8 +159,8 @@ def body(grad_fn: Callable, x: jax.Array, y: jax.Array, eps, i, s: dict, rho: fl
 
 # The one place the threat model picks the algorithm: L1 runs L1-APGD (apgd_l1.py), whose
 # gradient evaluations (stage starts included) are its iterations; L-inf and L2 run init / body.
-def _start(grad_fn: Callable, x: jax.Array, y: jax.Array, keys: jax.Array, eps, steps: int,
-           norm: str) -> dict:
+def _initial(grad_fn: Callable, x: jax.Array, y: jax.Array, keys: jax.Array, eps, steps: int,
+             norm: str) -> dict:
   if norm == "L1":
     return apgd_l1.init(grad_fn, x, y, keys, eps, steps)
   return init(grad_fn, x, y, keys, eps, steps, norm)
@@ -197,7 +197,7 @@ def apgd(logits_fn: LogitsFn, loss: Callable[[jax.Array], jax.Array], x: jax.Arr
   """
   grad_fn = gradient_fn(logits_fn, loss, eot_iter,
                         jax.random.key(0) if model_key is None else model_key)
-  state = _start(grad_fn, x, y, keys, eps, steps, norm)
+  state = _initial(grad_fn, x, y, keys, eps, steps, norm)
   state = jax.lax.fori_loop(0, _iterations(steps, norm),
                             lambda i, s: _step(grad_fn, x, y, eps, i, s, steps, rho, norm), state)
   return finish(state, x)
@@ -247,8 +247,8 @@ def _component(name: str, loss: str, targeted: bool, summary: str) -> component.
   `settings.norm` ball (L1: L1-APGD's large-radius schedule, apgd_l1.py)."""
   return component.Component(
       name=name,
-      init=lambda ctx: _start(_component_grad_fn(loss, ctx), ctx.x, ctx.y, ctx.keys, ctx.eps,
-                              ctx.settings.apgd_steps, ctx.settings.norm),
+      init=lambda ctx: _initial(_component_grad_fn(loss, ctx), ctx.x, ctx.y, ctx.keys, ctx.eps,
+                                ctx.settings.apgd_steps, ctx.settings.norm),
       body=lambda ctx, i, s: _step(_component_grad_fn(loss, ctx), ctx.x, ctx.y, ctx.eps, i, s,
                                    ctx.settings.apgd_steps, norm=ctx.settings.norm),
       finish=lambda ctx, s: finish(s, ctx.x),  # the same rule for L1
