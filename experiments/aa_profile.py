@@ -53,7 +53,7 @@ def main() -> None:
                              config.eps, args.attacks, progress=False,
                              batch_size=args.batch_size or config.eval_batch_size)
   calls = collections.defaultdict(lambda: [0, 0.0])  # (attack, phase, shape, block) -> n, s
-  phase = aa._phase  # pylint: disable=protected-access
+  phase = aa.device.phase
 
   def timed(*args):
     name, ph, block = args[-3:]  # the static arguments: attack, phase, block length
@@ -65,7 +65,7 @@ def main() -> None:
     c[1] += time.perf_counter() - t0
     return out
 
-  aa._phase = timed  # pylint: disable=protected-access
+  aa.device.phase = timed
   start = time.perf_counter()
   res = aa.run(variables, x, y)
   total = time.perf_counter() - start

@@ -78,7 +78,7 @@ def run_jax(config, variables, x, y, seed: int, batch_size: int, norm: str = "Li
       config.eps if eps is None else eps, "standard" if norm == "Linf" else attacks_for(norm),
       batch_size=batch_size or config.eval_batch_size, devices=parallel.local_devices(),
       progress=False, norm=norm)
-  phase = aa._phase  # pylint: disable=protected-access
+  phase = aa.device.phase
   cpu_by_attack = collections.Counter()  # process CPU seconds from an attack's first call on
   mark = [_cpu_seconds()]
 
@@ -90,7 +90,7 @@ def run_jax(config, variables, x, y, seed: int, batch_size: int, norm: str = "Li
       _CURRENT[0], mark[0] = name, now
     return phase(*args)
 
-  aa._phase = marked  # pylint: disable=protected-access
+  aa.device.phase = marked
   _COMPILE.clear()
   _CURRENT[0] = "probe"
   cpu, start = _cpu_seconds(), time.perf_counter()

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import MOCK_DATA_CLI, ROOT, tiny_config
 from fastadv_jax import autoattack
-from fastadv_jax.autoattack import runner
+from fastadv_jax.autoattack import device_runs
 from fastadv_jax.training import evaluation, train
 from test_autoattack import EPS, _exact_worst_margin, _linear_problem
 
@@ -35,7 +35,7 @@ def test_builtin_components_are_registered_records():
   assert {n for n in builtin if not autoattack.get(n).gradient_based} == {"square"}
   assert [autoattack.get(n).block for n in ("apgd-ce", "fab-t", "square")] == [10, 10, 20]
   # The runner asks the record: no attack is named in the per-device phase function.
-  source = inspect.getsource(runner.AutoAttack._phase_chunk)
+  source = inspect.getsource(device_runs.phase_on_chunk)
   assert not any(f'"{n}"' in source for n in builtin) and "startswith" not in source
 
 

@@ -57,7 +57,7 @@ def test_projection_gives_the_bits_of_the_argsort_version():
 
 
 def test_reused_chunk_sizes_give_the_same_per_point_results(monkeypatch):
-  from fastadv_jax.autoattack import runner  # pylint: disable=import-outside-toplevel
+  from fastadv_jax.autoattack import device_runs, runner  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(2)
   w = rng.normal(size=(36, 5)).astype(np.float32)
   x = rng.uniform(size=(60, 6, 6, 1)).astype(np.float32)
@@ -65,11 +65,11 @@ def test_reused_chunk_sizes_give_the_same_per_point_results(monkeypatch):
   y = np.asarray(np.argmax(logits_fn(x), -1))
 
   def run(slack):
-    monkeypatch.setattr(runner, "REUSE_SLACK", slack)
+    monkeypatch.setattr(device_runs, "REUSE_SLACK", slack)
     aa = runner.AutoAttack(lambda _, z, key: logits_fn(z), 5, 0.05, "apgd-t,fab-t,square",
                            apgd_steps=3, fab_steps=3, square_queries=40, batch_size=32,
                            devices=jax.local_devices()[:1], progress=False)
-    return aa.run((), x, y, seed=1), aa._chunk_sizes  # pylint: disable=protected-access
+    return aa.run((), x, y, seed=1), aa.device.chunk_sizes
 
   plain, plain_sizes = run(0.0)    # a fresh (balanced) chunk size for every pass
   reused, reused_sizes = run(100.0)  # every pass in the first size (duplicated points pad it)

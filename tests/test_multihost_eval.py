@@ -171,11 +171,11 @@ def test_the_checks_look_at_the_same_points_on_any_process_split(monkeypatch):
       lambda _, z, key: z.reshape(z.shape[0], -1)[:, :5], 5, 0.03, "apgd-ce",
       batch_size=16, devices=jax.local_devices()[:devices], progress=False)
   eight = make(8)
-  want = [eight._checked_points(n) for n in (5, 20, 37, 100)]  # pylint: disable=protected-access
+  want = [eight.device.checked_points(n) for n in (5, 20, 37, 100)]
   assert want[1] == 16 and want[3] < 100  # several chunks: the checks see the first only
   four = make(4)
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  assert [four._checked_points(n) for n in (5, 20, 37, 100)] == want  # pylint: disable=W0212
+  assert [four.device.checked_points(n) for n in (5, 20, 37, 100)] == want
 
 
 def test_pgd_per_point_verdicts():

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, tiny_config
-from fastadv_jax.training import (checkpointing, evaluation, metric_writers, monitoring, train,
-                                  workdir)
+from fastadv_jax.training import (checkpoint_manifests, checkpointing, evaluation,
+                                  metric_writers, monitoring, train, workdir)
 
 # 6 iterations; diagnostics at 4 and 6; checkpoints at 2, 4, 6 (the last two kept).
 CONFIG = dict(checkpoint_every=2, keep_checkpoints=2)
@@ -85,7 +85,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(where, exc, tmp_path, moc
   config = tiny_config(**CONFIG)
   targets = {
       "diagnostics": (monitoring.Monitor, "run", lambda self, step, *v: step == 4),
-      "checkpoint": (checkpointing, "_digest", lambda d: d.endswith(os.sep + "4")),
+      "checkpoint": (checkpoint_manifests, "_digest", lambda d: d.endswith(os.sep + "4")),
       "final_evaluation": (evaluation, "final_evaluation", lambda *a: True),
       "step": (train._Run, "step", lambda self, step: step == 3),  # inside iteration 4
   }

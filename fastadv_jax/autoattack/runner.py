@@ -28,11 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from fastadv_jax import parallel, randomness
-from fastadv_jax.runtime import distributed, xla_cpu
+from fastadv_jax import parallel
+from fastadv_jax.runtime import distributed
 # The built-in components register themselves when their modules are imported.
 from fastadv_jax.autoattack import apgd, fab, square  # noqa: F401  pylint: disable=unused-import
-from fastadv_jax.autoattack import checks, component
+from fastadv_jax.autoattack import checks, component, device_runs
 from fastadv_jax.autoattack import draws as draws_lib
 from fastadv_jax.autoattack import losses as aa_losses
 from fastadv_jax.autoattack.checks import NonFiniteOutputError
@@ -42,8 +42,7 @@ __all__ = ["ATTACKS", "GRADIENT_BASED", "RESTARTS", "TARGETED", "VERSIONS", "App
            "attack_key_id", "attack_records", "check_classes", "check_norm", "check_restarts",
            "output_classes", "parse_attacks", "version_of", "without_norm"]
 
-# (variables, x, key) -> logits; `key` drives a randomised model and is ignored by others.
-ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+ApplyFn = device_runs.ApplyFn  # (variables, x, key) -> logits
 
 # The reference's versions, by component name (resolved in the live registry when used), in the
 # reference's order.
@@ -73,11 +72,6 @@ def attack_key_id(name: str) -> int:
   if name in _KEY_IDS:
     return _KEY_IDS[name]
   return (1 << 16) + zlib.crc32(name.encode()) % ((1 << 31) - (1 << 16))
-
-# A later pass of an attack reuses a chunk size it compiled for if that computes at most this
-# many times the points (padding included) a fresh size would (AutoAttack._chunks).
-REUSE_SLACK = 1.25
-
 
 def __getattr__(name: str):
   """ATTACKS / TARGETED / GRADIENT_BASED: derived from the live registry on every access, so a
@@ -306,7 +300,7 @@ def _pass_rng(rng: jax.Array, name: str, rank: int, restart: int) -> jax.Array:
 
 
 # draw_counts(key, pos, xs, y, draws) -> per point of pos, in how many of `draws` model draws
-# the model classifies xs as y[pos] (AutoAttack._draw_counts at the run's weights).
+# the model classifies xs as y[pos] (DeviceRuns.draw_counts at the run's weights).
 DrawCounts = Callable[[jax.Array, np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]
 
 
@@ -348,7 +342,8 @@ class AutoAttack:
   what a run without restarts does. An attack's randomness does not depend on its place in the
   list (attack_key_id). `options` reaches components as `ctx.settings.options`. `draws`: K
   model draws per candidate for a randomised model (draws.py's rule; default draws.DRAWS when
-  the probe finds the logits change between model keys, else 1, the reference's).
+  the probe finds the logits change between model keys, else 1, the reference's). What runs
+  on the devices, and how points are chunked for them, is `self.device` (device_runs.py).
   """
 
   def __init__(self, apply_fn: ApplyFn, num_classes: int, eps: float,
@@ -359,17 +354,13 @@ class AutoAttack:
                options: dict[str, Any] | None = None, norm: str = "Linf",
                restarts: Mapping[str, int] | None = None, draws: int | None = None):
     self.attacks = parse_attacks(attacks)
-    if draws is not None and draws < 1:
-      raise ValueError(f"draws must be >= 1, got {draws}")
-    self.draws = draws
+    self.draws = _checked_draws(draws)
     check_norm(self.attacks, norm, eps)
     self.restarts = check_restarts(self.attacks, restarts, norm)
     n_target_classes = _target_classes(n_target_classes, norm)
     _check_distinct_keys(self.attacks)
-    for name, v in (("apgd_steps", apgd_steps), ("fab_steps", fab_steps),
-                    ("square_queries", square_queries), ("n_target_classes", n_target_classes)):
-      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    _check_counts(apgd_steps=apgd_steps, fab_steps=fab_steps, square_queries=square_queries,
+                  n_target_classes=n_target_classes)
     check_classes(self.attacks, num_classes)
     self.apply_fn, self.num_classes, self.eps = apply_fn, num_classes, float(eps)
     # The records are looked up once: a later registration does not change a built attack.
@@ -381,113 +372,9 @@ class AutoAttack:
         apgd_steps=apgd_steps, fab_steps=fab_steps, square_queries=square_queries,
         eot_iter=eot_iter if eot_iter is not None else (20 if rand else 1),
         n_targets=self.n_targets, norm=norm, options=dict(options or {}))
-    self.devices = devices or parallel.local_devices()
-    self.n_dev = len(self.devices)
-    self.batch_size = parallel.device_batch_size(batch_size, self.n_dev)
     self.progress = progress
-    self._chunk_sizes: dict[str, set[int]] = {}  # per attack: the chunk sizes it compiled for
-    pm = functools.partial(jax.pmap, devices=self.devices)
-    # (variables, (x, y, idx), rng, eps, state, i0, rank, restart, name, phase, block): the
-    # last 3 static, so the 9 target classes of a targeted attack and its restarts share one
-    # compiled program per phase.
-    # The points travel as one tuple with a tuple in_axes: with only ints and Nones, pmap takes
-    # every argument for one leaf whenever the leaf count happens to equal the argument count
-    # (e.g. empty variables and a one-array state) and maps the wrong arguments.
-    self._phase = pm(self._phase_chunk,
-                     in_axes=(None, (0, 0, 0), None, None, 0, None, None, None),
-                     static_broadcasted_argnums=(8, 9, 10))
-    self._probe = pm(self._probe_chunk, in_axes=(None, 0, 0))
-    self._count = pm(self._count_chunk, in_axes=(None, 0, 0, 0, None),
-                     static_broadcasted_argnums=(5,))
-
-  # --- per-device functions -------------------------------------------------------------------
-  def _phase_chunk(self, variables, points, rng, eps, state, i0, rank, restart, name: str,
-                   phase: str, block: int):
-    """One phase of a component on one device's chunk: 'init' -> state, 'block' (iterations
-    i0 .. i0 + block - 1, unrolled on CPU) -> state, 'finish' -> (robust, x_adv). The record
-    decides everything attack-specific."""
-    comp = self.components[name]
-    x, y, idx = points
-    logits_fn = lambda z, key: self.apply_fn(variables, z, key)  # noqa: E731
-    example_rng, model_key = jax.random.split(rng)
-    keys = randomness.example_keys(example_rng, idx)
-    if phase == "init":
-      target = (aa_losses.kth_class(logits_fn(x, model_key), rank) if comp.targeted else y)
-      state = {"target": target}
-    ctx = component.Context(logits_fn=logits_fn, x=x, y=y, target=state["target"], keys=keys,
-                            eps=eps, model_key=model_key, rank=rank, settings=self.settings,
-                            restart=restart)
-    if phase == "init":
-      return dict(state, attack=comp.init(ctx))
-    if phase == "block":
-      return dict(state, attack=jax.lax.fori_loop(  # static trip count: unrollable
-          0, block, lambda j, s: comp.body(ctx, i0 + j, s), state["attack"],
-          unroll=xla_cpu.attack_loop_unroll()))
-    return comp.finish(ctx, state["attack"])
-
-  def _probe_chunk(self, variables, x, y):
-    """Logits under two model keys, whether the CE input gradient is exactly zero, and each
-    point's logits evaluated alone (vmap: a batch of one; the batch-dependence check)."""
-    key_a, key_b = jax.random.key(1), jax.random.key(2)
-    logits_a = self.apply_fn(variables, x, key_a)
-    logits_b = self.apply_fn(variables, x, key_b)
-    grad = jax.grad(lambda z: jnp.sum(aa_losses.cross_entropy(
-        self.apply_fn(variables, z, key_a), y)))(x)
-    zero = jnp.all(grad.reshape(grad.shape[0], -1) == 0, axis=1)
-    alone = jax.vmap(lambda z: self.apply_fn(variables, z[None], key_a)[0])(x)
-    return logits_a, logits_b, zero, alone
-
-  def _count_chunk(self, variables, x, y, idx, key, draws: int):
-    """Per point, its correct draws out of `draws` (draws.correct_counts), keyed by position."""
-    return draws_lib.correct_counts(self.apply_fn, variables, x, y,
-                                    randomness.example_keys(key, idx), draws)
-
-  # --- host side ------------------------------------------------------------------------------
-  def _map(self, fn: Callable, points: np.ndarray, arrays: tuple[np.ndarray, ...],
-           attack: str | None = None):
-    """Yields (positions, outputs) of `fn(*sharded arrays[points])` chunk by chunk (for an
-    `attack`, in chunks of a size its programs were compiled for where that pays: _chunks)."""
-    for m, sel in self._chunks(len(points), attack):
-      pos = points[sel]
-      out = fn(*parallel.shard(tuple(a[pos] for a in arrays), self.n_dev))
-      yield pos[:m], parallel.unshard(out, m)
-
-  def _chunks(self, n: int, attack: str | None) -> list[tuple[int, np.ndarray]]:
-    """parallel.chunks_for_devices(balanced=True), except that an attack's later passes (target
-    classes, after points were broken) reuse a chunk size it already ran with when that costs
-    at most REUSE_SLACK times the points computed with a fresh size: each new size compiles
-    every phase of the attack again (seconds each on CPU, more than the padding costs). Results
-    do not depend on the chunking (points are keyed by position)."""
-    fresh = list(parallel.chunks_for_devices(n, self.batch_size, self.n_dev, balanced=True))
-    if attack is None:
-      return fresh
-    sizes = self._chunk_sizes.setdefault(attack, set())
-    slots = lambda size: -(-n // size) * size  # noqa: E731  points computed, padding included
-    size = len(fresh[0][1])
-    if sizes:
-      best = min(sizes, key=lambda s: (slots(s), s))
-      if slots(best) <= REUSE_SLACK * slots(size):
-        size = best
-    sizes.add(size)
-    return [(min(start + size, n) - start, np.arange(start, start + size) % n)
-            for start in range(0, n, size)]
-
-  def _attack_points(self, variables, rng, name: str, rank: int, restart: int, x, y, idx):
-    """One attack (one target rank) on one chunk of points, its iterations driven from here:
-    XLA:CPU runs convolutions inside a while loop several times slower than in straight-line
-    code (xla_cpu.py), so each call runs a block of unrolled iterations."""
-    eps = jnp.float32(self.eps)
-    call = lambda state, i0, phase, block=0: self._phase(  # noqa: E731
-        variables, (x, y, idx), rng, eps, state, jnp.int32(i0), jnp.int32(rank),
-        jnp.int32(restart), name, phase, block)
-    comp = self.components[name]
-    state = call(None, 0, "init")
-    total = comp.iterations(self.settings)
-    for i0 in range(0, total, comp.block):
-      state = call(state, i0, "block", min(comp.block, total - i0))
-      if comp.settled is not None and np.all(np.asarray(comp.settled(state["attack"]))):
-        break  # e.g. every point of the chunk is broken
-    return call(state, 0, "finish")
+    self.device = device_runs.DeviceRuns(apply_fn, self.components, self.settings,
+                                         devices or parallel.local_devices(), batch_size)
 
   def run(self, variables: Any, images: np.ndarray, labels: np.ndarray, seed: int = 0,
           pgd_acc: float | None = None) -> AutoAttackResult:
@@ -505,18 +392,19 @@ class AutoAttack:
     rng = jax.random.key(seed)
     lo, hi = distributed.point_range(n)
     mine = slice(lo, hi)
-    clean, finite, zero, looks_like, difference, gap = self._probe_all(variables, x, y, lo, hi)
-    checked = self._checked_points(n)
+    clean, finite, zero, looks_like, difference, gap = self.device.probe_points(
+        variables, x, y, lo, hi)
+    checked = self.device.checked_points(n)
     randomised_model = bool(np.max(difference) > checks.RANDOM_TOL)
     warnings = [checks.randomised(difference[:checked], self.version),
                 checks.probabilities(looks_like[:checked]), checks.zero_gradients(zero[:checked]),
                 checks.batch_dependent(gap, randomised_model)]
     checks.check_finite_logits(finite)
     draws = self.draws or (draws_lib.DRAWS if randomised_model else 1)
+    draw_counts = functools.partial(self.device.draw_counts, variables)
     selection = None
     if draws > 1:  # the clean pass of draws.py's rule replaces the single-draw verdict
-      selection = _clean_draws(functools.partial(self._draw_counts, variables), rng, x, y, lo,
-                               hi, draws)
+      selection = _clean_draws(draw_counts, rng, x, y, lo, hi, draws)
       clean = selection.counts > 0
     robust, x_adv = clean.copy(), x.copy()  # robust only where correct without attack
     broken_by = np.full(n, -1)
@@ -525,42 +413,28 @@ class AutoAttack:
     rates = {}
     if selection is not None:
       x_adv[mine] = selection.x_kept[mine]
-      rates = _final_draws(functools.partial(self._draw_counts, variables), rng, selection, y,
-                           lo, hi, n, draws)
+      rates = _final_draws(draw_counts, rng, selection, y, lo, hi, n, draws)
     robust, x_adv, broken_by = distributed.gather_points(
         (robust[mine], x_adv[mine], broken_by[mine]), n)
     records = attack_records(self.attacks, clean, broken_by, seconds,
                              distributed.gather_values(np.asarray(seconds, np.float64)))
-    if "square" in self.attacks:
-      warnings.append(checks.square_after_gradients(
-          int(np.sum(broken_by == self.attacks.index("square"))), n,
-          any(self.components[a].gradient_based
-              for a in self.attacks[:self.attacks.index("square")])))
-    warnings.append(checks.pgd_gap(pgd_acc, float(np.mean(rates.get("robust_rate", robust)))))
+    warnings += [self._square_warning(broken_by),
+                 checks.pgd_gap(pgd_acc, float(np.mean(rates.get("robust_rate", robust))))]
     warnings = [w for w in warnings if w]
     for w in warnings:
       logging.warning("autoattack: %s", w)
     return AutoAttackResult(clean, robust, x_adv, broken_by, self.attacks, records, warnings,
                             self.eps, self.settings.norm, draws, **rates)
 
-  def _probe_all(self, variables: Any, x: np.ndarray, y: np.ndarray, lo: int, hi: int
-                 ) -> tuple[np.ndarray, ...]:
-    """The clean probe of this process's points, gathered over the processes: (clean, finite,
-    zero gradient, looks like probabilities, draw difference, batch gap) per point."""
-    n = len(y)
-    clean, finite, zero, looks_like = (np.zeros(n, bool) for _ in range(4))
-    difference, gap = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    probe = lambda xs, ys: self._probe(variables, xs, ys)  # noqa: E731
-    for pos, (la, lb, zero_grad, alone) in self._map(probe, np.arange(lo, hi), (x, y)):
-      clean[pos] = np.argmax(la, -1) == y[pos]
-      finite[pos] = np.all(np.isfinite(la), -1) & np.all(np.isfinite(lb), -1)
-      difference[pos], looks_like[pos] = checks.point_flags(la, lb)
-      zero[pos] = zero_grad
-      gap[pos] = checks.batch_gap(la, alone)
-    few = slice(lo, min(hi, lo + checks.EAGER_POINTS))
-    finite[few] &= checks.eagerly_finite(self.apply_fn, variables, x[few])
-    return distributed.gather_points(
-        tuple(v[lo:hi] for v in (clean, finite, zero, looks_like, difference, gap)), n)
+  def _square_warning(self, broken_by: np.ndarray) -> str | None:
+    """The reference's check: Square should break (almost) nothing the gradient-based attacks
+    before it missed."""
+    if "square" not in self.attacks:
+      return None
+    a = self.attacks.index("square")
+    return checks.square_after_gradients(
+        int(np.sum(broken_by == a)), broken_by.size,
+        any(self.components[b].gradient_based for b in self.attacks[:a]))
 
   def _attack_all(self, a: int, variables: Any, rng: jax.Array, x: np.ndarray, y: np.ndarray,
                   bounds: tuple[int, int], verdicts: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -579,13 +453,15 @@ class AutoAttack:
       if not todo.size:
         break
       label = name if not rank else f"{name} {rank - 1}/{self.n_targets}"
-      bar = self._bar(label if runs == 1 else f"{label} run {restart + 1}/{runs}", todo.size)
+      bar = points_bar(label if runs == 1 else f"{label} run {restart + 1}/{runs}", todo.size,
+                       self.progress)
       pass_rng = _pass_rng(rng, name, rank, restart)
-      attack = functools.partial(self._attack_points, variables, pass_rng, name, rank, restart)
-      for pos, (still, adv) in self._map(attack, todo, (x, y, np.arange(n, dtype=np.int32)),
-                                         name):
+      attack = functools.partial(self.device.attack_points, variables, pass_rng, name, rank,
+                                 restart, self.eps)
+      for pos, (still, adv) in self.device.map(attack, todo,
+                                               (x, y, np.arange(n, dtype=np.int32)), name):
         if selection is not None:  # a randomised model: draws.py's rule decides
-          still = selection.offer(pos, adv, self._draw_counts(
+          still = selection.offer(pos, adv, self.device.draw_counts(
               variables, jax.random.fold_in(pass_rng, draws_lib.STREAM), pos, adv, y, draws), a)
         hit = pos[~still]
         robust[hit], x_adv[hit], broken_by[hit] = False, adv[~still], a
@@ -601,29 +477,18 @@ class AutoAttack:
                  int(robust[mine].sum()), hi - lo, where, seconds)
     return seconds
 
-  # --- randomised models: draws.py's rule -----------------------------------------------------
-  def _draw_counts(self, variables, key, pos: np.ndarray, xs: np.ndarray, y: np.ndarray,
-                   draws: int) -> np.ndarray:
-    """Per point of `pos`, in how many of `draws` model draws from `key` the model classifies
-    `xs` (aligned with pos) as y[pos]."""
-    counts = np.zeros(len(pos), np.int32)
-    for m, sel in parallel.chunks_for_devices(len(pos), self.batch_size, self.n_dev,
-                                              balanced=True):
-      args = parallel.shard((xs[sel], y[pos[sel]], pos[sel].astype(np.int32)), self.n_dev)
-      counts[sel[:m]] = parallel.unshard(self._count(variables, *args, key, draws), m)
-    return counts
 
-  def _checked_points(self, n: int) -> int:
-    """How many leading points the reference's sanity checks look at: the first chunk of a
-    single process with all the run's devices (this process's first chunk in a single-process
-    run), so a multi-process run gives the verdict of a one-process run with as many devices
-    (processes with equal device counts assumed, as pmap does)."""
-    n_dev = self.n_dev * jax.process_count()
-    batch = parallel.device_batch_size(self.batch_size, n_dev)
-    return next(parallel.chunks_for_devices(n, batch, n_dev, balanced=True))[0]
+def _checked_draws(draws: int | None) -> int | None:
+  if draws is not None and draws < 1:
+    raise ValueError(f"draws must be >= 1, got {draws}")
+  return draws
 
-  def _bar(self, name: str, total: int):
-    return points_bar(name, total, self.progress)
+
+def _check_counts(**counts: int) -> None:
+  """ValueError unless every count (steps, queries, target classes) is an integer >= 1."""
+  for name, v in counts.items():
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+      raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
 
 
 def points_bar(name: str, total: int, show: bool = True):

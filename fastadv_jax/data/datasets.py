@@ -12,13 +12,28 @@ import gzip
 import os
 import shutil
 import tempfile
+from typing import Callable
 
 import numpy as np
 
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-NUM_CLASSES = {"cifar10": 10, "svhn_cropped": 10, "mnist": 10, "fashion_mnist": 10}
-IMAGE_SHAPES = {"cifar10": (32, 32, 3), "svhn_cropped": (32, 32, 3), "mnist": (28, 28, 1),
-                "fashion_mnist": (28, 28, 1)}  # (H, W, C), without loading the data
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What the library knows of a TFDS dataset without loading it."""
+  name: str                          # the TFDS name, and config.dataset
+  image_shape: tuple[int, int, int]  # (H, W, C)
+  num_classes: int
+  how_to_get: str                    # the advice when it is missing; {data_dir} is filled in
+  # Local files that prepare_offline(data_dir, offline_dir) turns into the TFDS dataset without
+  # network, when the folder exists (Debian's Fashion-MNIST).
+  offline_dir: str | None = None
+  prepare_offline: Callable[[str, str], None] | None = None
+
+  def advice(self, data_dir: str) -> str:
+    """How to get the dataset into `data_dir`."""
+    return self.how_to_get.format(data_dir=data_dir)
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -32,19 +47,6 @@ class Split:
 
   def __len__(self) -> int:
     return int(self.labels.shape[0])
-
-
-def _how_to_get(name: str, data_dir: str) -> str:
-  tips = {
-      "fashion_mnist": "install Debian's files with `apt-get install dataset-fashion-mnist` "
-                       "(scripts/setup.sh does this); they are prepared automatically",
-      "cifar10": f"on a machine with internet access run `tfds build cifar10 --data_dir={data_dir}` "
-                 "(or train with --config.download=True) and copy the folder here",
-      "svhn_cropped": f"on a machine with internet access run `tfds build svhn_cropped "
-                      f"--data_dir={data_dir}` and copy the folder here",
-      "mnist": f"on a machine with internet access run `tfds build mnist --data_dir={data_dir}`",
-  }
-  return tips.get(name, "prepare it with `tfds build`")
 
 
 def default_data_dir(data_dir: str = "") -> str:
@@ -71,7 +73,7 @@ def prepare_fashion_mnist_offline(data_dir: str,
   if missing:
     raise DatasetUnavailableError(
         f"fashion_mnist: files {missing} not found in {source_dir}; "
-        + _how_to_get("fashion_mnist", data_dir))
+        + DATASETS["fashion_mnist"].advice(data_dir))
 
   class LocalFashionMNIST(tfds_mnist.FashionMNIST, skip_registration=True):
     name = "fashion_mnist"
@@ -94,6 +96,25 @@ def prepare_fashion_mnist_offline(data_dir: str,
   LocalFashionMNIST(data_dir=data_dir).download_and_prepare()
 
 
+DATASETS = {spec.name: spec for spec in (
+    DatasetSpec("cifar10", (32, 32, 3), 10,
+                "on a machine with internet access run `tfds build cifar10 --data_dir={data_dir}` "
+                "(or train with --config.download=True) and copy the folder here"),
+    DatasetSpec("svhn_cropped", (32, 32, 3), 10,
+                "on a machine with internet access run `tfds build svhn_cropped "
+                "--data_dir={data_dir}` and copy the folder here"),
+    DatasetSpec("mnist", (28, 28, 1), 10,
+                "on a machine with internet access run `tfds build mnist --data_dir={data_dir}`"),
+    DatasetSpec("fashion_mnist", (28, 28, 1), 10,
+                "install Debian's files with `apt-get install dataset-fashion-mnist` "
+                "(scripts/setup.sh does this); they are prepared automatically",
+                offline_dir=DEBIAN_FASHION_MNIST_DIR,
+                prepare_offline=prepare_fashion_mnist_offline),
+)}
+NUM_CLASSES = {name: spec.num_classes for name, spec in DATASETS.items()}
+IMAGE_SHAPES = {name: spec.image_shape for name, spec in DATASETS.items()}
+
+
 def _tfds_arrays(name: str, split: str, data_dir: str, download: bool):
   # Batched reads, not batch_size=-1: TF aborts on that for datasets of unknown cardinality
   # (tfds.testing.mock_data's), and batches cost nothing more for real ones.
@@ -108,15 +129,15 @@ def _tfds_arrays(name: str, split: str, data_dir: str, download: bool):
 
 def load_split(name: str, split: str, data_dir: str = "", download: bool = True) -> Split:
   """Loads a whole TFDS split as uint8 images (NHWC) and int32 labels."""
-  if name not in NUM_CLASSES:
-    raise ValueError(f"unknown dataset {name!r}; choose from {tuple(NUM_CLASSES)}")
-  data_dir = default_data_dir(data_dir)
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; choose from {tuple(DATASETS)}")
+  spec, data_dir = DATASETS[name], default_data_dir(data_dir)
   arrays = None
-  if name == "fashion_mnist" and os.path.isdir(DEBIAN_FASHION_MNIST_DIR):
+  if spec.prepare_offline is not None and os.path.isdir(spec.offline_dir):
     try:  # already prepared (or mocked)?
       arrays = _tfds_arrays(name, split, data_dir, download=False)
     except Exception:  # pylint: disable=broad-except
-      prepare_fashion_mnist_offline(data_dir)
+      spec.prepare_offline(data_dir, spec.offline_dir)
   try:
     images, labels = arrays if arrays is not None else _tfds_arrays(name, split, data_dir,
                                                                      download)
@@ -124,7 +145,7 @@ def load_split(name: str, split: str, data_dir: str = "", download: bool = True)
     raise DatasetUnavailableError(
         f"dataset {name!r} (split {split!r}) is not prepared in {data_dir} and could not be "
         f"downloaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). To get it: "
-        + _how_to_get(name, data_dir)) from e
+        + spec.advice(data_dir)) from e
   images = np.asarray(images, np.uint8)
   if images.ndim == 3:
     images = images[..., None]

@@ -11,7 +11,6 @@ from fastadv_jax.data import datasets
 from fastadv_jax.runtime import plugins
 from fastadv_jax.training import evaluation, model_config
 
-DATASETS = ("cifar10", "svhn_cropped", "mnist", "fashion_mnist")
 INITS = ("", "zero", "uniform", "corner")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("cyclic", "piecewise", "constant", "onecycle")
@@ -148,7 +147,8 @@ def _check_components(c: ml_collections.ConfigDict) -> None:
     plugins.load(c.plugins)
   except plugins.PluginError as e:
     raise ConfigError(f"config.plugins: {e}") from None
-  _check(c.dataset in DATASETS, "dataset", f"unknown dataset {c.dataset!r}; choose from {DATASETS}")
+  _check(c.dataset in datasets.DATASETS, "dataset",
+         f"unknown dataset {c.dataset!r}; choose from {tuple(datasets.DATASETS)}")
   _check(c.model in models.names(), "model", f"unknown model {c.model!r}; choose from {models.names()}")
   _check(c.method in methods.names(), "method",
          f"unknown method {c.method!r}; choose from {methods.names()}")

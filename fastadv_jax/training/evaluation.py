@@ -76,6 +76,18 @@ def _checked_norm(norm: str) -> str:
   return norm
 
 
+def check_points(images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
+  """A one-line ValueError unless the points are in the Evaluator's domain: uint8 images (it
+  divides them by 255: float images already in [0, 1] would be evaluated as nearly black) and
+  integer labels in [0, num_classes), one per image."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    raise ValueError(f"the Evaluator takes uint8 images in [0, 255], got dtype {images.dtype} "
+                     "(for float images in [0, 1], use autoattack.evaluate or multiply by "
+                     "255 and round)")
+  autoattack.runner.check_labels(np.asarray(labels), len(images), num_classes)
+
+
 class Evaluator:
   """Jitted, device-parallel evaluation of a model's variables on uint8 image arrays."""
 
@@ -102,24 +114,16 @@ class Evaluator:
                        in_axes=(None, 0, 0))
     self._num_classes: dict[tuple, int] = {}  # per image shape (_classes)
 
-  def _placed(self, variables: Variables) -> Variables:
-    """`variables` on the first device, whatever they arrived as (host arrays, device 0's copy
-    of a replicated state, a checkpoint's arrays): pmap keys its compiled programs on where its
-    broadcast arguments live, so without this the last, the kept and the averaged weights of a
-    run would each compile the same programs again."""
-    return jax.device_put(variables, self.devices[0])
-
-  def _check_points(self, variables: Variables, images: np.ndarray, labels: np.ndarray) -> None:
-    """A one-line ValueError unless the points are in this evaluator's domain: uint8 images
-    (it divides them by 255: float images already in [0, 1] would be evaluated as nearly
-    black) and integer labels in [0, number of logits), one per image."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-      raise ValueError(f"the Evaluator takes uint8 images in [0, 255], got dtype {images.dtype} "
-                       "(for float images in [0, 1], use autoattack.evaluate or multiply by "
-                       "255 and round)")
-    autoattack.runner.check_labels(np.asarray(labels), len(images),
-                                   self._classes(variables, images))
+  def _prepared(self, variables: Variables, images: np.ndarray, labels: np.ndarray
+                ) -> Variables:
+    """`variables` on the first device, once the points are checked (check_points). Whatever
+    they arrived as (host arrays, device 0's copy of a replicated state, a checkpoint's
+    arrays), pmap keys its compiled programs on where its broadcast arguments live, so without
+    this the last, the kept and the averaged weights of a run would each compile the same
+    programs again."""
+    variables = jax.device_put(variables, self.devices[0])
+    check_points(images, labels, self._classes(variables, images))
+    return variables
 
   def _classes(self, variables: Variables, images: np.ndarray) -> int:
     """The model's number of logits for images of this shape (traced once, not run)."""
@@ -170,8 +174,7 @@ class Evaluator:
     if restarts < 1 or steps < 1:
       raise ValueError(f"PGD needs steps >= 1 and restarts >= 1, got {steps} and {restarts}")
     attacks.check_norm(self.norm)  # no L1 PGD
-    variables = self._placed(variables)
-    self._check_points(variables, images, labels)
+    variables = self._prepared(variables, images, labels)
     clean, _ = self._clean_pass(variables, images, labels)
     start, stop = distributed.point_range(len(labels))
     bar = _PointsBar(f"PGD-{steps}-{restarts}", stop - start, restarts, progress)
@@ -201,8 +204,7 @@ class Evaluator:
     the L-inf training diagnostics (an L2 Evaluator refuses them)."""
     if self.norm != "Linf":
       raise ValueError(f"diagnostics are L-inf only, this Evaluator's norm is {self.norm}")
-    variables = self._placed(variables)
-    self._check_points(variables, images, labels)
+    variables = self._prepared(variables, images, labels)
     outs = [parallel.unshard(self._diag(variables, x, y, pos, rng, jnp.float32(eps), pgd_steps), m)
             for m, x, y, pos in self._chunks(images, labels)]
     return eval_programs.diagnostics_summary(self._per_point(outs, len(labels)))
@@ -215,8 +217,7 @@ class Evaluator:
     in a multi-process run, over every process's: each attacks its share of the points and
     every process returns the gathered result). `settings`: AutoAttack's apgd_steps,
     fab_steps, square_queries (its defaults, the reference's, where absent)."""
-    variables = self._placed(variables)
-    self._check_points(variables, images, labels)
+    variables = self._prepared(variables, images, labels)
     apply_fn = lambda v, x, _key: self.model.apply(v, x, train=False)  # noqa: E731
     aa = autoattack.AutoAttack(
         apply_fn, self._classes(variables, images), eps,
@@ -229,8 +230,7 @@ class Evaluator:
     """Per point, (n,) bool indexed by position: classified correctly without perturbation (one
     forward pass, no gradient). NonFiniteOutputError when the weights or the logits of any
     point are NaN/Inf."""
-    variables = self._placed(variables)
-    self._check_points(variables, images, labels)
+    variables = self._prepared(variables, images, labels)
     return self._clean_pass(variables, images, labels)[1]
 
   def clean_accuracy(self, variables: Variables, images: np.ndarray, labels: np.ndarray

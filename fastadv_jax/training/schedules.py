@@ -107,18 +107,19 @@ def eps_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
   return schedule
 
 
-def grad_align_lambda(eps: float, dataset: str) -> float:
-  """The paper's lambda(eps) for GradAlign (docs/algorithms.md §2); eps in pixel units.
+# The paper's lambda(eps) for GradAlign per dataset (docs/algorithms.md §2), as a function of
+# e8 = eps * 255 / 8.
+PAPER_LAMBDA = {
+    "cifar10": lambda e8: 0.02 * 10.0 ** e8,          # 0.2 at 8/255, 2.0 at 16/255
+    "svhn_cropped": lambda e8: 1.5625 * 1.6 ** e8,    # 2.5 at 8/255, 3.162 at 12/255
+}
 
-  CIFAR-10: 0.02 * 10**(eps*255/8)  (0.2 at 8/255, 2.0 at 16/255).
-  SVHN:     1.5625 * 1.6**(eps*255/8)  (2.5 at 8/255, 3.162 at 12/255).
-  """
-  e8 = eps * 255.0 / 8.0
-  if dataset == "cifar10":
-    return 0.02 * 10.0 ** e8
-  if dataset == "svhn_cropped":
-    return 1.5625 * 1.6 ** e8
-  raise ValueError(f"no published lambda(eps) schedule for dataset {dataset!r}")
+
+def grad_align_lambda(eps: float, dataset: str) -> float:
+  """The paper's lambda(eps) for GradAlign on `dataset` (PAPER_LAMBDA); eps in pixel units."""
+  if dataset not in PAPER_LAMBDA:
+    raise ValueError(f"no published lambda(eps) schedule for dataset {dataset!r}")
+  return PAPER_LAMBDA[dataset](eps * 255.0 / 8.0)
 
 
 def steps_per_epoch(num_train: int, batch_size: int) -> int:
