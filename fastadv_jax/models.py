@@ -438,12 +438,13 @@ def penultimate_features(apply: Callable[[jax.Array], jax.Array], x: jax.Array
   return seen[-1].reshape((x.shape[0], -1)), logits
 
 
-def create_model(name: str, num_classes: int, *, args: Any = None, half_precision: bool = False,
-                 input_mean: tuple = (), input_std: tuple = (),
+def create_model(name: str | ModelSpec, num_classes: int, *, args: Any = None,
+                 half_precision: bool = False, input_mean: tuple = (), input_std: tuple = (),
                  bn_axis_name: str | None = None) -> nn.Module:
-  """Builds model `name` with its args record (default: its defaults), computing in bfloat16
-  when `half_precision`; inside InputNormalization when `input_mean` / `input_std` are given."""
-  spec = get(name)
+  """Builds model `name` (or the record itself, already looked up) with its args record
+  (default: its defaults), computing in bfloat16 when `half_precision`; inside
+  InputNormalization when `input_mean` / `input_std` are given."""
+  spec = name if isinstance(name, ModelSpec) else get(name)
   dtype = jnp.bfloat16 if half_precision else jnp.float32
   model = spec.build(spec.make_args() if args is None else args, num_classes, dtype, bn_axis_name)
   mean, std = tuple(input_mean), tuple(input_std)

@@ -11,9 +11,13 @@ The README's own two python blocks are run with stronger checks in test_function
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import json
 import re
 import shlex
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -54,10 +58,17 @@ def _commands() -> list[tuple[str, list[str]]]:
   return out
 
 
-def _absl_flags(command: str) -> set[str]:
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  module = importlib.import_module(f"fastadv_jax.{command}")
-  return {f.name for f in flags.FLAGS.get_key_flags_for_module(module)}
+@functools.lru_cache(maxsize=None)
+def _absl_flags(command: str) -> frozenset[str]:
+  """The flags `fastadv_jax.<command>` declares (its key flags), read in a fresh process: a
+  command line imported here would leave its required flags in this process's absl FLAGS, and a
+  later test that runs a command line in-process would fail their validation."""
+  code = ("import importlib, json, sys; from absl import flags; m = importlib.import_module("
+          "'fastadv_jax.' + sys.argv[1]); print(json.dumps(sorted(f.name for f in "
+          "flags.FLAGS.get_key_flags_for_module(m))))")
+  out = subprocess.run([sys.executable, "-c", code, command], capture_output=True, text=True,
+                       cwd=ROOT, check=True, timeout=300).stdout
+  return frozenset(json.loads(out.strip().splitlines()[-1]))
 
 
 def _benchmark_flags() -> set[str]:
@@ -206,3 +217,36 @@ def test_the_methods_guides_plugin_block():
       scope["MyArgs"](alpha=-1.0)
   finally:
     methods.unregister("my_method")
+
+
+def test_the_method_records_table_lists_every_field_and_who_uses_it():
+  """docs/methods.md's table of the Method record: one row per field, and its last column names
+  exactly the built-in methods that set the field away from its default."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from fastadv_jax import methods  # pylint: disable=import-outside-toplevel
+  from fastadv_jax.methods.base import Method  # pylint: disable=import-outside-toplevel
+  text = (ROOT / "docs" / "methods.md").read_text()
+  rows = {}
+  for line in text[text.index("| field | kind |"):].splitlines()[2:]:
+    if not line.startswith("|"):
+      break
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    rows[cells[0].strip("`")] = cells[-1]
+  fields = dataclasses.fields(Method)
+  assert sorted(rows) == sorted(f.name for f in fields)
+  builtin = [n for n in methods.names() if methods.get(n).perturb.__module__.startswith(
+      "fastadv_jax.")]
+  blank = Method("blank", "", lambda inp: None)
+  for f in fields:
+    users = [n for n in builtin
+             if getattr(methods.get(n), f.name) is not getattr(blank, f.name)
+             and getattr(methods.get(n), f.name) != getattr(blank, f.name)]
+    if rows[f.name] == "all":
+      want = builtin
+    elif rows[f.name].startswith("all but "):
+      want = [n for n in builtin if n not in re.findall(r"`(\w+)`", rows[f.name])]
+    else:
+      want = re.findall(r"`(\w+)`", rows[f.name])
+    if f.name in ("name", "summary", "perturb"):
+      continue  # required: every record has its own
+    assert sorted(users) == sorted(want), (f.name, users)

@@ -17,9 +17,9 @@ import jax
 import ml_collections
 from absl import logging
 
-from fastadv_jax import methods, parallel
+from fastadv_jax import parallel
 from fastadv_jax.data import datasets
-from fastadv_jax.training import evaluation, monitoring, workdir
+from fastadv_jax.training import evaluation, monitoring, run_plan, workdir
 
 
 def final_evaluation(config: ml_collections.ConfigDict, evaluator: evaluation.Evaluator,
@@ -50,13 +50,14 @@ def final_evaluation(config: ml_collections.ConfigDict, evaluator: evaluation.Ev
   return results
 
 
-def run_summary(config: ml_collections.ConfigDict, record: monitoring.RunRecord, total: int,
+def run_summary(plan: run_plan.RunPlan, record: monitoring.RunRecord, total: int,
                 train_time: float, wall_start: float, final_train_metrics: dict) -> dict:
   """What results.json says about the run besides its accuracies."""
+  config = plan.config
   return {
       "config": workdir.config_dict(config), "iterations": total, "epochs": config.num_epochs,
       "method": config.method,
-      "method_args": dataclasses.asdict(methods.get(config.method).args_from(config)),
+      "method_args": dataclasses.asdict(plan.method_args),
       "train_time_s": train_time, "wall_time_s": time.time() - wall_start,
       "devices": [str(d) for d in parallel.local_devices()],
       "final_train_metrics": final_train_metrics,

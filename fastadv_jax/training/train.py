@@ -23,13 +23,13 @@ import ml_collections
 from absl import logging
 from tqdm import tqdm
 
-from fastadv_jax import methods, models, parallel
+from fastadv_jax import methods, parallel
 from fastadv_jax.data import datasets
 from fastadv_jax.runtime import cli_logging, distributed
 from fastadv_jax.training import (checkpointing, config_validation, engines, evaluation,
                                   metric_writers, model_config, monitoring, preemption,
-                                  run_results, schedules, timing, train_metrics, train_step,
-                                  weight_averaging, workdir)
+                                  run_plan, run_results, schedules, timing, train_metrics,
+                                  train_step, weight_averaging, workdir)
 from fastadv_jax.training import train_state as ts
 
 class StartError(RuntimeError):
@@ -38,13 +38,14 @@ class StartError(RuntimeError):
 
 
 @contextlib.contextmanager
-def _first_step_failures(config: ml_collections.ConfigDict, first: bool, resumed: bool
+def _first_step_failures(plan: run_plan.RunPlan, first: bool, resumed: bool
                          ) -> Iterator[None]:
   """Around this process's first step (traced, compiled and run there): what the user can
   fix, as one StartError line; anything else (a library bug) keeps its traceback."""
   if not first:
     yield
     return
+  config = plan.config
   free = ("the checkpoint is kept" if resumed else
           "the workdir holds no checkpoint, so any config may be run in it")
   try:
@@ -59,7 +60,7 @@ def _first_step_failures(config: ml_collections.ConfigDict, first: bool, resumed
       raise StartError(f"the first step ran out of memory with config.batch_size="
                        f"{config.batch_size} (model {config.model}): {why}; {fix} ({free})"
                        ) from None
-    plugins_used = [f"{kind} {name!r} ({module})" for kind, name, module in _components(config)
+    plugins_used = [f"{kind} {name!r} ({module})" for kind, name, module in _components(plan)
                     if not module.startswith("fastadv_jax")]
     if not plugins_used:
       raise
@@ -68,10 +69,10 @@ def _first_step_failures(config: ml_collections.ConfigDict, first: bool, resumed
                          e if cli_logging.verbose() else None)
 
 
-def _components(config: ml_collections.ConfigDict) -> list[tuple[str, str, str]]:
+def _components(plan: run_plan.RunPlan) -> list[tuple[str, str, str]]:
   """(kind, name, defining module) of the run's method and model."""
-  return [("method", config.method, methods.get(config.method).perturb.__module__),
-          ("model", config.model, models.get(config.model).build.__module__)]
+  return [("method", plan.method.name, plan.method.perturb.__module__),
+          ("model", plan.model.name, plan.model.build.__module__)]
 
 
 def _load_data(config: ml_collections.ConfigDict
@@ -96,14 +97,14 @@ def _load_data(config: ml_collections.ConfigDict
   return train_split, test_split, val_split
 
 
-def _schedule(config: ml_collections.ConfigDict, splits: tuple
+def _schedule(plan: run_plan.RunPlan, splits: tuple
               ) -> tuple[int, int, int, datasets.TrainBatches]:
   """(steps per epoch, iterations, replays of each batch, the batch order), logged once."""
   train_split, test_split, val_split = splits
+  config = plan.config
   spe = schedules.steps_per_epoch(len(train_split), config.batch_size)
   total = schedules.total_steps(config, spe)
-  method = methods.get(config.method)
-  replay = method.replays(method.args_from(config))
+  replay = plan.method.replays(plan.method_args)
   held = "" if val_split is None else f" ({len(val_split)} held out for validation)"
   logging.info("%s: %d train%s / %d test examples, %d iterations (%d per epoch), %d device(s) "
                "in %d process(es)", config.dataset, len(train_split), held, len(test_split),
@@ -111,12 +112,11 @@ def _schedule(config: ml_collections.ConfigDict, splits: tuple
   return spe, total, replay, datasets.TrainBatches(train_split, config.batch_size, config.seed)
 
 
-def _models(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+def _models(plan: run_plan.RunPlan) -> tuple[Any, Any]:
   """The training model (BatchNorm statistics shared over the device axis) and the float32
   one that evaluates."""
-  num_classes = datasets.NUM_CLASSES[config.dataset]
-  return (model_config.create_model(config, num_classes, bn_axis_name=parallel.AXIS),
-          model_config.create_model(config, num_classes, half_precision=False))
+  return (model_config.create_model(plan, plan.num_classes, bn_axis_name=parallel.AXIS),
+          model_config.create_model(plan, plan.num_classes, half_precision=False))
 
 
 def _restore(ckpt: checkpointing.Checkpointer, engine: Any, config: ml_collections.ConfigDict,
@@ -191,17 +191,18 @@ class _Run:
   """One training run, built from its stages (schedule, models, state restored or fresh,
   writers, compiled step, evaluator, monitor); `train` loops, `finish` writes results.json."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir_: str,
+  def __init__(self, plan: run_plan.RunPlan, workdir_: str,
                splits: tuple[datasets.Split, datasets.Split, datasets.Split | None]):
-    self.config, self.workdir, self.wall_start = config, workdir_, time.time()
+    config = plan.config
+    self.plan, self.config, self.workdir, self.wall_start = plan, config, workdir_, time.time()
     self.engine = engines.create(config.parallelism)
     self.stop: preemption.StopOnSignal | None = None  # the training loop's (train)
     self.train_split, self.test_split, self.val_split = splits
-    self.spe, self.total, self.replay, self.batches = _schedule(config, splits)
-    model, eval_model = _models(config)
+    self.spe, self.total, self.replay, self.batches = _schedule(plan, splits)
+    model, eval_model = _models(plan)
     # The run's initialisation, step and evaluation keys, split from config.seed at once.
     init_rng, self.step_rng, self.eval_rng = jax.random.split(jax.random.key(config.seed), 3)
-    state = ts.create_train_state(config, model, init_rng, self.train_split.images.shape[1:],
+    state = ts.create_train_state(plan, model, init_rng, self.train_split.images.shape[1:],
                                   self.spe, n_examples=len(self.train_split))
     self.ckpt = checkpointing.Checkpointer(workdir_, config.keep_checkpoints,
                                            global_arrays=self.engine.global_arrays)
@@ -211,7 +212,7 @@ class _Run:
     self.start = self.engine.step_of(self.rstate)
     self.writer = metric_writers.MetricWriter(workdir_, resume_step=self.start,
                                               enabled=distributed.is_main())
-    self.p_step = self.engine.compile_step(train_step.make_train_step(config, model, self.spe))
+    self.p_step = self.engine.compile_step(train_step.make_train_step(plan, model, self.spe))
     self.evaluator = evaluation.Evaluator(eval_model, config.eval_batch_size,
                                           step_alpha=config.eval_step_alpha)
     self.monitor = monitoring.Monitor(config, self.evaluator, self.train_split, self.test_split,
@@ -263,7 +264,7 @@ class _Run:
     flags = None if self.stop is None else self.stop.batch_flags(len(batch["label"]))
     if flags is not None:
       batch = dict(batch, stop=flags)
-    with _first_step_failures(self.config, step == self.start, self.saved_step is not None):
+    with _first_step_failures(self.plan, step == self.start, self.saved_step is not None):
       self.rstate, m = self.p_step(self.rstate, self.engine.place_batch(batch), self.step_rng)
       m = dict(self.engine.local_metrics(m))
     agreement = m.pop("stop", None)
@@ -324,7 +325,7 @@ class _Run:
     results = run_results.final_evaluation(
         self.config, self.evaluator, self.monitor, *_weights(self.engine, self.rstate),
         self.test_split, self.eval_rng, self.total)
-    results.update(run_results.run_summary(self.config, self.monitor.record, self.total,
+    results.update(run_results.run_summary(self.plan, self.monitor.record, self.total,
                                            train_time, self.wall_start,
                                            self.flush_train_metrics(self.total)))
     if distributed.is_main():
@@ -359,7 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir_: str) -> dict
     recorded = workdir.check_rerun(config, workdir_, writes=main)
     if recorded is not None:  # another run finished it while this one waited for the data
       return _finished(recorded, workdir_)
-    run = _Run(config, workdir_, splits)
+    run = _Run(run_plan.resolve(config), workdir_, splits)
     try:
       if main:
         workdir.record_config(config, workdir_)

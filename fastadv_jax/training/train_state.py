@@ -15,9 +15,9 @@ import optax
 import flax.struct
 from flax.training import train_state
 
-from fastadv_jax import methods, models
+from fastadv_jax import models
 from fastadv_jax.methods.base import ModelInfo
-from fastadv_jax.training import schedules, weight_averaging
+from fastadv_jax.training import run_plan, schedules, weight_averaging
 
 
 class TrainState(train_state.TrainState):
@@ -57,15 +57,15 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
   return optax.chain(optax.add_decayed_weights(config.weight_decay), opt)
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, rng: jax.Array,
-                       input_shape: tuple[int, ...], steps_per_epoch: int,
+def create_train_state(config: ml_collections.ConfigDict | run_plan.RunPlan, model: nn.Module,
+                       rng: jax.Array, input_shape: tuple[int, ...], steps_per_epoch: int,
                        n_examples: int | None = None) -> TrainState:
   """Float32 parameters; a carried perturbation starts at zero for the global batch, and
   per-example state at zero for each of the `n_examples` training examples."""
   dummy = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
   variables = model.init(rng, dummy, train=False)
-  method = methods.get(config.method)
-  args = method.args_from(config)
+  run = run_plan.of(config)
+  config, method, args = run.config, run.method, run.method_args
   carried = None
   if method.carries_delta:
     carried = jnp.zeros((config.batch_size,) + tuple(input_shape), jnp.float32)

@@ -31,7 +31,7 @@ from fastadv_jax import gradalign, losses, methods, models, parallel, randomness
 from fastadv_jax.data import augment
 from fastadv_jax.methods.base import (AttackInputs, CELossInputs, RegularizerInputs,
                                       checked_perturbation)
-from fastadv_jax.training import schedules, weight_averaging
+from fastadv_jax.training import run_plan, schedules, weight_averaging
 from fastadv_jax.training.train_state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -58,27 +58,20 @@ def _batch_key(rng: jax.Array, step: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(rng, 2 * step + 1), 2**31 - 1)
 
 
-def derivative_mode(config: ml_collections.ConfigDict) -> str:
-  """'jvp' or 'double_backprop' for this config (config.grad_align_derivative, 'auto' resolved
-  by the model's record, models.ModelSpec.gradalign_derivative: jvp for the ResNets, where
-  XLA:CPU ran GradAlign 1.6-1.7x faster with it; double backpropagation for the CNNs, where it
-  was as fast or faster (BENCHMARKS.md, optimisation log); never jvp when g1 is differentiated
-  too, which only double backpropagation does)."""
-  mode = config.grad_align_derivative
-  if config.grad_align_backprop_g1:
-    return "double_backprop"
-  if mode == "auto":
-    return models.get(config.model).gradalign_derivative
-  return mode
+def derivative_mode(config: ml_collections.ConfigDict | run_plan.RunPlan) -> str:
+  """'jvp' or 'double_backprop' for this config (run_plan.RunPlan.gradalign_derivative)."""
+  return run_plan.of(config).gradalign_derivative
 
 
-def gradalign_term(config: ml_collections.ConfigDict, loss_fn: Callable, x: jax.Array,
-                   keys: jax.Array, eps: jax.Array, clean_grad: jax.Array | None,
+def gradalign_term(config: ml_collections.ConfigDict | run_plan.RunPlan, loss_fn: Callable,
+                   x: jax.Array, keys: jax.Array, eps: jax.Array, clean_grad: jax.Array | None,
                    axis_name: str | None) -> tuple[jax.Array, jax.Array]:
   """(this device's share, global value) of GradAlign as the config asks (gradalign.py):
   lambda = config.grad_align_lambda, by double backpropagation or by the jvp formulation."""
+  run = run_plan.of(config)
+  config = run.config
   lam = float(config.grad_align_lambda)
-  if derivative_mode(config) == "jvp":
+  if run.gradalign_derivative == "jvp":
     return gradalign.regularizer_by_jvp(loss_fn, x, keys, eps, clean_grad, lam, axis_name)
   g1, g2 = gradalign.input_gradients(loss_fn, x, keys, eps, g1=clean_grad,
                                      backprop_g1=config.grad_align_backprop_g1)
@@ -111,7 +104,8 @@ def _updated(config: ml_collections.ConfigDict, method: methods.Method, args: An
 
 
 class StepPlan(NamedTuple):
-  """What a step reads from the config, resolved once when the step is built."""
+  """What a step reads from the run's plan, resolved once when the step is built."""
+  run: run_plan.RunPlan
   config: ml_collections.ConfigDict
   method: methods.Method
   args: Any                                  # the method's hyperparameter record
@@ -126,11 +120,13 @@ class StepPlan(NamedTuple):
   attack_smoothing: float                    # the training attack's
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, steps_per_epoch: int) -> "StepPlan":
-    method = methods.get(config.method)
-    args = method.args_from(config)
+  def from_config(cls, config: ml_collections.ConfigDict | run_plan.RunPlan,
+                  steps_per_epoch: int) -> "StepPlan":
+    run = run_plan.of(config)
+    config, method, args = run.config, run.method, run.method_args
     smoothing = float(config.label_smoothing)
-    return cls(config=config, method=method, args=args, steps_per_epoch=steps_per_epoch,
+    return cls(run=run, config=config, method=method, args=args,
+               steps_per_epoch=steps_per_epoch,
                total_steps=schedules.total_steps(config, steps_per_epoch),
                eps_at=schedules.eps_schedule(config, steps_per_epoch),
                lr_at=schedules.lr_schedule(config, steps_per_epoch),
@@ -243,7 +239,7 @@ def _loss_fn(plan: StepPlan, inp: StepInputs, fns: ModelFns, pert: methods.Pertu
       total, method_reg, method_state = total + out.local, out.value, out.state
     local_reg, reg = jnp.zeros(()), jnp.zeros(())
     if plan.use_gradalign:
-      local_reg, reg = gradalign_term(plan.config, fns.per_example_loss(params), x,
+      local_reg, reg = gradalign_term(plan.run, fns.per_example_loss(params), x,
                                       inp.noise_keys, inp.eps, pert.clean_grad, axis_name)
     return total + local_reg, (ce, reg, method_reg, logits, new_stats, method_state)
 
@@ -278,7 +274,8 @@ def _metrics(plan: StepPlan, state: TrainState, new_state: TrainState,
   return metrics
 
 
-def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_per_epoch: int,
+def make_train_step(config: ml_collections.ConfigDict | run_plan.RunPlan, model: nn.Module,
+                    steps_per_epoch: int,
                     axis_name: str | None = parallel.AXIS
                     ) -> Callable[..., tuple[TrainState, Metrics]]:
   """Returns the per-device step; `axis_name` must be bound (pmap) unless None."""
@@ -299,7 +296,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
         jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(state.params, pert.delta))
     # 4. Cross-device averaging, then the update.
     grads = parallel.pmean(grads, axis_name)
-    new_state = _updated(config, plan.method, plan.args, state, grads,
+    new_state = _updated(plan.config, plan.method, plan.args, state, grads,
                          parallel.pmean(new_stats, axis_name), method_state, pert, g_delta,
                          inp.x, inp.eps, batch.get("index"), axis_name)
     # 5. What is logged.
