@@ -187,6 +187,57 @@ def _interrupted_step(why: KeyboardInterrupt, engine: Any, rstate: Any, start: i
   return None
 
 
+class _Records:
+  """What a run writes at iteration boundaries: metrics.jsonl's training rows, the diagnostics
+  and the checkpoints, with the bookkeeping they share (the monitor's record, the last saved
+  iteration). The state to diagnose or save is the loop's, passed in."""
+
+  def __init__(self, config: ml_collections.ConfigDict, engine: Any,
+               ckpt: checkpointing.Checkpointer, writer: metric_writers.MetricWriter,
+               monitor: monitoring.Monitor, metrics: train_metrics.TrainMetrics, spe: int,
+               total: int, saved_step: int | None):
+    self.config, self.engine, self.ckpt, self.writer = config, engine, ckpt, writer
+    self.monitor, self.metrics, self.spe, self.total = monitor, metrics, spe, total
+    self.saved_step = saved_step
+
+  def close(self) -> None:
+    """Closes the writers and the checkpoint manager (also after an error: no noise at exit)."""
+    self.writer.close()
+    self.ckpt.close()
+
+  def flush(self, s: int) -> dict[str, float]:
+    """Writes the training row of iteration s (TrainMetrics.flush) and returns it."""
+    return self.metrics.flush(s, self.monitor.record, self.saved_step)
+
+  def save(self, s: int, rstate: Any, train_time_s: float) -> None:
+    """Checkpoints iteration s. Between two log rows (an interruption) the pending per-step
+    metrics go into the checkpoint instead of a row of their own."""
+    record = self.monitor.record
+    if _due(s, self.config.log_every, self.total):
+      self.flush(s)
+      record.pending_train_metrics = []
+    else:
+      record.pending_train_metrics = self.metrics.for_checkpoint(self.saved_step)
+    record.train_time_s = train_time_s
+    self.ckpt.save(s, self.engine.to_checkpoint(rstate), jax.device_get(self.monitor.best),
+                   {**record.to_json(), workdir.WRITTEN_WITH: workdir.written_with(self.config)})
+    self.saved_step = s
+    self.writer.flush()
+
+  def diagnose(self, s: int, rstate: Any) -> dict[str, float]:
+    """Diagnostics of iteration s. An interruption inside leaves the record as it was before
+    (the checkpoint then says they are still due, and a resumed run runs them first)."""
+    before = (dataclasses.replace(self.monitor.record), self.monitor.best)
+    try:
+      rec = self.monitor.run(s, *_weights(self.engine, rstate))
+      self.writer.write(s, s / self.spe, rec)
+      self.monitor.record.diagnosed_step = s
+    except BaseException:
+      self.monitor.record, self.monitor.best = before
+      raise
+    return rec
+
+
 class _Run:
   """One training run, built from its stages (schedule, models, state restored or fresh,
   writers, compiled step, evaluator, monitor); `train` loops, `finish` writes results.json."""
@@ -208,7 +259,7 @@ class _Run:
                                            global_arrays=self.engine.global_arrays)
     # The latest checkpoint is the run's own, the same on every process (a process other than
     # 0 writes none, and does not see process 0's). metrics.jsonl is cut back to `start`.
-    self.rstate, best, record, self.saved_step = _restore(self.ckpt, self.engine, config, state)
+    self.rstate, best, record, saved_step = _restore(self.ckpt, self.engine, config, state)
     self.start = self.engine.step_of(self.rstate)
     self.writer = metric_writers.MetricWriter(workdir_, resume_step=self.start,
                                               enabled=distributed.is_main())
@@ -219,42 +270,11 @@ class _Run:
                                       self.eval_rng, record, best, val_split=self.val_split)
     self.metrics = train_metrics.TrainMetrics(self.writer, self.spe,
                                               record.pending_train_metrics, self.start)
+    self.records = _Records(config, self.engine, self.ckpt, self.writer, self.monitor,
+                            self.metrics, self.spe, self.total, saved_step)
 
   def close(self) -> None:
-    """Closes the writers and the checkpoint manager (also after an error: no noise at exit)."""
-    self.writer.close()
-    self.ckpt.close()
-
-  def flush_train_metrics(self, s: int) -> dict[str, float]:  # the row of iteration s
-    return self.metrics.flush(s, self.monitor.record, self.saved_step)
-
-  def save(self, s: int, train_time_s: float) -> None:
-    """Checkpoints iteration s. Between two log rows (an interruption) the pending per-step
-    metrics go into the checkpoint instead of a row of their own."""
-    record = self.monitor.record
-    if _due(s, self.config.log_every, self.total):
-      self.flush_train_metrics(s)
-      record.pending_train_metrics = []
-    else:
-      record.pending_train_metrics = self.metrics.for_checkpoint(self.saved_step)
-    record.train_time_s = train_time_s
-    self.ckpt.save(s, self.engine.to_checkpoint(self.rstate), jax.device_get(self.monitor.best),
-                   {**record.to_json(), workdir.WRITTEN_WITH: workdir.written_with(self.config)})
-    self.saved_step = s
-    self.writer.flush()
-
-  def diagnose(self, s: int) -> dict[str, float]:
-    """Diagnostics of iteration s. An interruption inside leaves the record as it was before
-    (the checkpoint then says they are still due, and a resumed run runs them first)."""
-    before = (dataclasses.replace(self.monitor.record), self.monitor.best)
-    try:
-      rec = self.monitor.run(s, *_weights(self.engine, self.rstate))
-      self.writer.write(s, s / self.spe, rec)
-      self.monitor.record.diagnosed_step = s
-    except BaseException:
-      self.monitor.record, self.monitor.best = before
-      raise
-    return rec
+    self.records.close()
 
   def step(self, step: int) -> Any:
     """Runs iteration `step` and its logging, diagnostics and checkpoint. In a multi-process
@@ -264,7 +284,8 @@ class _Run:
     flags = None if self.stop is None else self.stop.batch_flags(len(batch["label"]))
     if flags is not None:
       batch = dict(batch, stop=flags)
-    with _first_step_failures(self.plan, step == self.start, self.saved_step is not None):
+    with _first_step_failures(self.plan, step == self.start,
+                              self.records.saved_step is not None):
       self.rstate, m = self.p_step(self.rstate, self.engine.place_batch(batch), self.step_rng)
       m = dict(self.engine.local_metrics(m))
     agreement = m.pop("stop", None)
@@ -272,15 +293,15 @@ class _Run:
     self.clocks.stepped(self.rstate, self.monitor.record)
     s, c = step + 1, self.config
     if _due(s, c.log_every, self.total):
-      self.progress.train(self.flush_train_metrics(s))
+      self.progress.train(self.records.flush(s))
     diagnose = _due(s, c.eval_every, self.total)
     checkpoint = _due(s, c.checkpoint_every, self.total)
     if diagnose or checkpoint:
       self.clocks.pause(self.rstate, self.monitor.record)
       if diagnose:
-        self.progress.diagnostics(s, self.diagnose(s))
+        self.progress.diagnostics(s, self.records.diagnose(s, self.rstate))
       if checkpoint:
-        self.save(s, self.clocks.train.seconds())
+        self.records.save(s, self.rstate, self.clocks.train.seconds())
       self.clocks.steps.start()
     self.progress.update()
     return agreement
@@ -298,7 +319,7 @@ class _Run:
         if s > 0 and _due(s, self.config.eval_every, self.total) and record.diagnosed_step < s:
           logging.info("Running the diagnostics of iteration %d that the interrupted run missed",
                        s)
-          self.diagnose(s)
+          self.records.diagnose(s, self.rstate)
         for step in range(self.start, self.total):
           agreement = self.step(step)
           stop.check(step + 1, agreement)  # a signal stops the run here, between iterations
@@ -316,9 +337,9 @@ class _Run:
   def _save_interrupted(self, why: KeyboardInterrupt) -> None:
     """On Ctrl-C / SIGTERM: checkpoints the iterations done since the last checkpoint, if
     `_interrupted_step` says so."""
-    done = _interrupted_step(why, self.engine, self.rstate, self.start, self.saved_step)
+    done = _interrupted_step(why, self.engine, self.rstate, self.start, self.records.saved_step)
     if done is not None:
-      self.save(done, self.clocks.train.seconds())
+      self.records.save(done, self.rstate, self.clocks.train.seconds())
 
   def finish(self, train_time: float) -> dict:
     """Final evaluation of the last, the kept and the averaged weights; writes results.json."""
@@ -327,7 +348,7 @@ class _Run:
         self.test_split, self.eval_rng, self.total)
     results.update(run_results.run_summary(self.plan, self.monitor.record, self.total,
                                            train_time, self.wall_start,
-                                           self.flush_train_metrics(self.total)))
+                                           self.records.flush(self.total)))
     if distributed.is_main():
       workdir.write_json(os.path.join(self.workdir, "results.json"), results)
     run_results.log_results(results, self.workdir)
