@@ -1,6 +1,6 @@
 """Models as records in an open registry: a model defined outside the package (the plugin
-tests/plugins/my_model.py) trains and evaluates through the command lines, and the registry
-refuses ambiguity and names its models."""
+tests/plugins/my_model.py) trains, evaluates and exports to PyTorch through the command lines,
+and the registry refuses ambiguity and names its models."""
 import dataclasses
 import importlib
 import json
@@ -8,9 +8,13 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from conftest import MOCK_DATA_CLI, ROOT, TINY_CLI, USERS_XLA_FLAGS, tiny_config
+from conftest import (MOCK_DATA_CLI, ROOT, TINY_CLI, TORCH_PY, USERS_XLA_FLAGS, needs_torch,
+                      tiny_config)
 from fastadv_jax import models
 from fastadv_jax.interop import torch_interop
 from fastadv_jax.runtime import xla_cpu
@@ -36,7 +40,8 @@ def test_builtin_records_keep_their_flags_derivatives_and_layouts():
     assert models.xla_flags(name) == xla_cpu.CNN_FLAGS
     assert train_step.derivative_mode(tiny_config(model=name)) == "double_backprop"
   assert models.xla_flags("not_registered") == xla_cpu.CNN_FLAGS
-  assert torch_interop.exportable() == ("preact_resnet18", "wide_resnet", "cnn", "small_cnn")
+  # the built-ins first, in their order (a plugin registered by an earlier test comes after)
+  assert torch_interop.exportable()[:4] == ("preact_resnet18", "wide_resnet", "cnn", "small_cnn")
 
 
 def test_a_taken_name_refuses_a_different_record():
@@ -72,11 +77,19 @@ def test_the_plugin_record_is_what_the_library_reads():
   assert isinstance(model_config.create_model(config, 10), plugin.MyMLP)
   assert models.xla_flags("my_model") == xla_cpu.RESNET_FLAGS
   assert train_step.derivative_mode(config) == "jvp"
-  with pytest.raises(torch_interop.InteropError, match="supports .*not 'my_model'"):
-    torch_interop.check_supported(config)
+  assert torch_interop.torch_layout(config) is plugin.TORCH  # its own PyTorch layout
+  assert "my_model" in torch_interop.exportable()
+  # A record without one is refused in one line naming the models that have one.
+  models.register(dataclasses.replace(plugin.RECORD, name="my_model_no_torch", torch=None))
+  try:
+    with pytest.raises(torch_interop.InteropError,
+                       match="supports .*'my_model'.*not 'my_model_no_torch'"):
+      torch_interop.check_supported(tiny_config(model="my_model_no_torch"))
+  finally:
+    models.unregister("my_model_no_torch")
 
 
-def test_a_plugin_model_trains_and_evaluates_through_the_command_lines(tmp_path):
+def test_a_plugin_model_trains_evaluates_and_exports_through_the_command_lines(tmp_path):
   wd = tmp_path / "wd"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as a user's shell has it
   env.update({"JAX_NUM_CPU_DEVICES": "1", USERS_XLA_FLAGS: "1",  # the model's flags applied
@@ -105,3 +118,39 @@ def test_a_plugin_model_trains_and_evaluates_through_the_command_lines(tmp_path)
             for layer, p in variables["params"].items()}
   assert shapes == {"my_hidden": {"kernel": (28 * 28, 6), "bias": (6,)},
                     "my_logits": {"kernel": (6, 10), "bias": (10,)}}
+
+  # torch_export writes the plugin's layout and ships its own PyTorch file as model.py.
+  out = tmp_path / "export"
+  proc = subprocess.run([sys.executable, "-m", "fastadv_jax.torch_export", f"--workdir={wd}",
+                         f"--out={out}"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                        env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  spec = json.loads((out / "spec.json").read_text())
+  assert spec["architecture"] == "my_model"
+  assert spec["kwargs"] == {"in_features": 28 * 28, "hidden": 6, "num_classes": 10}
+  assert (out / "model.py").read_text() == (PLUGINS / "my_model_torch.py").read_text()
+  with np.load(out / "state_dict.npz") as sd:
+    assert sorted(sd.files) == ["hidden.bias", "hidden.weight", "logits.bias", "logits.weight"]
+    # one channel: PyTorch's NCHW flattening is the NHWC one, so the kernel is transposed only
+    np.testing.assert_array_equal(sd["hidden.weight"], variables["params"]["my_hidden"]["kernel"].T)
+    np.testing.assert_array_equal(sd["logits.weight"], variables["params"]["my_logits"]["kernel"].T)
+    np.testing.assert_array_equal(sd["logits.bias"], variables["params"]["my_logits"]["bias"])
+
+
+@needs_torch
+def test_pytorch_runs_a_plugin_models_export_with_the_same_logits(tmp_path):
+  """Three-channel images, so the export's first layer must reorder its rows from NHWC to
+  NCHW flattening (dense_flat); PyTorch's logits equal Flax's."""
+  plugin = _import_plugin()
+  shape = (4, 4, 3)
+  model = plugin.MyMLP(num_classes=5, hidden=7)
+  variables = model.init(jax.random.key(0), jnp.zeros((1,) + shape))
+  config = tiny_config(model="my_model", plugins="my_model", model_args={"my_model": {"hidden": 7}})
+  torch_interop.write_export(str(tmp_path), config, variables, 5, shape)
+  x = np.random.default_rng(0).uniform(size=(6,) + shape).astype(np.float32)
+  np.save(tmp_path / "x.npy", x.transpose(0, 3, 1, 2))
+  code = ("import sys, numpy as np, torch; sys.path.insert(0, sys.argv[1]); import model; "
+          "net = model.load(sys.argv[1]); x = torch.from_numpy(np.load(sys.argv[1] + '/x.npy')); "
+          "np.save(sys.argv[1] + '/y.npy', net(x).detach().numpy())")
+  subprocess.run([str(TORCH_PY), "-c", code, str(tmp_path)], check=True, timeout=120)
+  np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.apply(variables, x), atol=1e-5)
