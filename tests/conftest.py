@@ -213,6 +213,22 @@ needs_torch = pytest.mark.skipif(
     not TORCH_PY.exists() or bool(os.environ.get("FASTADV_NO_TORCH")),
     reason="no PyTorch environment (FASTADV_TORCH_TESTS=1 bash scripts/test.sh sets it up)")
 
+# Loads an export with its own model.py (`model.load`) in the PyTorch environment and writes the
+# logits of x.npy (NCHW) to y.npy, both in the export's folder.
+_TORCH_LOGITS = ("import sys, numpy as np, torch; sys.path.insert(0, sys.argv[1]); import model; "
+                 "net = model.load(sys.argv[1]); x = torch.from_numpy(np.load(sys.argv[1] + "
+                 "'/x.npy')); np.save(sys.argv[1] + '/y.npy', net(x).detach().numpy())")
+
+
+def torch_logits(export_dir, x_nhwc):
+  """What PyTorch computes for NHWC images `x_nhwc` with the export in `export_dir` (run as a
+  user would: its model.py, in the PyTorch environment, a fresh process)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  export_dir = pathlib.Path(export_dir)
+  np.save(export_dir / "x.npy", np.asarray(x_nhwc).transpose(0, 3, 1, 2))
+  subprocess.run([str(TORCH_PY), "-c", _TORCH_LOGITS, str(export_dir)], check=True, timeout=120)
+  return np.load(export_dir / "y.npy")
+
 
 def pytest_unconfigure(config):
   if _SUITE_CACHE is not None and not hasattr(config, "workerinput"):

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (MOCK_DATA_CLI, ROOT, TINY_CLI, TORCH_PY, USERS_XLA_FLAGS, needs_torch,
-                      tiny_config)
+from conftest import (MOCK_DATA_CLI, ROOT, TINY_CLI, USERS_XLA_FLAGS, needs_torch, tiny_config,
+                      torch_logits)
 from fastadv_jax import models
 from fastadv_jax.interop import torch_interop
 from fastadv_jax.runtime import xla_cpu
@@ -148,9 +148,4 @@ def test_pytorch_runs_a_plugin_models_export_with_the_same_logits(tmp_path):
   config = tiny_config(model="my_model", plugins="my_model", model_args={"my_model": {"hidden": 7}})
   torch_interop.write_export(str(tmp_path), config, variables, 5, shape)
   x = np.random.default_rng(0).uniform(size=(6,) + shape).astype(np.float32)
-  np.save(tmp_path / "x.npy", x.transpose(0, 3, 1, 2))
-  code = ("import sys, numpy as np, torch; sys.path.insert(0, sys.argv[1]); import model; "
-          "net = model.load(sys.argv[1]); x = torch.from_numpy(np.load(sys.argv[1] + '/x.npy')); "
-          "np.save(sys.argv[1] + '/y.npy', net(x).detach().numpy())")
-  subprocess.run([str(TORCH_PY), "-c", code, str(tmp_path)], check=True, timeout=120)
-  np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.apply(variables, x), atol=1e-5)
+  np.testing.assert_allclose(torch_logits(tmp_path, x), model.apply(variables, x), atol=1e-5)

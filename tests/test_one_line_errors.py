@@ -511,14 +511,25 @@ def test_every_command_line_loads_installed_plugins(tmp_path):
   info = site / "my_model_pkg-0.1.dist-info"
   info.mkdir(parents=True)
   (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-model-pkg\nVersion: 0.1\n")
-  (info / "entry_points.txt").write_text("[fastadv_jax.plugins]\nmy_model = my_model\n")
+  (info / "entry_points.txt").write_text(
+      "[fastadv_jax.plugins]\nmy_model_no_torch = my_model_no_torch\n")
   wd = _run_workdir(tmp_path / "wd", ("1",))
   recorded = json.loads((wd / "config.json").read_text())
-  (wd / "config.json").write_text(json.dumps(dict(recorded, model="my_model", plugins="")))
+  (wd / "config.json").write_text(json.dumps(dict(recorded, model="my_model_no_torch",
+                                                  plugins="")))
   env = {"PYTHONPATH": os.pathsep.join([str(site), str(ROOT / "tests" / "plugins")])}
   line = _assert_one_line(_run("torch_export", f"--workdir={wd}", f"--out={tmp_path / 'out'}",
-                               **env), "my_model")
+                               **env), "my_model_no_torch")
   assert "unknown model" not in line and "PyTorch" in line, line
+
+
+def test_an_empty_checkpoint_folder_is_one_line(tmp_path):
+  """A checkpoint folder with nothing in it (an interrupted copy): the export says it cannot be
+  restored, in one line, without Orbax's own warning about the missing item."""
+  wd = _run_workdir(tmp_path / "wd", ("1",))
+  line = _assert_one_line(_run("torch_export", f"--workdir={wd}", f"--out={tmp_path / 'out'}"),
+                          "could not be restored")
+  assert "no state item" in line, line
 
 
 def test_a_data_folder_without_the_prepared_data_set_is_one_line(tmp_path):

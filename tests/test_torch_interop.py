@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import MOCK_DATA_CLI, ROOT, TORCH_PY, needs_torch, tiny_config
+from conftest import MOCK_DATA_CLI, ROOT, TORCH_PY, needs_torch, tiny_config, torch_logits
 from fastadv_jax.interop import torch_interop
 from fastadv_jax.training import config_validation, model_config, saved_run, train
 
@@ -159,12 +159,7 @@ def test_pytorch_runs_the_export_with_the_same_logits(name, tmp_path):
   model, v = _variables(config, 0)
   torch_interop.write_export(str(tmp_path), config, v, 10, SHAPE)
   x = np.random.default_rng(4).uniform(size=(6,) + SHAPE).astype(np.float32)
-  np.save(tmp_path / "x.npy", x.transpose(0, 3, 1, 2))
-  code = ("import sys, numpy as np, torch; sys.path.insert(0, sys.argv[1]); import model; "
-          "net = model.load(sys.argv[1]); x = torch.from_numpy(np.load(sys.argv[1] + '/x.npy')); "
-          "np.save(sys.argv[1] + '/y.npy', net(x).detach().numpy())")
-  subprocess.run([str(TORCH_PY), "-c", code, str(tmp_path)], check=True, timeout=120)
-  np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.apply(v, x, train=False),
+  np.testing.assert_allclose(torch_logits(tmp_path, x), model.apply(v, x, train=False),
                              atol=1e-4)
 
 

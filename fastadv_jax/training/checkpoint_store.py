@@ -203,7 +203,11 @@ def _reading(where: str) -> Iterator[None]:
 
 
 def _saved_tree(where: str) -> Any:
-  """The metadata (shape, dtype, sharding) of every array of the `state` saved in `where`."""
+  """The metadata (shape, dtype, sharding) of every array of the `state` saved in `where`. A
+  folder without it (an interrupted copy, an empty folder) is an error here, before Orbax logs a
+  warning of its own about it and returns nothing."""
+  if not os.path.isdir(os.path.join(where, "state")):
+    raise FileNotFoundError(f"no state item in {where}")
   return ocp.StandardCheckpointer().metadata(os.path.join(where, "state")).item_metadata.tree
 
 
