@@ -115,6 +115,13 @@ NUM_CLASSES = {name: spec.num_classes for name, spec in DATASETS.items()}
 IMAGE_SHAPES = {name: spec.image_shape for name, spec in DATASETS.items()}
 
 
+def get(name: str) -> DatasetSpec:
+  """The record of dataset `name`; a one-line ValueError naming the known ones."""
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; choose from {tuple(DATASETS)}")
+  return DATASETS[name]
+
+
 def _tfds_arrays(name: str, split: str, data_dir: str, download: bool):
   # Batched reads, not batch_size=-1: TF aborts on that for datasets of unknown cardinality
   # (tfds.testing.mock_data's), and batches cost nothing more for real ones.
@@ -129,9 +136,7 @@ def _tfds_arrays(name: str, split: str, data_dir: str, download: bool):
 
 def load_split(name: str, split: str, data_dir: str = "", download: bool = True) -> Split:
   """Loads a whole TFDS split as uint8 images (NHWC) and int32 labels."""
-  if name not in DATASETS:
-    raise ValueError(f"unknown dataset {name!r}; choose from {tuple(DATASETS)}")
-  spec, data_dir = DATASETS[name], default_data_dir(data_dir)
+  spec, data_dir = get(name), default_data_dir(data_dir)
   arrays = None
   if spec.prepare_offline is not None and os.path.isdir(spec.offline_dir):
     try:  # already prepared (or mocked)?

@@ -11,7 +11,7 @@ from typing import Any
 import flax.linen as nn
 import ml_collections
 
-from fastadv_jax import models, registry
+from fastadv_jax import models
 from fastadv_jax.training import run_plan
 
 
@@ -28,14 +28,7 @@ def create_model(config: ml_collections.ConfigDict | run_plan.RunPlan, num_class
   if isinstance(config, run_plan.RunPlan):
     model, args, config = config.model, config.model_args, config.config
   else:
-    try:
-      model = models.get(config.model)
-    except ValueError as e:  # an unknown model
-      raise ValueError(f"config.model: {e}") from None
-    try:
-      args = run_plan.model_args(config, model)
-    except registry.ArgError as e:
-      raise ValueError(f"config.model_args.{config.model}.{e.field}: {e.message}") from None
+    model, args = run_plan.resolve_model(config)
   return models.create_model(
       model, num_classes, args=args,
       half_precision=config.half_precision if half_precision is None else half_precision,

@@ -49,6 +49,18 @@ def model_args(config: ml_collections.ConfigDict, model: models.ModelSpec) -> An
   return registry.args_from_section(model.make_args, config.model_args.get(model.name, None))
 
 
+def resolve_model(config: ml_collections.ConfigDict) -> tuple[models.ModelSpec, Any]:
+  """(the record of config.model, its args); a one-line ValueError naming the config field."""
+  try:
+    model = models.get(config.model)
+  except ValueError as e:
+    raise ValueError(f"config.model: {e}") from None
+  try:
+    return model, model_args(config, model)
+  except registry.ArgError as e:
+    raise ValueError(f"config.model_args.{config.model}.{e.field}: {e.message}") from None
+
+
 def resolve(config: ml_collections.ConfigDict) -> RunPlan:
   """The plan of `config`; a one-line ValueError naming the config field that does not resolve
   (config_validation checks all of them first in the trainer)."""
@@ -56,23 +68,17 @@ def resolve(config: ml_collections.ConfigDict) -> RunPlan:
     method = methods.get(config.method)
   except ValueError as e:
     raise ValueError(f"config.method: {e}") from None
+  model, margs = resolve_model(config)
   try:
-    model = models.get(config.model)
+    dataset = datasets.get(config.dataset)
   except ValueError as e:
-    raise ValueError(f"config.model: {e}") from None
-  if config.dataset not in datasets.DATASETS:
-    raise ValueError(f"config.dataset: unknown dataset {config.dataset!r}; choose from "
-                     f"{tuple(datasets.DATASETS)}")
-  try:
-    margs = model_args(config, model)
-  except registry.ArgError as e:
-    raise ValueError(f"config.model_args.{config.model}.{e.field}: {e.message}") from None
+    raise ValueError(f"config.dataset: {e}") from None
   try:
     method_args = method.args_from(config)
   except registry.ArgError as e:
     raise ValueError(f"config.method_args.{config.method}.{e.field}: {e.message}") from None
   return RunPlan(config=config, method=method, method_args=method_args, model=model,
-                 model_args=margs, dataset=datasets.DATASETS[config.dataset])
+                 model_args=margs, dataset=dataset)
 
 
 def of(config_or_plan: ml_collections.ConfigDict | RunPlan) -> RunPlan:

@@ -106,9 +106,6 @@ def _updated(config: ml_collections.ConfigDict, method: methods.Method, args: An
 class StepPlan(NamedTuple):
   """What a step reads from the run's plan, resolved once when the step is built."""
   run: run_plan.RunPlan
-  config: ml_collections.ConfigDict
-  method: methods.Method
-  args: Any                                  # the method's hyperparameter record
   steps_per_epoch: int
   total_steps: int
   eps_at: Callable[[jax.Array], jax.Array]
@@ -125,8 +122,7 @@ class StepPlan(NamedTuple):
     run = run_plan.of(config)
     config, method, args = run.config, run.method, run.method_args
     smoothing = float(config.label_smoothing)
-    return cls(run=run, config=config, method=method, args=args,
-               steps_per_epoch=steps_per_epoch,
+    return cls(run=run, steps_per_epoch=steps_per_epoch,
                total_steps=schedules.total_steps(config, steps_per_epoch),
                eps_at=schedules.eps_schedule(config, steps_per_epoch),
                lr_at=schedules.lr_schedule(config, steps_per_epoch),
@@ -134,6 +130,19 @@ class StepPlan(NamedTuple):
                replay=method.replays(args), use_gradalign=float(config.grad_align_lambda) > 0,
                smoothing=smoothing,
                attack_smoothing=smoothing if config.label_smoothing_attack else 0.0)
+
+  @property
+  def config(self) -> ml_collections.ConfigDict:
+    return self.run.config
+
+  @property
+  def method(self) -> methods.Method:
+    return self.run.method
+
+  @property
+  def args(self) -> Any:
+    """The method's hyperparameter record."""
+    return self.run.method_args
 
   def train_ce(self, logits: jax.Array, y: jax.Array, keys: jax.Array) -> jax.Array:
     """The per-example training cross-entropy: the method's own, else CE with smoothing."""
